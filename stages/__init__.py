@@ -1,0 +1,1 @@
+"""One module per stage: harvest, fit, evaluate; each with one config and one entry function."""

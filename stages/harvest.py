@@ -1,0 +1,351 @@
+"""gsp harvest: run a model up to one hook point and write its activations into a Zarr store.
+
+Three threads overlap: a reader tokenizes and packs the corpus into contexts, the main thread runs
+the early-stopped forward pass, and a writer commits whole shards to disk. Batches never straddle a
+shard, so a resumed run feeds the model exactly the batches an uninterrupted run would, and ends
+with exactly the same store.
+"""
+
+import dataclasses
+import fcntl
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline.config import opt, stage_config
+from pipeline.console import console, info, progress, warn
+from pipeline.corpus import Cursor, documents, pack
+from pipeline.errors import GspError
+from pipeline.faults import fault
+from pipeline.hooks import SITES, activations, hook_point, site_module, site_width
+from pipeline.models import OFFLINE_DEFAULT, describe_model, hf_token, load_model
+from pipeline.paths import cache_dir
+from pipeline.store import ActivationStore, Layout, f32_to_bf16_bits
+
+Site = Literal["resid_post", "mlp_out", "attn_out"]
+# Fields that only say where or how to run, not what the store holds; all others must match on resume.
+_RUN_ONLY = ("store", "device", "dtype")  # device and dtype are checked as resolved
+
+
+@stage_config("harvest")
+@dataclass
+class HarvestConfig:
+    model: str = opt(OFFLINE_DEFAULT, "Model: offline:gemma-3-270m, a Hugging Face id, or a local folder.")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
+    device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Compute dtype: auto is bfloat16 on CUDA, float32 on CPU (float16 overflows Gemma's residual)."
+    )
+    layer: int = opt(12, "Block index L of model.model.layers[L] to hook.", aliases=("hook_layer",))
+    site: Site = opt("resid_post", "Hook point: resid_post, mlp_out or attn_out (Gemma Scope 2's sites).")
+    dataset: str = opt("wiki", "Corpus: wiki (offline Wikipedia), a Hub dataset id, or local .txt/.jsonl/.parquet.")
+    split: str = opt("train", "Split of a Hub dataset.")
+    dataset_config: str | None = opt(None, "Configuration name of a Hub dataset (e.g. wikitext-103-raw-v1).")
+    text_column: str = opt("text", "Column holding the text (Hub, .jsonl and .parquet datasets).")
+    part: Literal["train", "heldout"] = opt(
+        "train", "Which documents: train, or heldout (documents a train store never sees)."
+    )
+    heldout_fraction: float = opt(0.05, "Share of documents (by a hash of their text) kept for held-out stores.")
+    tokens: int = opt(491_520, "Tokens to harvest (rounded up to whole contexts).")
+    context_size: int = opt(128, "Tokens per context, the first being BOS.")
+    batch_size: int = opt(32, "Contexts per forward pass.")
+    seed: int = opt(0, "Seed of the document order.")
+    store: str | None = opt(None, "Store folder; by default cache/stores/ MODEL_LLAYER_SITE_PART_TOKENS.")
+    store_dtype: Literal["bfloat16", "float32"] = opt(
+        "bfloat16", "Stored dtype: bfloat16 (bit patterns in uint16, half the disk) or float32."
+    )
+    shard_mib: float = opt(128.0, "Target size of one shard file in MiB (the unit of writing and of resume).")
+
+    def __post_init__(self):
+        for name in ("tokens", "context_size", "batch_size", "shard_mib"):
+            if getattr(self, name) <= 0:
+                raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.context_size < 2:
+            raise GspError("--context-size must be at least 2 (BOS and one token)")
+        if self.layer < 0:
+            raise GspError(f"--layer must be 0 or more, got {self.layer}")
+        if not 0 < self.heldout_fraction < 1:
+            raise GspError(f"--heldout-fraction must be between 0 and 1, got {self.heldout_fraction}")
+        if self.site not in SITES:
+            raise GspError(f"unknown site '{self.site}': choose one of {', '.join(SITES)}")
+
+    @property
+    def store_path(self) -> str:
+        if self.store:
+            return self.store
+        name = Path(describe_model(self.model)[0].rstrip("/")).name
+        return str(cache_dir() / "stores" / f"{name}_L{self.layer}_{self.site}_{self.part}_{self.tokens}")
+
+    def content_spec(self) -> dict:
+        """The parameters that decide the store's content; a resume must match them exactly."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUN_ONLY}
+
+
+def run_harvest(cfg: HarvestConfig, *, token: str | None = None, overwrite: bool = False) -> str:
+    """Harvest activations into cfg.store_path, resuming a partial store written with the same parameters."""
+    path = cfg.store_path
+    with _store_lock(path):
+        store = _existing_store(cfg, path, overwrite)
+        if store is not None and store.complete:
+            info(f"store {path} is already complete ({store.rows_written:,} rows); nothing to do")
+            return path
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
+        site_module(lm.model, cfg.layer, cfg.site)  # layer/site errors before anything is written
+        d_in = site_width(lm.model, cfg.layer, cfg.site)
+        compute = {"device": lm.device.type, "dtype": str(lm.dtype).removeprefix("torch.")}
+        if store is None:
+            store = _create_store(cfg, path, lm, d_in, compute)
+        elif store.attrs["compute"] != compute:
+            raise GspError(
+                f"store {path} was started with {store.attrs['compute']} but this run computes with {compute}; "
+                "resume on the same kind of device (--device/--dtype) or start over with --overwrite"
+            )
+        _harvest_into(store, cfg, lm, token)
+    return path
+
+
+# ------------------------------------------------------------------------------------- store setup
+def _existing_store(cfg: HarvestConfig, path: str, overwrite: bool) -> ActivationStore | None:
+    """The store to resume, or None to start a new one (after checks that nothing foreign is replaced)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise GspError(f"--store {path} is a file; give a folder path for the store")
+    if not p.exists() or not any(p.iterdir()):
+        return None
+    if not (p / "zarr.json").is_file():
+        raise GspError(f"{path} exists and is not a gsp store; choose another --store (nothing was changed)")
+    if overwrite:
+        _open_for_overwrite(path)
+        return None
+    store = ActivationStore.open(path, mode="r+")
+    spec = store.attrs.get("spec", {})
+    diffs = [f"{k}: store has {spec.get(k)!r}, asked {v!r}" for k, v in cfg.content_spec().items() if spec.get(k) != v]
+    if diffs:
+        raise GspError(
+            f"store {path} was harvested with other parameters ({'; '.join(diffs)}); "
+            "use the same parameters to resume, another --store, or --overwrite to replace it"
+        )
+    if not store.complete:
+        info(f"resuming {path} at row {store.rows_written:,} of {store.activations.shape[0]:,}")
+    return store
+
+
+def _open_for_overwrite(path: str) -> None:
+    """--overwrite replaces only a gsp store: never a folder of someone else's data."""
+    try:
+        ActivationStore.open(path)
+    except GspError as e:
+        if "not a gsp activation store" in str(e):
+            raise GspError(f"{path} is a Zarr group but not a gsp store; --overwrite will not replace it") from None
+        # a damaged gsp store may be replaced
+
+
+def _create_store(cfg: HarvestConfig, path: str, lm, d_in: int, compute: dict) -> ActivationStore:
+    tok = lm.tokenizer
+    n_contexts = math.ceil(cfg.tokens / cfg.context_size)
+    itemsize = 2 if cfg.store_dtype == "bfloat16" else 4
+    layout = Layout.plan(cfg.context_size, d_in, itemsize, shard_mib=cfg.shard_mib)
+    attrs = {
+        "spec": cfg.content_spec(),
+        "model": {"spec": cfg.model, "name": lm.name, "revision": lm.revision, "class": type(lm.model).__name__},
+        "layer": cfg.layer,
+        "site": cfg.site,
+        "hook_point": hook_point(cfg.layer, cfg.site),
+        "dataset": {
+            k: getattr(cfg, k)
+            for k in ("dataset", "split", "dataset_config", "text_column", "part", "heldout_fraction", "seed")
+        },
+        "seed": cfg.seed,
+        "tokenizer": {
+            "name": lm.name,
+            "class": type(tok).__name__,
+            "vocab_size": len(tok),
+            "bos_id": tok.bos_token_id,
+            "eos_id": tok.eos_token_id,
+            "pad_id": tok.pad_token_id,
+        },
+        "compute": compute,
+        "packing": "[BOS] + C-1 tokens of doc1 EOS doc2 EOS ...",
+    }
+    return ActivationStore.create(path, n_contexts=n_contexts, d_in=d_in, layout=layout, dtype=cfg.store_dtype, attrs=attrs)
+
+
+class _store_lock:
+    """An exclusive lock next to a local store, so two harvests never write one store at once."""
+
+    def __init__(self, path: str):
+        self.lock_path = Path(f"{path.rstrip('/')}.lock")
+
+    def __enter__(self):
+        try:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR)
+        except OSError as e:
+            raise GspError(f"cannot create the store at {self.lock_path.parent}: {e.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise GspError(f"another gsp harvest is writing {self.lock_path.with_suffix('')}; wait for it") from None
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.lock_path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- the loop
+def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | None) -> None:
+    C = cfg.context_size
+    shard_contexts = store.shard_rows // C
+    n_contexts = store.activations.shape[0] // C
+    first_shard = store.rows_written // store.shard_rows
+    reader = _ContextReader(cfg, lm.tokenizer, Cursor(**store.attrs["cursor"]), token)
+    writer = _ShardWriter(store)
+    start_rows, t0 = store.rows_written, time.perf_counter()
+    done_contexts = first_shard * shard_contexts
+    with progress("tok") as bar:
+        task = bar.add_task("harvest", total=n_contexts * C, completed=done_contexts * C)
+        for shard in range(first_shard, math.ceil(n_contexts / shard_contexts)):
+            want = min(shard_contexts, n_contexts - shard * shard_contexts)
+            got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
+            done_contexts += got
+            if got < want:
+                break
+        writer.close()
+    reader.stop()
+    if done_contexts < n_contexts:
+        warn(f"the corpus ran out after {done_contexts * C:,} of {n_contexts * C:,} tokens; the store holds what there was")
+    store.finish(done_contexts * C)
+    seconds = time.perf_counter() - t0
+    console.print(
+        f"wrote {store.rows_written - start_rows:,} rows in {seconds:.1f} s "
+        f"({(store.rows_written - start_rows) / seconds:,.0f} tok/s) to [bold]{store.path}[/] "
+        f"({store.rows_written:,} rows, d_in {store.d_in}, {store.attrs['dtype']})",
+        highlight=False,
+    )
+
+
+def _fill_shard(store, cfg, lm, reader, writer, shard: int, want: int, advance) -> int:
+    """Run the model over up to `want` contexts into one shard buffer and hand it to the writer."""
+    C, D = cfg.context_size, store.d_in
+    bf16 = store.attrs["dtype"] == "bfloat16"
+    acts = np.empty((want * C, D), dtype=np.uint16 if bf16 else np.float32)
+    tokens = np.empty((want, C), dtype=np.int32)
+    got, cursor = 0, None
+    while got < want:
+        batch = reader.take(min(cfg.batch_size, want - got))
+        if not batch:
+            break
+        ids_BS = np.stack([ids for ids, _ in batch])
+        cursor = batch[-1][1]
+        acts_BSD = activations(lm.model, torch.from_numpy(ids_BS).to(lm.device), cfg.layer, cfg.site)
+        acts_ND = acts_BSD.reshape(-1, D)
+        if bf16:
+            out = acts_ND.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+        else:
+            out = acts_ND.float().cpu().numpy()
+        acts[got * C : (got + len(batch)) * C] = out
+        tokens[got : got + len(batch)] = ids_BS
+        got += len(batch)
+        advance(len(batch))
+    if got:
+        writer.put(shard, acts[: got * C], tokens[:got].reshape(-1), cursor)
+    return got
+
+
+class _ContextReader:
+    """Background thread: documents -> tokenized, packed contexts, queued ahead of the model."""
+
+    def __init__(self, cfg: HarvestConfig, tokenizer, start: Cursor, token: str | None):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(64, 4 * cfg.batch_size))
+        self._stop = threading.Event()
+        docs = documents(
+            cfg.dataset,
+            split=cfg.split,
+            dataset_config=cfg.dataset_config,
+            text_column=cfg.text_column,
+            seed=cfg.seed,
+            part=cfg.part,
+            heldout_fraction=cfg.heldout_fraction,
+            start=start.doc,
+            token=hf_token(token),
+        )
+        self._contexts = pack(docs, tokenizer, cfg.context_size, start=start)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="gsp-reader")
+        self._thread.start()
+
+    def _run(self):
+        try:
+            for item in self._contexts:
+                while not self._stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if self._stop.is_set():
+                    return
+            self.queue.put(None)
+        except BaseException as e:  # handed to the main thread, which raises it
+            self.queue.put(e)
+
+    def take(self, n: int) -> list:
+        """Up to n contexts; fewer only when the corpus has ended."""
+        out = []
+        while len(out) < n:
+            item = self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                self.queue.put(None)  # stay ended for later calls
+                break
+            out.append(item)
+        return out
+
+    def stop(self):
+        self._stop.set()
+
+
+class _ShardWriter:
+    """Background thread committing whole shards, one at a time, in order."""
+
+    def __init__(self, store: ActivationStore):
+        self.store = store
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="gsp-writer")
+        self._thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            shard, acts, tokens, cursor = item
+            try:
+                self.store.write_shard(shard, acts, tokens, {"doc": cursor.doc, "offset": cursor.offset}, {})
+                fault("shard-committed")
+            except BaseException as e:
+                self.error = e
+
+    def put(self, shard, acts, tokens, cursor):
+        self._raise()
+        self.queue.put((shard, acts, tokens, cursor))
+
+    def close(self):
+        self.queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
