@@ -32,8 +32,13 @@ def _flag(name: str, annotation, default, help: str, **kw) -> inspect.Parameter:
 
 
 TOKEN = _flag(
-    "token", str | None, None, "Hugging Face token (default: $HF_TOKEN). Used for downloads, never stored.",
-    envvar="HF_TOKEN", show_envvar=False, show_default=False,
+    "token",
+    str | None,
+    None,
+    "Hugging Face token (default: $HF_TOKEN). Used for downloads, never stored.",
+    envvar="HF_TOKEN",
+    show_envvar=False,
+    show_default=False,
 )
 OVERWRITE = _flag("overwrite", bool, False, "Replace an existing store written with other parameters.")
 SMOKE = _flag("smoke-test", bool, False, "Run on a tiny random Gemma 3 and a synthetic corpus, in seconds.")
@@ -74,7 +79,10 @@ command_from_config(app, HarvestConfig, harvest, name="harvest", extra=[TOKEN, O
 
 
 @app.command()
-def info(store: Annotated[Path, typer.Argument(help="Path of a store written by gsp harvest.")]) -> None:
+def info(
+    store: Annotated[Path, typer.Argument(help="Path of a store written by gsp harvest.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Read every written row back and check checksums.")] = False,
+) -> None:
     """Print what a store holds: model, hook point, rows, dtype, corpus, statistics."""
     from pipeline.store import ActivationStore
 
@@ -93,7 +101,7 @@ def info(store: Annotated[Path, typer.Argument(help="Path of a store written by 
             "stored dtype": f"{a['dtype']} ({a['storage']})",
             "layout": f"chunks of {s.chunk_rows:,} rows, shards of {s.shard_rows:,} rows, crc32c",
             "corpus": ", ".join(f"{k}={v}" for k, v in a["dataset"].items() if v is not None),
-            "special ids": f"bos={a['tokenizer']['bos_id']} eos={a['tokenizer']['eos_id']} pad={a['tokenizer']['pad_id']}",
+            "special ids": " ".join(f"{k}={a['tokenizer'][f'{k}_id']}" for k in ("bos", "eos", "pad")),
             "statistics": f"{stats['count']:,} non-special rows, mean ‖x‖² {stats['mean_sq_norm']:.4g}, "
             f"‖mean‖ {sum(m * m for m in stats['mean']) ** 0.5:.4g}",
             "computed on": f"{a['compute']['device']} {a['compute']['dtype']}",
@@ -104,6 +112,21 @@ def info(store: Annotated[Path, typer.Argument(help="Path of a store written by 
         for k, v in rows.items():
             table.add_row(k, str(v))
         console.print(table)
+        if verify:
+            _verify(s)
+
+
+def _verify(store) -> None:
+    from pipeline.console import progress
+
+    with progress("rows") as bar:
+        task = bar.add_task("verify", total=store.rows_written)
+        for start in range(0, store.rows_written, store.shard_rows):
+            stop = min(start + store.shard_rows, store.rows_written)
+            store.read(start, stop)
+            store.read_tokens(start, stop)
+            bar.advance(task, stop - start)
+    console.print(f"checksums OK: {store.rows_written:,} rows read back")
 
 
 @app.command()

@@ -161,9 +161,7 @@ def command_from_config(app: typer.Typer, cls: type, run, *, name: str, extra: l
         default=None,
         annotation=Annotated[
             str | None,
-            typer.Option(
-                "--config", "-c", help="YAML config: a path or a name in configs/ (flags override it)."
-            ),
+            typer.Option("--config", "-c", help="YAML config: a path or a name in configs/ (flags override it)."),
         ],
     )
 

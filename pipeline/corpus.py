@@ -86,8 +86,7 @@ def _hf_texts(dataset: str, split: str, config: str | None, column: str, seed: i
     for example in ds.shuffle(seed=seed, buffer_size=10_000):
         if column not in example:
             raise GspError(
-                f"dataset '{dataset}' has no column '{column}'; use --text-column with one of: "
-                + ", ".join(example)
+                f"dataset '{dataset}' has no column '{column}'; use --text-column with one of: " + ", ".join(example)
             )
         yield (example[column] or "").strip()
 

@@ -72,9 +72,10 @@ class Layout:
     @staticmethod
     def plan(context_size: int, d_in: int, itemsize: int, *, chunk_rows: int = 4096, shard_mib: float = 128):
         """Chunks of about `chunk_rows` rows (whole contexts), shards of about `shard_mib` MiB."""
-        chunk_contexts = max(1, round(chunk_rows / context_size))
-        chunk_bytes = chunk_contexts * context_size * d_in * itemsize
-        shard_chunks = max(1, int(shard_mib * 2**20 // chunk_bytes))
+        context_bytes = context_size * d_in * itemsize
+        shard_contexts = max(1, int(shard_mib * 2**20 // context_bytes))
+        chunk_contexts = min(max(1, round(chunk_rows / context_size)), shard_contexts)
+        shard_chunks = max(1, shard_contexts // chunk_contexts)
         return Layout(context_size, chunk_contexts, shard_chunks)
 
 
@@ -88,7 +89,9 @@ def _open_group(path: str | Path, mode: str) -> zarr.Group:
     except FileNotFoundError:
         raise GspError(f"no store at {path}: check the path, or write one with `gsp harvest --store {path}`") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise GspError(f"{path} is not a readable Zarr v3 group ({type(e).__name__}: {e}); was it copied whole?") from None
+        raise GspError(
+            f"{path} is not a readable Zarr v3 group ({type(e).__name__}: {e}); was it copied whole?"
+        ) from None
 
 
 class ActivationStore:

@@ -28,7 +28,7 @@ from pipeline.faults import fault
 from pipeline.hooks import SITES, activations, hook_point, site_module, site_width
 from pipeline.models import OFFLINE_DEFAULT, describe_model, hf_token, load_model
 from pipeline.paths import cache_dir
-from pipeline.store import ActivationStore, Layout, f32_to_bf16_bits
+from pipeline.store import ActivationStore, Layout
 
 Site = Literal["resid_post", "mlp_out", "attn_out"]
 # Fields that only say where or how to run, not what the store holds; all others must match on resume.
@@ -175,7 +175,9 @@ def _create_store(cfg: HarvestConfig, path: str, lm, d_in: int, compute: dict) -
         "compute": compute,
         "packing": "[BOS] + C-1 tokens of doc1 EOS doc2 EOS ...",
     }
-    return ActivationStore.create(path, n_contexts=n_contexts, d_in=d_in, layout=layout, dtype=cfg.store_dtype, attrs=attrs)
+    return ActivationStore.create(
+        path, n_contexts=n_contexts, d_in=d_in, layout=layout, dtype=cfg.store_dtype, attrs=attrs
+    )
 
 
 class _store_lock:
@@ -224,7 +226,7 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | N
         writer.close()
     reader.stop()
     if done_contexts < n_contexts:
-        warn(f"the corpus ran out after {done_contexts * C:,} of {n_contexts * C:,} tokens; the store holds what there was")
+        warn(f"the corpus ran out after {done_contexts * C:,} of {n_contexts * C:,} tokens; the store holds those")
     store.finish(done_contexts * C)
     seconds = time.perf_counter() - t0
     console.print(
