@@ -26,7 +26,7 @@ from pipeline.corpus import Cursor, documents, pack
 from pipeline.errors import GspError
 from pipeline.faults import fault
 from pipeline.hooks import SITES, activations, hook_point, site_module, site_width
-from pipeline.models import OFFLINE_DEFAULT, describe_model, hf_token, load_model
+from pipeline.models import OFFLINE_DEFAULT, LoadedModel, describe_model, hf_token, load_model
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout
 
@@ -89,15 +89,20 @@ class HarvestConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUN_ONLY}
 
 
-def run_harvest(cfg: HarvestConfig, *, token: str | None = None, overwrite: bool = False) -> str:
-    """Harvest activations into cfg.store_path, resuming a partial store written with the same parameters."""
+def run_harvest(
+    cfg: HarvestConfig, *, token: str | None = None, overwrite: bool = False, model: LoadedModel | None = None
+) -> str:
+    """Harvest activations into cfg.store_path, resuming a partial store written with the same parameters.
+
+    `model` may be a model already loaded from cfg.model (notebooks, benchmarks); by default it is loaded here.
+    """
     path = cfg.store_path
     with _store_lock(path):
         store = _existing_store(cfg, path, overwrite)
         if store is not None and store.complete:
             info(f"store {path} is already complete ({store.rows_written:,} rows); nothing to do")
             return path
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
+        lm = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
         site_module(lm.model, cfg.layer, cfg.site)  # layer/site errors before anything is written
         d_in = site_width(lm.model, cfg.layer, cfg.site)
         compute = {"device": lm.device.type, "dtype": str(lm.dtype).removeprefix("torch.")}

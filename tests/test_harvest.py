@@ -302,3 +302,40 @@ def test_tokenizer_round_trip_of_stored_ids(tiny_model, corpus, gsp, tmp_path):
     ids = ActivationStore.open(store).read_tokens(0, 32)
     text = tok.decode(ids[1:], skip_special_tokens=True)
     assert text.split()[2] in corpus.read_text()
+
+
+def test_multimodal_gemma3_blocks_are_found():
+    """Gemma 3 4B and larger load as Gemma3ForConditionalGeneration; the same hooks must find the blocks."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision)).eval()
+    ids = torch.full((1, 6), 7)
+    got = activations(model, ids, 1, "resid_post")
+    ref = direct_site_multimodal(model, ids, 1)
+    torch.testing.assert_close(got, ref)
+
+
+def direct_site_multimodal(model, ids, layer):
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
+
+
+def test_token_is_never_written(gsp, tiny_model, corpus, tmp_path, monkeypatch):
+    secret = "hf_SECRETtoken123456"
+    monkeypatch.setenv("HF_TOKEN", "hf_ENVtoken987654")
+    store = tmp_path / "s"
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, store), "--token", secret)
+    assert r.exit_code == 0
+    written = "".join(p.read_text(errors="replace") for p in store.rglob("zarr.json")) + r.output
+    assert (
+        secret not in written
+        and "hf_ENVtoken987654" not in written
+        and "token" not in str(ActivationStore.open(store).attrs["spec"])
+    )
