@@ -19,7 +19,6 @@ statistics) rewritten, the same atomic way. A killed harvest therefore leaves a 
 import datetime
 import json
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +33,6 @@ from pipeline.faults import fault
 FORMAT = "gsp-activation-store"
 FORMAT_VERSION = 1
 STORED_DTYPES = ("bfloat16", "float32")
-_STATS_BLOCK = 2048
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -249,20 +247,24 @@ class ActivationStore:
             ) from None
 
     # ---------------------------------------------------------------- writing (harvest only)
-    def write_shard(self, shard: int, acts: np.ndarray, tokens: np.ndarray, cursor: dict, extra: dict) -> None:
-        """Write one whole shard, then advance rows_written, cursor and statistics in one attribute update."""
+    def write_shard_data(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:
+        """Write one whole shard's two files (in any order; nothing is claimed until `commit`)."""
+        start = shard * self.shard_rows
+        self.activations[start : start + len(tokens)] = acts
+        self.token_ids[start : start + len(tokens)] = tokens
+        fault("shard-data-written")
+
+    def commit(self, shard: int, rows: int, cursor: dict, sums: "RowSums") -> None:
+        """Claim shard `shard` (`rows` rows, already written): rows_written, cursor and statistics at once."""
         start = shard * self.shard_rows
         if start != self.rows_written:
             raise RuntimeError(f"shard {shard} starts at row {start}, but {self.rows_written} rows are written")
-        stop = start + len(tokens)
-        self.activations[start:stop] = acts
-        self.token_ids[start:stop] = tokens
-        fault("shard-data-written")
-        stats = add_stats(self.attrs["stats"], self.read_decoded(acts), tokens, self.special_ids)
-        self._update({"rows_written": stop, "cursor": cursor, "stats": stats, **extra})
+        stats = merge_stats(self.attrs["stats"], sums)
+        self._update({"rows_written": start + rows, "cursor": cursor, "stats": stats})
 
-    def read_decoded(self, acts: np.ndarray) -> np.ndarray:
-        return bf16_bits_to_f32(acts) if self.attrs["dtype"] == "bfloat16" else acts
+    def write_shard(self, shard: int, acts: np.ndarray, tokens: np.ndarray, cursor: dict, sums: "RowSums") -> None:
+        self.write_shard_data(shard, acts, tokens)
+        self.commit(shard, len(tokens), cursor, sums)
 
     def finish(self, rows: int) -> None:
         """Mark the store complete; if the corpus ran out early, shrink the arrays to what was written."""
@@ -278,21 +280,24 @@ class ActivationStore:
 
 
 # -------------------------------------------------------------------- running statistics
+@dataclass
+class RowSums:
+    """Float64 sums over some non-special rows: Σx (D,), Σ‖x‖², and how many rows."""
+
+    sum: np.ndarray
+    sum_sq_norm: float
+    count: int
+
+
 def empty_stats(d_in: int) -> dict:
     return {"count": 0, "sum": [0.0] * d_in, "sum_sq_norm": 0.0, "mean": [0.0] * d_in, "mean_sq_norm": 0.0}
 
 
-def add_stats(stats: dict, acts_BD: np.ndarray, tokens_B: np.ndarray, special: Sequence[int]) -> dict:
-    """Add a shard's non-special rows to the running sums (float64, in a fixed order: reproducible)."""
-    keep = ~np.isin(tokens_B, special)
-    total = np.asarray(stats["sum"], dtype=np.float64)
-    sq = float(stats["sum_sq_norm"])
-    rows = acts_BD[keep]
-    for i in range(0, len(rows), _STATS_BLOCK):
-        block = rows[i : i + _STATS_BLOCK].astype(np.float64)
-        total += block.sum(axis=0)
-        sq += float(np.einsum("bd,bd->", block, block))
-    count = int(stats["count"]) + int(keep.sum())
+def merge_stats(stats: dict, sums: RowSums) -> dict:
+    """Running statistics after adding `sums` (in shard order, so a resumed store gets the same numbers)."""
+    total = np.asarray(stats["sum"], dtype=np.float64) + sums.sum
+    sq = float(stats["sum_sq_norm"]) + sums.sum_sq_norm
+    count = int(stats["count"]) + sums.count
     return {
         "count": count,
         "sum": total.tolist(),

@@ -6,6 +6,7 @@ shard, so a resumed run feeds the model exactly the batches an uninterrupted run
 with exactly the same store.
 """
 
+import collections
 import dataclasses
 import fcntl
 import math
@@ -13,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +30,7 @@ from pipeline.faults import fault
 from pipeline.hooks import SITES, activations, hook_point, site_module, site_width
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, describe_model, hf_token, load_model
 from pipeline.paths import cache_dir
-from pipeline.store import ActivationStore, Layout
+from pipeline.store import ActivationStore, Layout, RowSums
 
 Site = Literal["resid_post", "mlp_out", "attn_out"]
 # Fields that only say where or how to run, not what the store holds; all others must match on resume.
@@ -248,25 +250,32 @@ def _fill_shard(store, cfg, lm, reader, writer, shard: int, want: int, advance) 
     bf16 = store.attrs["dtype"] == "bfloat16"
     acts = np.empty((want * C, D), dtype=np.uint16 if bf16 else np.float32)
     tokens = np.empty((want, C), dtype=np.int32)
-    got, cursor = 0, None
+    special = torch.tensor(store.special_ids, device=lm.device)
+    sum_D = torch.zeros(D, dtype=torch.float64, device=lm.device)
+    sum_sq = torch.zeros((), dtype=torch.float64, device=lm.device)
+    got, kept, cursor = 0, 0, None
     while got < want:
         batch = reader.take(min(cfg.batch_size, want - got))
         if not batch:
             break
-        ids_BS = np.stack([ids for ids, _ in batch])
+        ids_BS = torch.from_numpy(np.stack([ids for ids, _ in batch]))
         cursor = batch[-1][1]
-        acts_BSD = activations(lm.model, torch.from_numpy(ids_BS).to(lm.device), cfg.layer, cfg.site)
-        acts_ND = acts_BSD.reshape(-1, D)
-        if bf16:
-            out = acts_ND.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-        else:
-            out = acts_ND.float().cpu().numpy()
-        acts[got * C : (got + len(batch)) * C] = out
-        tokens[got : got + len(batch)] = ids_BS
+        ids_N = ids_BS.to(lm.device).reshape(-1)
+        acts_ND = activations(lm.model, ids_BS.to(lm.device), cfg.layer, cfg.site).reshape(-1, D)
+        stored_ND = acts_ND.to(torch.bfloat16) if bf16 else acts_ND.float()
+        # statistics of exactly the stored values, over non-special rows, in float64 on the device
+        x = stored_ND[~torch.isin(ids_N, special)].double()
+        sum_D += x.sum(0)
+        sum_sq += (x * x).sum()
+        kept += len(x)
+        rows = slice(got * C, (got + len(batch)) * C)
+        acts[rows] = stored_ND.view(torch.int16).cpu().numpy().view(np.uint16) if bf16 else stored_ND.cpu().numpy()
+        tokens[got : got + len(batch)] = ids_BS.numpy()
         got += len(batch)
         advance(len(batch))
     if got:
-        writer.put(shard, acts[: got * C], tokens[:got].reshape(-1), cursor)
+        sums = RowSums(sum_D.cpu().numpy(), float(sum_sq), kept)
+        writer.put(shard, acts[: got * C], tokens[:got].reshape(-1), cursor, sums)
     return got
 
 
@@ -324,35 +333,36 @@ class _ContextReader:
 
 
 class _ShardWriter:
-    """Background thread committing whole shards, one at a time, in order."""
+    """Writes shard files on background threads, several at once, and commits them strictly in order.
 
-    def __init__(self, store: ActivationStore):
+    A shard's rows are claimed (rows_written, cursor, statistics) only after its files and those of
+    every earlier shard are complete, so a kill never leaves a claim on a missing or partial shard.
+    """
+
+    def __init__(self, store: ActivationStore, threads: int = 2):
         self.store = store
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True, name="gsp-writer")
-        self._thread.start()
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsp-writer")
+        self.threads = threads
+        self.pending: collections.deque = collections.deque()
 
-    def _run(self):
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            shard, acts, tokens, cursor = item
-            try:
-                self.store.write_shard(shard, acts, tokens, {"doc": cursor.doc, "offset": cursor.offset}, {})
-                fault("shard-committed")
-            except BaseException as e:
-                self.error = e
+    def put(self, shard, acts, tokens, cursor, sums):
+        # bounded memory: at most `threads` shards in flight besides the one being filled
+        while len(self.pending) >= self.threads:
+            self._commit_oldest()
+        future = self.pool.submit(self.store.write_shard_data, shard, acts, tokens)
+        self.pending.append((future, shard, len(tokens), {"doc": cursor.doc, "offset": cursor.offset}, sums))
+        while self.pending and self.pending[0][0].done():
+            self._commit_oldest()
 
-    def put(self, shard, acts, tokens, cursor):
-        self._raise()
-        self.queue.put((shard, acts, tokens, cursor))
+    def _commit_oldest(self):
+        future, shard, rows, cursor, sums = self.pending.popleft()
+        future.result()  # re-raises a write error (a full disk, say) in the main thread
+        self.store.commit(shard, rows, cursor, sums)
+        fault("shard-committed")
 
     def close(self):
-        self.queue.put(None)
-        self._thread.join()
-        self._raise()
-
-    def _raise(self):
-        if self.error is not None:
-            raise self.error
+        try:
+            while self.pending:
+                self._commit_oldest()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -133,7 +133,11 @@ def test_sigkill_and_resume_gives_identical_store(tiny_model, corpus, tmp_path, 
     r = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, killed), env={"GSP_FAULT": fault})
     assert r.returncode == -9, r.stderr
     partial = json.loads((killed / "zarr.json").read_text())["attributes"]
-    assert not partial["complete"] and partial["rows_written"] == 2 * 256  # two whole shards of 8 × 32
+    # whole shards of 8 × 32 rows only; the kill after the 2nd commit leaves exactly two
+    assert not partial["complete"] and partial["rows_written"] % 256 == 0
+    assert (
+        partial["rows_written"] == 512 if fault.startswith("shard-committed") else 256 <= partial["rows_written"] <= 512
+    )
     # the store claims only rows that are there: the first shard reads back
     s = ActivationStore.open(killed)
     assert s.read(0, s.rows_written).any()
@@ -150,11 +154,12 @@ def test_disk_full_stops_cleanly_and_resumes(gsp, tiny_model, corpus, tmp_path, 
 
     ref, full = tmp_path / "ref", tmp_path / "full"
     assert gsp(*tiny_harvest_args(tiny_model, corpus, ref)).exit_code == 0
-    real_put, calls = local._put, []
+    real_put = local._put
 
     def put(path, value, exclusive=False):
-        calls.append(path)
-        if "c" in path.parts and len([p for p in calls if "c" in p.parts]) > 5:  # the 3rd shard's data
+        parts = path.parts
+        if "c" in parts and parts[parts.index("c") + 1] == "2":  # the third shard's files
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(path.with_suffix(".partial"), "wb") as f:
                 f.write(b"x" * 10)  # a half-written temporary file, as a full disk leaves it
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
