@@ -51,12 +51,13 @@ def main() -> None:
     ap.add_argument("--context-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--dataset", default="wiki", help="corpus for both measurements (as gsp harvest --dataset)")
     ap.add_argument("--store-dtype", default="bfloat16")
     args = ap.parse_args()
 
     lm = load_model(args.model, device=args.device)
     n_contexts = args.tokens // args.context_size
-    packed = pack(documents("wiki"), lm.tokenizer, args.context_size)
+    packed = pack(documents(args.dataset), lm.tokenizer, args.context_size)
     contexts = np.stack([ids for ids, _ in itertools.islice(packed, n_contexts)])
     bare_floor(lm, contexts[: args.batch_size * 2], args.layer, args.batch_size)  # warm-up
 
@@ -69,6 +70,7 @@ def main() -> None:
             context_size=args.context_size,
             batch_size=args.batch_size,
             device=args.device,
+            dataset=args.dataset,
             store=str(Path(tmp) / "bench"),
             store_dtype=args.store_dtype,
         )

@@ -16,6 +16,7 @@ statistics) rewritten, the same atomic way. A killed harvest therefore leaves a 
 `rows_written` rows are all valid, and resuming rewrites only what came after.
 """
 
+import asyncio
 import datetime
 import json
 import math
@@ -138,7 +139,7 @@ class ActivationStore:
             compressors=[Crc32cCodec()],
             fill_value=-1,
         )
-        group.attrs.update(
+        group.update_attributes(
             {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -249,9 +250,16 @@ class ActivationStore:
     # ---------------------------------------------------------------- writing (harvest only)
     def write_shard_data(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:
         """Write one whole shard's two files (in any order; nothing is claimed until `commit`)."""
-        start = shard * self.shard_rows
-        self.activations[start : start + len(tokens)] = acts
-        self.token_ids[start : start + len(tokens)] = tokens
+        rows = slice(shard * self.shard_rows, shard * self.shard_rows + len(tokens))
+
+        async def both():
+            await asyncio.gather(
+                self.activations.async_array.setitem(rows, acts), self.token_ids.async_array.setitem(rows, tokens)
+            )
+
+        # An event loop per call, rather than zarr's one shared loop: checksumming and assembling
+        # shards then runs on as many writer threads as the caller uses, not on one thread.
+        asyncio.run(both())
         fault("shard-data-written")
 
     def commit(self, shard: int, rows: int, cursor: dict, sums: "RowSums") -> None:
@@ -274,8 +282,10 @@ class ActivationStore:
         self._update({"complete": True})
 
     def _update(self, values: dict) -> None:
+        # One write of zarr.json for all values: `group.attrs.update` would write it once per key,
+        # and a kill between those writes could claim rows with a stale cursor.
         values = {**values, "updated_at": _now()}
-        self.group.attrs.update(values)
+        self.group = self.group.update_attributes(values)
         self.attrs.update(values)
 
 

@@ -339,7 +339,7 @@ class _ShardWriter:
     every earlier shard are complete, so a kill never leaves a claim on a missing or partial shard.
     """
 
-    def __init__(self, store: ActivationStore, threads: int = 2):
+    def __init__(self, store: ActivationStore, threads: int = min(8, max(2, (os.cpu_count() or 2) // 2))):
         self.store = store
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsp-writer")
         self.threads = threads

@@ -118,3 +118,22 @@ def test_shard_written_out_of_order_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="starts at row"):
         store.write_shard(1, np.zeros((8, 3), np.float32), np.zeros(8, np.int32), {}, RowSums(np.zeros(3), 0.0, 0))
     assert json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"]["rows_written"] == 0
+
+
+def test_commit_is_one_atomic_metadata_write(tmp_path, monkeypatch):
+    """rows_written, cursor and statistics change together: a kill can never separate them."""
+    import zarr.storage._local as local
+
+    store = _store(tmp_path)
+    acts, toks = np.ones((8, 3), np.float32), np.full(8, 5, np.int32)
+    store.write_shard_data(0, acts, toks)
+    real_put, writes = local._put, []
+    monkeypatch.setattr(
+        local,
+        "_put",
+        lambda path, value, exclusive=False: (writes.append(path.name), real_put(path, value, exclusive))[1],
+    )
+    store.commit(0, 8, {"doc": 3, "offset": 1}, RowSums(np.full(3, 8.0), 24.0, 8))
+    assert writes == ["zarr.json"]
+    on_disk = json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"]
+    assert (on_disk["rows_written"], on_disk["cursor"], on_disk["stats"]["count"]) == (8, {"doc": 3, "offset": 1}, 8)

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The CUDA path in one prepared run (a few minutes on one GPU): the GPU tests, then harvest
+# throughput against the bare early-stopped forward, on a Gemma 3 270M-shaped model, plus the
+# card's arithmetic floors. Prints a Markdown table to paste into benchmarks/RESULTS.md.
+#
+# On a GPU box with gsp installed:   bash benchmarks/gpu_check.sh
+# Where the offline model's package is missing (a bare GPU machine), a folder holding the 270M's
+# config.json and tokenizer files can stand in: GSP_GPU_MODEL_CONFIG=DIR (random weights of the
+# same shape: throughput is the same, the activations are not Gemma's).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+WORK=${GSP_GPU_WORK:-/tmp/gsp-gpu-check}
+mkdir -p "$WORK"
+export PYTHONUNBUFFERED=1 GSP_CACHE="$WORK/cache"
+
+MODEL=offline:gemma-3-270m
+if [ -n "${GSP_GPU_MODEL_CONFIG:-}" ]; then
+  MODEL="$WORK/g270"
+  $PY - "$GSP_GPU_MODEL_CONFIG" "$MODEL" <<'PY'
+import shutil, sys, torch
+from pathlib import Path
+from transformers import AutoConfig, AutoModelForCausalLM
+src, dst = map(Path, sys.argv[1:])
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.bfloat16)
+model.save_pretrained(dst)
+for f in src.glob("tokenizer*"):
+    shutil.copy(f, dst)
+print("random-weight model of the 270M's shape at", dst)
+PY
+fi
+
+echo "== GPU tests"
+$PY -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | tail -3
+
+echo "== arithmetic floors"
+$PY - <<'PY'
+import torch, time
+dev = torch.device("cuda")
+print("card:", torch.cuda.get_device_name(), "| torch", torch.__version__)
+a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16); b = torch.randn_like(a)
+for _ in range(3): a @ b
+torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(10): a @ b
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 10
+print(f"bf16 matmul 8192^3: {2 * 8192**3 / dt / 1e12:,.0f} TFLOP/s")
+x = torch.empty(2**30, dtype=torch.uint8, device=dev); y = torch.empty_like(x)
+y.copy_(x); torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(10): y.copy_(x)
+torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 10
+print(f"device copy: {2 * 2**30 / dt / 1e12:.2f} TB/s (read + write)")
+h = torch.empty(2**28, dtype=torch.uint8, pin_memory=True); torch.cuda.synchronize(); t = time.perf_counter()
+for _ in range(5): h.copy_(x[: 2**28])
+torch.cuda.synchronize(); print(f"device -> pinned host: {5 * 2**28 / (time.perf_counter() - t) / 1e9:.1f} GB/s")
+PY
+
+echo "== corpus: the offline Wikipedia, 4 passes as one local file (enough tokens for a GPU)"
+$PY - "$WORK/wiki4.txt" <<'PY'
+import sys
+from pipeline.corpus import documents
+docs = [t.replace("\n\n", "\n") for _, t in documents("wiki")]
+open(sys.argv[1], "w").write("\n\n".join(f"{d} ({i})" for i in range(4) for d in docs))
+PY
+
+DATA="--dataset $WORK/wiki4.txt --tokens 2097152"
+$PY -c "import datasets" 2>/dev/null || DATA="--dataset wiki --tokens 786432"  # local files need `datasets`
+for args in "--context-size 1024 --batch-size 32" "--context-size 128 --batch-size 256"; do
+  echo "== harvest benchmark, layer 12, $args"
+  $PY benchmarks/harvest.py --model "$MODEL" --device cuda --layer 12 $DATA $args 2>&1 \
+      | grep -E "^\||machine|tokens,|rror"
+done
