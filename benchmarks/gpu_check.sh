@@ -63,6 +63,34 @@ docs = [t.replace("\n\n", "\n") for _, t in documents("wiki")]
 open(sys.argv[1], "w").write("\n\n".join(f"{d} ({i})" for i in range(4) for d in docs))
 PY
 
+echo "== the harvest's parts alone: corpus reader (tokenize + pack) and shard writer"
+$PY - "$MODEL" "$WORK" <<'PY'
+import itertools, os, sys, time
+import numpy as np
+from concurrent.futures import ThreadPoolExecutor
+from transformers import AutoTokenizer
+from pipeline.corpus import documents, pack
+from pipeline.models import offline_model_dir
+from pipeline.store import ActivationStore, Layout
+model, work = sys.argv[1], sys.argv[2]
+tok = AutoTokenizer.from_pretrained(offline_model_dir() if model.startswith("offline:") else model)
+for ds in ("wiki", f"{work}/wiki4.txt"):
+    try:
+        it = pack(documents(ds), tok, 1024); next(it); t = time.perf_counter()
+        n = sum(1 for _ in itertools.islice(it, 600))
+        print(f"reader {ds}: {n * 1024 / (time.perf_counter() - t):,.0f} tok/s")
+    except Exception as e:
+        print(f"reader {ds}: {type(e).__name__}: {e}")
+lay = Layout.plan(1024, 640, 2)
+threads = min(8, max(2, os.cpu_count() // 2))
+st = ActivationStore.create(f"{work}/wbench", n_contexts=16 * lay.shard_rows // 1024, d_in=640, layout=lay, dtype="bfloat16", attrs={})
+x = np.random.randint(0, 2**16, (lay.shard_rows, 640), dtype=np.uint16); t_ = np.zeros(lay.shard_rows, np.int32)
+t = time.perf_counter()
+with ThreadPoolExecutor(threads) as ex:
+    list(ex.map(lambda i: st.write_shard_data(i, x, t_), range(16)))
+print(f"writer, {threads} threads: {16 * x.nbytes / (time.perf_counter() - t) / 1e6:,.0f} MB/s = {16 * lay.shard_rows / (time.perf_counter() - t):,.0f} tok/s at d_in 640 bf16")
+PY
+
 DATA="--dataset $WORK/wiki4.txt --tokens 2097152"
 $PY -c "import datasets" 2>/dev/null || DATA="--dataset wiki --tokens 786432"  # local files need `datasets`
 for args in "--context-size 1024 --batch-size 32" "--context-size 128 --batch-size 256"; do

@@ -219,7 +219,8 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | N
     n_contexts = store.activations.shape[0] // C
     first_shard = store.rows_written // store.shard_rows
     reader = _ContextReader(cfg, lm.tokenizer, Cursor(**store.attrs["cursor"]), token)
-    writer = _ShardWriter(store)
+    # on a GPU, shards fill fast: checksum and write several at once; on a CPU two threads keep up
+    writer = _ShardWriter(store, threads=min(8, max(2, (os.cpu_count() or 2) // 2)) if lm.device.type == "cuda" else 2)
     start_rows, t0 = store.rows_written, time.perf_counter()
     done_contexts = first_shard * shard_contexts
     with progress("tok") as bar:
@@ -245,37 +246,47 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | N
 
 
 def _fill_shard(store, cfg, lm, reader, writer, shard: int, want: int, advance) -> int:
-    """Run the model over up to `want` contexts into one shard buffer and hand it to the writer."""
-    C, D = cfg.context_size, store.d_in
+    """Run the model over up to `want` contexts into one shard buffer and hand it to the writer.
+
+    Nothing here waits for the device until the shard is full: activations are copied into a
+    pinned buffer asynchronously and the statistics stay on the device, so the GPU always has the
+    next batch queued, as in a bare loop over the model.
+    """
+    C, D, dev = cfg.context_size, store.d_in, lm.device
     bf16 = store.attrs["dtype"] == "bfloat16"
-    acts = np.empty((want * C, D), dtype=np.uint16 if bf16 else np.float32)
+    acts = torch.empty((want * C, D), dtype=torch.int16 if bf16 else torch.float32, pin_memory=dev.type == "cuda")
     tokens = np.empty((want, C), dtype=np.int32)
-    special = torch.tensor(store.special_ids, device=lm.device)
-    sum_D = torch.zeros(D, dtype=torch.float64, device=lm.device)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=lm.device)
-    got, kept, cursor = 0, 0, None
+    special = torch.tensor(store.special_ids, device=dev)
+    sum_D = torch.zeros(D, dtype=torch.float64, device=dev)
+    sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    kept = torch.zeros((), dtype=torch.int64, device=dev)
+    got, cursor = 0, None
     while got < want:
         batch = reader.take(min(cfg.batch_size, want - got))
         if not batch:
             break
-        ids_BS = torch.from_numpy(np.stack([ids for ids, _ in batch]))
+        ids_BS = np.stack([ids for ids, _ in batch])
         cursor = batch[-1][1]
-        ids_N = ids_BS.to(lm.device).reshape(-1)
-        acts_ND = activations(lm.model, ids_BS.to(lm.device), cfg.layer, cfg.site).reshape(-1, D)
+        ids_dev = torch.from_numpy(ids_BS).to(dev, non_blocking=True)
+        acts_ND = activations(lm.model, ids_dev, cfg.layer, cfg.site).reshape(-1, D)
         stored_ND = acts_ND.to(torch.bfloat16) if bf16 else acts_ND.float()
-        # statistics of exactly the stored values, over non-special rows, in float64 on the device
-        x = stored_ND[~torch.isin(ids_N, special)].double()
+        # statistics of exactly the stored values over non-special rows, float64, on the device
+        keep_N1 = ~torch.isin(ids_dev.reshape(-1, 1), special)
+        x = torch.where(keep_N1, stored_ND.double(), 0.0)
         sum_D += x.sum(0)
-        sum_sq += (x * x).sum()
-        kept += len(x)
+        sum_sq += x.square().sum()
+        kept += keep_N1.sum()
         rows = slice(got * C, (got + len(batch)) * C)
-        acts[rows] = stored_ND.view(torch.int16).cpu().numpy().view(np.uint16) if bf16 else stored_ND.cpu().numpy()
-        tokens[got : got + len(batch)] = ids_BS.numpy()
+        acts[rows].copy_(stored_ND.view(torch.int16) if bf16 else stored_ND, non_blocking=True)
+        tokens[got : got + len(batch)] = ids_BS
         got += len(batch)
         advance(len(batch))
     if got:
-        sums = RowSums(sum_D.cpu().numpy(), float(sum_sq), kept)
-        writer.put(shard, acts[: got * C], tokens[:got].reshape(-1), cursor, sums)
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()  # the pinned buffer is complete
+        out = acts[: got * C].numpy()  # keeps `acts` alive until the writer is done with it
+        sums = RowSums(sum_D.cpu().numpy(), float(sum_sq), int(kept))
+        writer.put(shard, out.view(np.uint16) if bf16 else out, tokens[:got].reshape(-1), cursor, sums)
     return got
 
 
@@ -339,7 +350,7 @@ class _ShardWriter:
     every earlier shard are complete, so a kill never leaves a claim on a missing or partial shard.
     """
 
-    def __init__(self, store: ActivationStore, threads: int = min(8, max(2, (os.cpu_count() or 2) // 2))):
+    def __init__(self, store: ActivationStore, threads: int):
         self.store = store
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsp-writer")
         self.threads = threads
