@@ -6,15 +6,12 @@ shard, so a resumed run feeds the model exactly the batches an uninterrupted run
 with exactly the same store.
 """
 
-import collections
 import dataclasses
 import fcntl
 import math
 import os
-import queue
-import threading
+import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,17 +21,17 @@ import torch
 
 from pipeline.config import opt, stage_config
 from pipeline.console import console, info, progress, warn
-from pipeline.corpus import Cursor, documents, pack
+from pipeline.corpus import Cursor
 from pipeline.errors import GspError
-from pipeline.faults import fault
 from pipeline.hooks import SITES, activations, hook_point, site_module, site_width
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, describe_model, hf_token, load_model
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums
+from pipeline.workers import ContextReader, ReaderSpec, ShardWriter
 
 Site = Literal["resid_post", "mlp_out", "attn_out"]
 # Fields that only say where or how to run, not what the store holds; all others must match on resume.
-_RUN_ONLY = ("store", "device", "dtype")  # device and dtype are checked as resolved
+_RUN_ONLY = ("store", "device", "dtype", "workers")  # device and dtype are checked as resolved
 
 
 @stage_config("harvest")
@@ -65,6 +62,9 @@ class HarvestConfig:
         "bfloat16", "Stored dtype: bfloat16 (bit patterns in uint16, half the disk) or float32."
     )
     shard_mib: float = opt(128.0, "Target size of one shard file in MiB (the unit of writing and of resume).")
+    workers: Literal["auto", "threads", "processes"] = opt(
+        "auto", "Corpus reader and shard writers on threads or processes; auto: processes on CUDA, threads on CPU."
+    )
 
     def __post_init__(self):
         for name in ("tokens", "context_size", "batch_size", "shard_mib"):
@@ -218,21 +218,26 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | N
     shard_contexts = store.shard_rows // C
     n_contexts = store.activations.shape[0] // C
     first_shard = store.rows_written // store.shard_rows
-    reader = _ContextReader(cfg, lm.tokenizer, Cursor(**store.attrs["cursor"]), token)
-    # on a GPU, shards fill fast: checksum and write several at once; on a CPU two threads keep up
-    writer = _ShardWriter(store, threads=min(8, max(2, (os.cpu_count() or 2) // 2)) if lm.device.type == "cuda" else 2)
+    process = cfg.workers == "processes" or (cfg.workers == "auto" and lm.device.type == "cuda")
+    # on a GPU shards fill fast: checksum and write several at once; on a CPU two writers keep up
+    workers = min(8, max(2, (os.cpu_count() or 2) // 2)) if lm.device.type == "cuda" else 2
     start_rows, t0 = store.rows_written, time.perf_counter()
     done_contexts = first_shard * shard_contexts
-    with progress("tok") as bar:
-        task = bar.add_task("harvest", total=n_contexts * C, completed=done_contexts * C)
-        for shard in range(first_shard, math.ceil(n_contexts / shard_contexts)):
-            want = min(shard_contexts, n_contexts - shard * shard_contexts)
-            got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
-            done_contexts += got
-            if got < want:
-                break
-        writer.close()
-    reader.stop()
+    with tempfile.TemporaryDirectory(prefix="gsp-tokenizer-") as tok_dir, progress("tok") as bar:
+        reader = ContextReader(_reader_spec(cfg, store, lm, token, tok_dir if process else None), process=process)
+        writer = ShardWriter(store, workers=workers, process=process)
+        try:
+            task = bar.add_task("harvest", total=n_contexts * C, completed=done_contexts * C)
+            for shard in range(first_shard, math.ceil(n_contexts / shard_contexts)):
+                want = min(shard_contexts, n_contexts - shard * shard_contexts)
+                got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
+                done_contexts += got
+                if got < want:
+                    break
+            writer.close()
+        finally:
+            reader.stop()
+            writer.stop()
     if done_contexts < n_contexts:
         warn(f"the corpus ran out after {done_contexts * C:,} of {n_contexts * C:,} tokens; the store holds those")
     store.finish(done_contexts * C)
@@ -242,6 +247,24 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | N
         f"({(store.rows_written - start_rows) / seconds:,.0f} tok/s) to [bold]{store.path}[/] "
         f"({store.rows_written:,} rows, d_in {store.d_in}, {store.attrs['dtype']})",
         highlight=False,
+    )
+
+
+def _reader_spec(cfg: HarvestConfig, store, lm, token: str | None, tok_dir: str | None) -> ReaderSpec:
+    """What the corpus reader needs, from the store's cursor on; `tok_dir` given: for a child process."""
+    if tok_dir:
+        lm.tokenizer.save_pretrained(tok_dir)  # the child loads its own copy
+    cursor = Cursor(**store.attrs["cursor"])
+    return ReaderSpec(
+        documents={
+            **{k: getattr(cfg, k) for k in ("dataset", "split", "dataset_config", "text_column", "seed", "part")},
+            "heldout_fraction": cfg.heldout_fraction,
+            "start": cursor.doc,
+            "token": hf_token(token),
+        },
+        context_size=cfg.context_size,
+        start=cursor,
+        tokenizer=tok_dir or lm.tokenizer,
     )
 
 
@@ -288,92 +311,3 @@ def _fill_shard(store, cfg, lm, reader, writer, shard: int, want: int, advance) 
         sums = RowSums(sum_D.cpu().numpy(), float(sum_sq), int(kept))
         writer.put(shard, out.view(np.uint16) if bf16 else out, tokens[:got].reshape(-1), cursor, sums)
     return got
-
-
-class _ContextReader:
-    """Background thread: documents -> tokenized, packed contexts, queued ahead of the model."""
-
-    def __init__(self, cfg: HarvestConfig, tokenizer, start: Cursor, token: str | None):
-        self.queue: queue.Queue = queue.Queue(maxsize=max(64, 4 * cfg.batch_size))
-        self._stop = threading.Event()
-        docs = documents(
-            cfg.dataset,
-            split=cfg.split,
-            dataset_config=cfg.dataset_config,
-            text_column=cfg.text_column,
-            seed=cfg.seed,
-            part=cfg.part,
-            heldout_fraction=cfg.heldout_fraction,
-            start=start.doc,
-            token=hf_token(token),
-        )
-        self._contexts = pack(docs, tokenizer, cfg.context_size, start=start)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="gsp-reader")
-        self._thread.start()
-
-    def _run(self):
-        try:
-            for item in self._contexts:
-                while not self._stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if self._stop.is_set():
-                    return
-            self.queue.put(None)
-        except BaseException as e:  # handed to the main thread, which raises it
-            self.queue.put(e)
-
-    def take(self, n: int) -> list:
-        """Up to n contexts; fewer only when the corpus has ended."""
-        out = []
-        while len(out) < n:
-            item = self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:
-                self.queue.put(None)  # stay ended for later calls
-                break
-            out.append(item)
-        return out
-
-    def stop(self):
-        self._stop.set()
-
-
-class _ShardWriter:
-    """Writes shard files on background threads, several at once, and commits them strictly in order.
-
-    A shard's rows are claimed (rows_written, cursor, statistics) only after its files and those of
-    every earlier shard are complete, so a kill never leaves a claim on a missing or partial shard.
-    """
-
-    def __init__(self, store: ActivationStore, threads: int):
-        self.store = store
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gsp-writer")
-        self.threads = threads
-        self.pending: collections.deque = collections.deque()
-
-    def put(self, shard, acts, tokens, cursor, sums):
-        # bounded memory: at most `threads` shards in flight besides the one being filled
-        while len(self.pending) >= self.threads:
-            self._commit_oldest()
-        future = self.pool.submit(self.store.write_shard_data, shard, acts, tokens)
-        self.pending.append((future, shard, len(tokens), {"doc": cursor.doc, "offset": cursor.offset}, sums))
-        while self.pending and self.pending[0][0].done():
-            self._commit_oldest()
-
-    def _commit_oldest(self):
-        future, shard, rows, cursor, sums = self.pending.popleft()
-        future.result()  # re-raises a write error (a full disk, say) in the main thread
-        self.store.commit(shard, rows, cursor, sums)
-        fault("shard-committed")
-
-    def close(self):
-        try:
-            while self.pending:
-                self._commit_oldest()
-        finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -341,3 +341,19 @@ def test_token_is_never_written(gsp, tiny_model, corpus, tmp_path, monkeypatch):
     written = "".join(p.read_text(errors="replace") for p in store.rglob("zarr.json")) + r.output
     assert secret not in written and "hf_ENVtoken987654" not in written
     assert "token" not in ActivationStore.open(store).attrs["spec"]
+
+
+def test_process_workers_write_the_same_store(gsp, tiny_model, corpus, tmp_path):
+    """The reader and writers in their own processes (the CUDA default) give the threads' store."""
+    threads, procs = tmp_path / "threads", tmp_path / "procs"
+    assert gsp(*tiny_harvest_args(tiny_model, corpus, threads, workers="threads")).exit_code == 0
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, procs, workers="processes"))
+    assert r.exit_code == 0, r.output
+    _assert_same_store(threads, procs)
+
+
+def test_process_reader_reports_corpus_errors(gsp, tiny_model, tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"body": f"text {i} " * 20}) for i in range(20)))
+    r = gsp(*tiny_harvest_args(tiny_model, jsonl, tmp_path / "s", workers="processes"))
+    assert r.exit_code == 1 and "no column 'text'" in r.output and "Traceback" not in r.output

@@ -1,0 +1,196 @@
+"""The harvest's helpers around the model: a corpus reader ahead of it and a shard writer behind it.
+
+Each runs either on threads (the default on a CPU, where the model is the whole cost) or in
+processes of its own (the default on a GPU, where a model step takes milliseconds and the reader,
+the writer and the model's Python launch loop would otherwise queue for one interpreter lock).
+Processes are started with `spawn`; contexts and shards cross in pipes.
+"""
+
+import collections
+import multiprocessing as mp
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.corpus import Cursor, documents, pack
+from pipeline.errors import GspError
+from pipeline.faults import fault
+
+_CHUNK = 64  # contexts per message from the reader
+
+
+@dataclass(frozen=True)
+class ReaderSpec:
+    """Everything a reader needs to rebuild the context stream (picklable for a child process)."""
+
+    documents: dict  # keyword arguments of pipeline.corpus.documents
+    context_size: int
+    start: Cursor
+    tokenizer: object  # a tokenizer, or the folder of one saved for a child process
+
+
+def _produce(spec: ReaderSpec, put, stopped) -> None:
+    """Pack contexts and `put` them in chunks: (ids (n, C) int32, [cursor, ...]); then None."""
+    try:
+        tok = spec.tokenizer
+        if isinstance(tok, str):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(tok)
+        ids, cursors = [], []
+        for context, cursor in pack(documents(**spec.documents), tok, spec.context_size, start=spec.start):
+            ids.append(context)
+            cursors.append(cursor)
+            if len(ids) == _CHUNK:
+                if not put((np.stack(ids), cursors), stopped):
+                    return
+                ids, cursors = [], []
+        if ids and not put((np.stack(ids), cursors), stopped):
+            return
+        put(None, stopped)
+    except GspError as e:
+        put(("gsp-error", str(e)), stopped)
+    except Exception as e:  # handed to the harvest, which raises it
+        put(("error", f"{type(e).__name__}: {e}"), stopped)
+
+
+def _put_until_stopped(q, item, stopped) -> bool:
+    while not stopped.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _reader_process(spec: ReaderSpec, q, stopped) -> None:
+    q.cancel_join_thread()  # when stopped, exit without waiting for the harvest to drain the queue
+    _produce(spec, lambda item, s: _put_until_stopped(q, item, s), stopped)
+
+
+class ContextReader:
+    """Contexts from a background thread or process, `take(n)` at a time."""
+
+    def __init__(self, spec: ReaderSpec, *, process: bool):
+        if process:
+            ctx = mp.get_context("spawn")
+            self._q, self._stopped = ctx.Queue(maxsize=32), ctx.Event()
+            self._worker = ctx.Process(target=_reader_process, args=(spec, self._q, self._stopped), daemon=True)
+        else:
+            self._q, self._stopped = queue.Queue(maxsize=32), threading.Event()
+            put = lambda item, s: _put_until_stopped(self._q, item, s)  # noqa: E731
+            self._worker = threading.Thread(target=_produce, args=(spec, put, self._stopped), daemon=True)
+        self._worker.start()
+        self._ready: collections.deque = collections.deque()
+        self._ended = False
+
+    def take(self, n: int) -> list[tuple[np.ndarray, Cursor]]:
+        """Up to n (ids (C,), cursor) pairs; fewer only when the corpus has ended."""
+        while len(self._ready) < n and not self._ended:
+            item = self._q.get()
+            if item is None:
+                self._ended = True
+            elif isinstance(item[0], str):
+                kind, message = item
+                raise GspError(message) if kind == "gsp-error" else RuntimeError(f"corpus reader failed: {message}")
+            else:
+                self._ready.extend(zip(item[0], item[1], strict=True))
+        return [self._ready.popleft() for _ in range(min(n, len(self._ready)))]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if isinstance(self._worker, mp.process.BaseProcess):
+            self._worker.join(timeout=5)
+            if self._worker.is_alive():
+                self._worker.terminate()
+
+
+def _writer_process(path: str, conn) -> None:
+    """Receive shards over a pipe and write their files; answer None or the error."""
+    from pipeline.store import ActivationStore
+
+    store = ActivationStore.open(path, mode="r+")
+    while (header := conn.recv()) is not None:
+        shard, rows, dtype, d_in = header
+        acts = np.empty((rows, d_in), dtype=dtype)
+        tokens = np.empty(rows, dtype=np.int32)
+        conn.recv_bytes_into(acts.reshape(-1))  # 1-D views: recv_bytes_into sizes buffers by len()
+        conn.recv_bytes_into(tokens)
+        try:
+            store.write_shard_data(shard, acts, tokens)
+            conn.send(None)
+        except Exception as e:
+            conn.send(e)
+
+
+class ShardWriter:
+    """Writes shard files several at once and commits them to the store strictly in order.
+
+    A shard's rows are claimed (rows_written, cursor, statistics) only after its files and those of
+    every earlier shard are complete, so a kill never leaves a claim on a missing or partial shard.
+    """
+
+    def __init__(self, store, *, workers: int, process: bool):
+        self.store, self.workers = store, workers
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gsp-writer")
+        self.pending: collections.deque = collections.deque()
+        self.procs, self.conns = [], queue.Queue()
+        if process:
+            ctx = mp.get_context("spawn")
+            for _ in range(workers):
+                mine, theirs = ctx.Pipe()
+                proc = ctx.Process(target=_writer_process, args=(store.path, theirs), daemon=True)
+                proc.start()
+                self.procs.append(proc)
+                self.conns.put(mine)
+
+    def put(self, shard: int, acts: np.ndarray, tokens: np.ndarray, cursor: Cursor, sums) -> None:
+        # bounded memory: at most `workers` shards in flight besides the one being filled
+        while len(self.pending) >= self.workers:
+            self._commit_oldest()
+        write = self._write_in_process if self.procs else self.store.write_shard_data
+        future = self.pool.submit(write, shard, acts, tokens)
+        self.pending.append((future, shard, len(tokens), {"doc": cursor.doc, "offset": cursor.offset}, sums))
+        while self.pending and self.pending[0][0].done():
+            self._commit_oldest()
+
+    def _write_in_process(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:
+        conn = self.conns.get()
+        try:
+            conn.send((shard, len(tokens), acts.dtype.str, acts.shape[1]))
+            conn.send_bytes(np.ascontiguousarray(acts).reshape(-1))  # pipe writes release the interpreter lock
+            conn.send_bytes(np.ascontiguousarray(tokens))
+            error = conn.recv()
+        except (EOFError, OSError):
+            raise RuntimeError("a shard writer process died; rerun the same command to resume") from None
+        self.conns.put(conn)
+        if error is not None:
+            raise error
+
+    def _commit_oldest(self) -> None:
+        future, shard, rows, cursor, sums = self.pending.popleft()
+        future.result()  # re-raises a write error (a full disk, say) in the main thread
+        self.store.commit(shard, rows, cursor, sums)
+        fault("shard-committed")
+
+    def close(self) -> None:
+        """Commit everything in flight, raising the first write error."""
+        while self.pending:
+            self._commit_oldest()
+
+    def stop(self) -> None:
+        """Stop the workers (after close(), or after an error: uncommitted shards are simply not claimed)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        while not self.conns.empty():
+            try:
+                self.conns.get_nowait().send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
