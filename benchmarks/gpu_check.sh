@@ -93,8 +93,8 @@ PY
 
 DATA="--dataset $WORK/wiki4.txt --tokens 2097152"
 $PY -c "import datasets" 2>/dev/null || DATA="--dataset wiki --tokens 786432"  # local files need `datasets`
-for args in "--context-size 1024 --batch-size 32" "--context-size 128 --batch-size 256"; do
-  echo "== harvest benchmark, layer 12, $args"
-  $PY benchmarks/harvest.py --model "$MODEL" --device cuda --layer 12 $DATA $args 2>&1 \
-      | grep -E "^\||machine|tokens,|rror"
+for workers in threads processes; do
+  echo "== harvest benchmark, layer 12, context 1024, batch 32, workers: $workers"
+  $PY benchmarks/harvest.py --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 \
+      --batch-size 32 --workers $workers 2>&1 | grep -E "^\||machine|tokens,|rror"
 done

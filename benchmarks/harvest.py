@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dataset", default="wiki", help="corpus for both measurements (as gsp harvest --dataset)")
     ap.add_argument("--store-dtype", default="bfloat16")
+    ap.add_argument("--workers", default="threads", choices=["threads", "processes"])
     args = ap.parse_args()
 
     lm = load_model(args.model, device=args.device)
@@ -73,6 +74,7 @@ def main() -> None:
             dataset=args.dataset,
             store=str(Path(tmp) / "bench"),
             store_dtype=args.store_dtype,
+            workers=args.workers,
         )
         t0 = time.perf_counter()
         run_harvest(cfg, model=lm)
@@ -83,7 +85,7 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if lm.device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"\nmachine: {platform.node()} · {device} · torch {torch.__version__} · {lm.name} layer {args.layer}")
-    print(f"{args.tokens:,} tokens, context {args.context_size}, batch {args.batch_size}, {lm.dtype}")
+    print(f"{args.tokens:,} tokens, context {args.context_size}, batch {args.batch_size}, {lm.dtype}, {args.workers}")
     print("| measure | value |\n|---|---|")
     print(f"| bare early-stopped forward (before / after) | {floor_before:,.0f} / {floor_after:,.0f} tok/s |")
     print(f"| gsp harvest, store included | {ours:,.0f} tok/s |")

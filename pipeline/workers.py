@@ -1,9 +1,10 @@
 """The harvest's helpers around the model: a corpus reader ahead of it and a shard writer behind it.
 
-Each runs either on threads (the default on a CPU, where the model is the whole cost) or in
-processes of its own (the default on a GPU, where a model step takes milliseconds and the reader,
-the writer and the model's Python launch loop would otherwise queue for one interpreter lock).
-Processes are started with `spawn`; contexts and shards cross in pipes.
+Each runs on threads (the default) or in processes of its own (`--workers processes`). Processes
+are meant for GPUs, where a model step takes milliseconds and the reader, the writers and the
+model's Python launch loop queue for one interpreter lock; they are started with `spawn`, and
+contexts and shards cross in pipes. On an H200 a 1M-token harvest was slower with processes than
+with threads (their start-up dominated such a short run); benchmarks/RESULTS.md has the figures.
 """
 
 import collections

@@ -62,8 +62,8 @@ class HarvestConfig:
         "bfloat16", "Stored dtype: bfloat16 (bit patterns in uint16, half the disk) or float32."
     )
     shard_mib: float = opt(128.0, "Target size of one shard file in MiB (the unit of writing and of resume).")
-    workers: Literal["auto", "threads", "processes"] = opt(
-        "auto", "Corpus reader and shard writers on threads or processes; auto: processes on CUDA, threads on CPU."
+    workers: Literal["threads", "processes"] = opt(
+        "threads", "Run the corpus reader and shard writers on threads, or in processes (experimental, for GPUs)."
     )
 
     def __post_init__(self):
@@ -218,7 +218,7 @@ def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | N
     shard_contexts = store.shard_rows // C
     n_contexts = store.activations.shape[0] // C
     first_shard = store.rows_written // store.shard_rows
-    process = cfg.workers == "processes" or (cfg.workers == "auto" and lm.device.type == "cuda")
+    process = cfg.workers == "processes"
     # on a GPU shards fill fast: checksum and write several at once; on a CPU two writers keep up
     workers = min(8, max(2, (os.cpu_count() or 2) // 2)) if lm.device.type == "cuda" else 2
     start_rows, t0 = store.rows_written, time.perf_counter()

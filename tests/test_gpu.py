@@ -12,10 +12,10 @@ from pipeline.store import ActivationStore
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("site", ["resid_post", "attn_out"])
-def test_cuda_harvest_matches_direct_cuda_forward(gsp, tiny_model, corpus, tmp_path, site):
+@pytest.mark.parametrize("site, workers", [("resid_post", "threads"), ("attn_out", "processes")])
+def test_cuda_harvest_matches_direct_cuda_forward(gsp, tiny_model, corpus, tmp_path, site, workers):
     store = tmp_path / "s"
-    r = gsp(*tiny_harvest_args(tiny_model, corpus, store, site=site, device="cuda"))
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, store, site=site, device="cuda", workers=workers))
     assert r.exit_code == 0, r.output
     s = ActivationStore.open(store)
     assert s.attrs["compute"] == {"device": "cuda", "dtype": "bfloat16"}
