@@ -93,11 +93,9 @@ def offline_model_dir() -> Path:
     return target
 
 
-def describe_model(spec: str) -> tuple[str, str]:
-    """(name, revision) recorded for --model `spec` without loading it."""
-    if spec == OFFLINE_DEFAULT:
-        return _OFFLINE_HUB_NAME, f"{_OFFLINE_PACKAGE}=={importlib.metadata.version(_OFFLINE_PACKAGE)}"
-    return spec, "local" if Path(spec).expanduser().is_dir() else "main"
+def model_name(spec: str) -> str:
+    """The name a --model spec is recorded under, without loading it (used to name default stores)."""
+    return _OFFLINE_HUB_NAME if spec == OFFLINE_DEFAULT else spec
 
 
 def load_model(
@@ -143,10 +141,18 @@ def load_model(
             f"could not load model '{spec}': {first} (for a gated Hub model, accept its licence and "
             "set HF_TOKEN or pass --token)"
         ) from None
-    if rev == "main":
-        rev = getattr(model.config, "_commit_hash", None) or "main"
+    if kwargs:
+        rev = _hub_commit(spec, revision, kwargs["token"])
     model.to(dev).eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, name, rev, dev, torch_dtype)
+
+
+def _hub_commit(repo_id: str, revision: str | None, token: str | None) -> str:
+    """The commit a Hub id resolved to (the snapshot folder huggingface_hub keeps it under)."""
+    from huggingface_hub import hf_hub_download
+
+    path = Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token))
+    return path.parent.name if path.parent.parent.name == "snapshots" else revision or "main"
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -24,7 +24,7 @@ from pipeline.console import console, info, progress, warn
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 from pipeline.hooks import SITES, activations, hook_point, site_module, site_width
-from pipeline.models import OFFLINE_DEFAULT, LoadedModel, describe_model, hf_token, load_model
+from pipeline.models import OFFLINE_DEFAULT, LoadedModel, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums
 from pipeline.workers import ContextReader, ReaderSpec, ShardWriter
@@ -83,7 +83,7 @@ class HarvestConfig:
     def store_path(self) -> str:
         if self.store:
             return self.store
-        name = Path(describe_model(self.model)[0].rstrip("/")).name
+        name = Path(model_name(self.model).rstrip("/")).name
         return str(cache_dir() / "stores" / f"{name}_L{self.layer}_{self.site}_{self.part}_{self.tokens}")
 
     def content_spec(self) -> dict:

@@ -357,3 +357,49 @@ def test_process_reader_reports_corpus_errors(gsp, tiny_model, tmp_path):
     jsonl.write_text("\n".join(json.dumps({"body": f"text {i} " * 20}) for i in range(20)))
     r = gsp(*tiny_harvest_args(tiny_model, jsonl, tmp_path / "s", workers="processes"))
     assert r.exit_code == 1 and "no column 'text'" in r.output and "Traceback" not in r.output
+
+
+def test_hub_id_loads_through_the_hub_cache(tiny_model, corpus, tmp_path):
+    """`--model org/name` takes the real Hub path (from_pretrained with a repo id), here served
+    offline from a Hub cache laid out as huggingface_hub writes it; the commit is recorded."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--gsp-test--tiny-gemma3"
+    shutil.copytree(tiny_model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    r = gsp_subprocess(*tiny_harvest_args("gsp-test/tiny-gemma3", corpus, tmp_path / "s"), env=env)
+    assert r.returncode == 0, r.stderr
+    attrs = ActivationStore.open(tmp_path / "s").attrs
+    assert attrs["model"]["name"] == "gsp-test/tiny-gemma3" and attrs["model"]["revision"] == commit
+    r = gsp_subprocess(*tiny_harvest_args("gsp-test/missing-model", corpus, tmp_path / "s2"), env=env)
+    assert r.returncode == 1 and "could not load model 'gsp-test/missing-model'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_corpus_running_out_keeps_what_there_was(gsp, tiny_model, tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(f"Document {i} has a few words in it." for i in range(30)))
+    r = gsp(*tiny_harvest_args(tiny_model, small, tmp_path / "s", tokens=100_000))
+    assert r.exit_code == 0 and "corpus ran out" in r.output
+    s = ActivationStore.open(tmp_path / "s")
+    assert s.complete and 0 < s.rows_written < 100_000
+    assert s.activations.shape[0] == s.token_ids.shape[0] == s.rows_written  # no unwritten tail
+    assert s.rows_written % 32 == 0
+
+
+def test_two_harvests_never_write_one_store(gsp, tiny_model, corpus, tmp_path):
+    import fcntl
+    import os
+
+    store = tmp_path / "s"
+    fd = os.open(f"{store}.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running harvest holds it
+    try:
+        r = gsp(*tiny_harvest_args(tiny_model, corpus, store))
+        assert r.exit_code == 1 and "another gsp harvest is writing" in r.output
+        assert not store.exists()
+    finally:
+        os.close(fd)
