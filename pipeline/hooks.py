@@ -12,13 +12,15 @@ already applied the final norm there.
 
 import contextlib
 from collections.abc import Iterator
+from typing import Literal, get_args
 
 import torch
 
 from pipeline.errors import GspError
 from pipeline.models import base_model, decoder_layers
 
-SITES = ("resid_post", "mlp_out", "attn_out")
+Site = Literal["resid_post", "mlp_out", "attn_out"]
+SITES: tuple[str, ...] = get_args(Site)
 _MODULE = {"resid_post": "", "mlp_out": "post_feedforward_layernorm", "attn_out": "self_attn.o_proj"}
 
 

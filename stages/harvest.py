@@ -1,9 +1,9 @@
 """gsp harvest: run a model up to one hook point and write its activations into a Zarr store.
 
-Three threads overlap: a reader tokenizes and packs the corpus into contexts, the main thread runs
-the early-stopped forward pass, and a writer commits whole shards to disk. Batches never straddle a
-shard, so a resumed run feeds the model exactly the batches an uninterrupted run would, and ends
-with exactly the same store.
+Work overlaps: a reader tokenizes and packs the corpus ahead of the model, the main thread runs the
+early-stopped forward pass, and writers checksum and write whole shards behind it, committed in
+order (pipeline/workers.py). Batches never straddle a shard, so a resumed run feeds the model
+exactly the batches an uninterrupted run would, and ends with exactly the same store.
 """
 
 import dataclasses
@@ -23,15 +23,15 @@ from pipeline.config import opt, stage_config
 from pipeline.console import console, info, progress, warn
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
-from pipeline.hooks import SITES, activations, hook_point, site_module, site_width
+from pipeline.hooks import SITES, Site, activations, hook_point, site_module, site_width
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums
 from pipeline.workers import ContextReader, ReaderSpec, ShardWriter
 
-Site = Literal["resid_post", "mlp_out", "attn_out"]
 # Fields that only say where or how to run, not what the store holds; all others must match on resume.
 _RUN_ONLY = ("store", "device", "dtype", "workers")  # device and dtype are checked as resolved
+_CORPUS = ("dataset", "split", "dataset_config", "text_column", "part", "heldout_fraction", "seed")
 
 
 @stage_config("harvest")
@@ -166,10 +166,7 @@ def _create_store(cfg: HarvestConfig, path: str, lm, d_in: int, compute: dict) -
         "layer": cfg.layer,
         "site": cfg.site,
         "hook_point": hook_point(cfg.layer, cfg.site),
-        "dataset": {
-            k: getattr(cfg, k)
-            for k in ("dataset", "split", "dataset_config", "text_column", "part", "heldout_fraction", "seed")
-        },
+        "dataset": {k: getattr(cfg, k) for k in _CORPUS},
         "seed": cfg.seed,
         "tokenizer": {
             "name": lm.name,
@@ -188,7 +185,10 @@ def _create_store(cfg: HarvestConfig, path: str, lm, d_in: int, compute: dict) -
 
 
 class _store_lock:
-    """An exclusive lock next to a local store, so two harvests never write one store at once."""
+    """An exclusive lock next to a local store, so two harvests never write one store at once.
+
+    The `<store>.lock` file stays: unlinking it would let a third run lock a fresh file while a
+    second still holds the old one."""
 
     def __init__(self, path: str):
         self.lock_path = Path(f"{path.rstrip('/')}.lock")
@@ -209,7 +209,6 @@ class _store_lock:
     def __exit__(self, *exc):
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
-        self.lock_path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -256,12 +255,7 @@ def _reader_spec(cfg: HarvestConfig, store, lm, token: str | None, tok_dir: str 
         lm.tokenizer.save_pretrained(tok_dir)  # the child loads its own copy
     cursor = Cursor(**store.attrs["cursor"])
     return ReaderSpec(
-        documents={
-            **{k: getattr(cfg, k) for k in ("dataset", "split", "dataset_config", "text_column", "seed", "part")},
-            "heldout_fraction": cfg.heldout_fraction,
-            "start": cursor.doc,
-            "token": hf_token(token),
-        },
+        documents={**{k: getattr(cfg, k) for k in _CORPUS}, "start": cursor.doc, "token": hf_token(token)},
         context_size=cfg.context_size,
         start=cursor,
         tokenizer=tok_dir or lm.tokenizer,
