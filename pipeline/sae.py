@@ -1,0 +1,130 @@
+"""The SAE math, in Gemma Scope 2's parameter layout: JumpReLU (Gemma Scope) and TopK (Llama Scope).
+
+Parameters (float32): w_enc (D, F), b_enc (F,), w_dec (F, D), b_dec (D,), threshold (F,).
+    pre_BF = x_BD @ w_enc + b_enc
+    jumprelu: f_BF = pre_BF · H(pre_BF − θ)            topk: f_BF = the k largest of ReLU(pre_BF)
+    x̂_BD = f_BF @ w_dec + b_dec
+on raw activations, no normalisation, no b_dec subtraction: exactly how a Gemma Scope 2 SAE is used.
+
+JumpReLU training follows the Gemma Scope report (arXiv 2408.05147): θ is learned through
+straight-through pseudo-derivatives with a rectangle kernel K(u) = 1{|u| < ½} of bandwidth ε,
+    ∂/∂θ JumpReLU_θ(z) = −(θ/ε)·K((z−θ)/ε)        ∂/∂θ H(z−θ) = −(1/ε)·K((z−θ)/ε)
+while z gets the ordinary derivative H(z−θ) through JumpReLU and none through the step H.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth: float):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad_out * (z > theta)
+        grad_theta = (grad_out * -(theta / eps) * rectangle((z - theta) / eps)).sum(0)
+        return grad_z, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, theta, bandwidth: float):
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = (grad_out * -(1.0 / eps) * rectangle((z - theta) / eps)).sum(0)
+        return None, grad_theta, None
+
+
+def jumprelu(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """z·H(z−θ) with the straight-through gradient for θ."""
+    return _JumpReLU.apply(z_BF, theta_F, bandwidth)
+
+
+def step(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """H(z−θ), whose sum over F is the L0; its gradient reaches θ only."""
+    return _Step.apply(z_BF, theta_F, bandwidth)
+
+
+def topk(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest pre-activations of each row, ReLU'd; zeros elsewhere."""
+    values, indices = pre_BF.topk(k, dim=-1)
+    return torch.zeros_like(pre_BF).scatter_(-1, indices, values.relu())
+
+
+class Output(NamedTuple):
+    x_hat_BD: torch.Tensor
+    f_BF: torch.Tensor
+    pre_BF: torch.Tensor
+
+
+class SAE(torch.nn.Module):
+    """A JumpReLU or TopK SAE with Gemma Scope 2's parameter names, shapes and inference."""
+
+    def __init__(self, d_in: int, width: int, *, arch: str = "jumprelu", k: int | None = None):
+        super().__init__()
+        if arch not in ("jumprelu", "topk"):
+            raise ValueError(f"unknown SAE architecture {arch!r}")
+        if arch == "topk" and not (k and 0 < k <= width):
+            raise ValueError(f"topk needs 0 < k <= width, got k={k}")
+        self.d_in, self.width, self.arch, self.k = d_in, width, arch, k
+        self.w_enc = torch.nn.Parameter(torch.zeros(d_in, width))
+        self.b_enc = torch.nn.Parameter(torch.zeros(width))
+        self.w_dec = torch.nn.Parameter(torch.zeros(width, d_in))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
+        self.threshold = torch.nn.Parameter(torch.zeros(width))
+
+    def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features f (B, F), pre-activations (B, F)) at inference (no surrogate gradients)."""
+        pre = x_BD @ self.w_enc + self.b_enc
+        if self.arch == "topk":
+            return topk(pre, self.k), pre
+        return pre * (pre > self.threshold), pre
+
+    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
+        return f_BF @ self.w_dec + self.b_dec
+
+    def forward(self, x_BD: torch.Tensor) -> Output:
+        f, pre = self.encode(x_BD)
+        return Output(self.decode(f), f, pre)
+
+    @torch.no_grad()
+    def init_gemma_scope(self, generator: torch.Generator | None = None, theta: float = 0.001) -> "SAE":
+        """W_dec rows unit-norm (He-uniform, then normalised), W_enc = W_decᵀ, biases 0, θ = 0.001."""
+        bound = (6.0 / self.d_in) ** 0.5
+        self.w_dec.uniform_(-bound, bound, generator=generator)
+        self.w_dec /= self.w_dec.norm(dim=1, keepdim=True)
+        self.w_enc.copy_(self.w_dec.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.threshold.fill_(theta)
+        return self
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> "SAE":
+        """An SAE trained on x·scale, rewritten to take and return raw x with the same features.
+
+        With s = scale: pre_raw = x·W_enc + b_enc/s = pre/s, θ_raw = θ/s, so f_raw = f/s, and
+        x̂ = f_raw·W_dec + b_dec/s = x̂_scaled/s. The decoder rows keep their unit norm, and a
+        feature's activation is in the residual stream's own units.
+        """
+        self.b_enc /= scale
+        self.threshold /= scale
+        self.b_dec /= scale
+        return self

@@ -1,0 +1,63 @@
+"""The SAE math against hand computations: straight-through gradients, TopK, init, scale folding."""
+
+import numpy as np
+import torch
+
+from pipeline.sae import SAE, jumprelu, step
+
+
+def test_jumprelu_and_step_gradients_match_the_formulas():
+    eps = 0.001
+    theta = torch.tensor([0.001, 0.002, 0.0005], requires_grad=True)
+    # rows chosen so that some z fall inside the kernel window |z − θ| < ε/2 and some outside
+    z = torch.tensor([[0.0012, 0.0019, 0.0100], [0.0004, 0.0030, 0.0007]], requires_grad=True)
+    g = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    (jumprelu(z, theta, eps) * g).sum().backward()
+    zn, tn, gn = z.detach().numpy(), theta.detach().numpy(), g.numpy()
+    inside = np.abs((zn - tn) / eps) < 0.5
+    np.testing.assert_allclose(z.grad.numpy(), gn * (zn > tn))
+    np.testing.assert_allclose(theta.grad.numpy(), (gn * -(tn / eps) * inside).sum(0), rtol=1e-6)
+    # by hand for column 0: only z=0.0012 is inside (|0.0002| < 0.0005): −(0.001/0.001)·1 = −1
+    assert abs(theta.grad[0].item() + 1.0) < 1e-6
+
+    theta.grad = None
+    z.grad = None
+    (step(z, theta, eps) * g).sum().backward()
+    assert z.grad is None or not z.grad.any()  # the L0 term moves θ only
+    np.testing.assert_allclose(theta.grad.numpy(), (gn * -(1 / eps) * inside).sum(0), rtol=1e-6)
+    np.testing.assert_array_equal(jumprelu(z, theta, eps).detach().numpy(), zn * (zn > tn))
+
+
+def test_topk_keeps_exactly_k():
+    sae = SAE(8, 32, arch="topk", k=5).init_gemma_scope(torch.Generator().manual_seed(0))
+    sae.b_enc.data.fill_(10.0)  # all pre-activations positive: exactly k survive the ReLU
+    f, pre = sae.encode(torch.randn(50, 8))
+    assert ((f != 0).sum(1) == 5).all()
+    kept = torch.where(f != 0, pre, torch.full_like(pre, float("inf"))).min(1).values
+    dropped = torch.where(f == 0, pre, torch.full_like(pre, -float("inf"))).max(1).values
+    assert (kept >= dropped).all()
+
+
+def test_gemma_scope_init():
+    sae = SAE(16, 64).init_gemma_scope(torch.Generator().manual_seed(0))
+    torch.testing.assert_close(sae.w_dec.norm(dim=1), torch.ones(64))
+    torch.testing.assert_close(sae.w_enc, sae.w_dec.T)
+    assert (sae.threshold == 0.001).all() and not sae.b_enc.any() and not sae.b_dec.any()
+
+
+def test_folding_the_scale_gives_the_same_sae_on_raw_inputs():
+    for arch in ("jumprelu", "topk"):
+        g = torch.Generator().manual_seed(1)
+        sae = SAE(16, 64, arch=arch, k=8).init_gemma_scope(g)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1, generator=g)
+            sae.b_dec.normal_(0, 0.5, generator=g)
+            sae.threshold.uniform_(0.0, 0.2, generator=g)
+        x = torch.randn(40, 16, generator=g) * 300.0
+        s = 1 / x.norm(dim=1).pow(2).mean().sqrt().item()
+        scaled = sae(x * s)
+        raw = sae.fold_input_scale(s)(x)
+        torch.testing.assert_close(raw.x_hat_BD, scaled.x_hat_BD / s, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(raw.f_BF, scaled.f_BF / s, rtol=1e-4, atol=1e-4)
+        assert (raw.f_BF != 0).sum() > 0
+        torch.testing.assert_close(sae.w_dec.norm(dim=1), torch.ones(64))  # still unit rows
