@@ -12,6 +12,7 @@ from pipeline import __version__
 from pipeline.config import command_from_config
 from pipeline.console import cli_errors, console
 from pipeline.paths import cache_dir
+from stages.fit import FitConfig, run_fit
 from stages.harvest import HarvestConfig, run_harvest
 
 app = typer.Typer(
@@ -76,6 +77,40 @@ def _smoke_harvest_config(cfg: HarvestConfig) -> HarvestConfig:
 
 
 command_from_config(app, HarvestConfig, harvest, name="harvest", extra=[TOKEN, OVERWRITE, SMOKE])
+
+
+RESUME = _flag("resume", bool, False, "Continue from the checkpoint in --out (same parameters).")
+
+
+def fit(cfg: FitConfig, *, resume: bool, smoke_test: bool) -> None:
+    """Train a JumpReLU or TopK SAE from a store (the language model is never loaded).
+
+    Writes params.safetensors + config.json in Gemma Scope 2's format, input scale folded in.
+    """
+    if smoke_test:
+        cfg = _smoke_fit_config(cfg)
+    run_fit(cfg, resume=resume)
+
+
+def _smoke_fit_config(cfg: FitConfig) -> FitConfig:
+    import shutil
+
+    import numpy as np
+
+    from pipeline.tiny import write_synthetic_store
+
+    root = cache_dir() / "smoke"
+    shutil.rmtree(root / "fit-store", ignore_errors=True)
+    x = np.random.default_rng(0).standard_normal((8192, 32)).astype(np.float32) * 50
+    write_synthetic_store(root / "fit-store", x)
+    out = Path(cfg.out) if cfg.out else root / "fit-sae"
+    shutil.rmtree(out, ignore_errors=True)
+    return dataclasses.replace(
+        cfg, store=str(root / "fit-store"), out=str(out), width=128, k=min(cfg.k, 16), steps=40, batch_size=256
+    )
+
+
+command_from_config(app, FitConfig, fit, name="fit", extra=[RESUME, SMOKE])
 
 
 @app.command()

@@ -76,3 +76,36 @@ def make_tiny_model(path: Path, *, seed: int = 0, layers: int = 4) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_synthetic_store(path: Path, x_ND: np.ndarray, *, context_size: int = 16, bos_every_context: bool = True):
+    """A real store holding given activations (no model): for `gsp fit --smoke-test` and tests.
+
+    Rows are grouped in contexts of `context_size`; the first row of each is marked BOS (id 2) and
+    its activation replaced by a huge vector, so readers that forget to mask BOS are caught.
+    """
+    from pipeline.store import ActivationStore, Layout, RowSums
+
+    n, d = x_ND.shape
+    n_contexts = n // context_size
+    x = x_ND[: n_contexts * context_size].astype(np.float32).copy()
+    tokens = np.full(len(x), 7, dtype=np.int32)
+    if bos_every_context:
+        tokens[::context_size] = 2
+        x[::context_size] = 1e4
+    layout = Layout.plan(context_size, d, 4, chunk_rows=256, shard_mib=max(len(x) * d * 4 / 4 / 2**20, 0.001))
+    attrs = {
+        "model": {"spec": "synthetic", "name": "synthetic", "revision": "none", "class": "none"},
+        "layer": 0,
+        "site": "resid_post",
+        "hook_point": "model.layers.0.output",
+        "tokenizer": {"bos_id": 2, "eos_id": 1, "pad_id": 0},
+    }
+    store = ActivationStore.create(path, n_contexts=n_contexts, d_in=d, layout=layout, dtype="float32", attrs=attrs)
+    for shard, start in enumerate(range(0, len(x), layout.shard_rows)):
+        rows = slice(start, start + layout.shard_rows)
+        keep = x[rows][tokens[rows] != 2].astype(np.float64)
+        sums = RowSums(keep.sum(0), float((keep * keep).sum()), len(keep))
+        store.write_shard(shard, x[rows], tokens[rows], {"doc": 0, "offset": 0}, sums)
+    store.finish(len(x))
+    return ActivationStore.open(path)

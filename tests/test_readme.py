@@ -20,6 +20,7 @@ def test_ci_runs_the_readme_test_command():
 def test_every_config_file_loads():
     from pipeline.config import load_config_values
     from pipeline.paths import configs_dir
+    from stages.fit import FitConfig
     from stages.harvest import HarvestConfig
 
     names = sorted(p.stem for p in configs_dir().glob("*.yaml"))
@@ -29,3 +30,4 @@ def test_every_config_file_loads():
     for name in names:
         cfg = HarvestConfig(**load_config_values(HarvestConfig, name))
         assert cfg.layer >= 0
+        assert FitConfig(**load_config_values(FitConfig, name)).width > 0

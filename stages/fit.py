@@ -1,0 +1,347 @@
+"""gsp fit: train a JumpReLU or TopK SAE from an activation store, never loading the language model.
+
+The loop, once per step: set lr and sparsity coefficient (warm-ups) → read a shuffled batch (already
+prefetched) → forward, loss, backward → remove the decoder-gradient component parallel to each
+decoder row, Adam step, renormalise decoder rows → track dead latents → log / checkpoint.
+
+Inputs are scaled by one constant s so that E‖x‖² = 1 (from the store's statistics); the saved SAE
+has s folded in (pipeline.sae.SAE.fold_input_scale) and takes raw activations, like Gemma Scope 2's.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import __version__
+from pipeline.config import opt, stage_config
+from pipeline.console import console, err_console, info
+from pipeline.errors import GspError
+from pipeline.faults import fault
+from pipeline.loader import LoaderState, ShuffledLoader
+from pipeline.metrics import dead_fraction, fvu, l0
+from pipeline.paths import cache_dir
+from pipeline.sae import SAE, jumprelu, step
+from pipeline.store import ActivationStore
+
+_PARAMS = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+
+
+@stage_config("fit")
+@dataclass
+class FitConfig:
+    store: str | None = opt(None, "Store written by gsp harvest.")
+    out: str | None = opt(None, "Output folder (default: cache/saes/<store>_<arch>_<width>).")
+    arch: Literal["jumprelu", "topk"] = opt("jumprelu", "jumprelu (Gemma Scope) or topk (Llama Scope).")
+    width: int = opt(4096, "Number of latents F.", aliases=("d_sae",))
+    k: int = opt(60, "TopK: latents kept per token.")
+    sparsity_coeff: float = opt(1e-3, "JumpReLU: λ of the sparsity penalty (λ·L0, or the target-L0 penalty).")
+    target_l0: float | None = opt(None, "JumpReLU: aim at this L0 with λ·(2/T)·(L0 − T)² (Gemma Scope 2).")
+    tokens: int = opt(1_474_560, "Training tokens (special-token rows excluded).")
+    steps: int | None = opt(None, "Training steps; overrides --tokens.", aliases=("num_steps",))
+    batch_size: int = opt(1024, "Rows per step.")
+    lr: float = opt(2e-4, "Adam learning rate (betas 0, 0.999).")
+    lr_warmup_steps: int | None = opt(None, "Linear lr warm-up (default: 5 % of the steps, at most 1,000).")
+    sparsity_warmup_steps: int | None = opt(
+        None, "Linear warm-up of λ from 0 (default: 20 % of the steps, at most 10,000)."
+    )
+    bandwidth: float = opt(0.001, "JumpReLU: width ε of the straight-through rectangle kernel.")
+    theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).")
+    b_dec_init: Literal["mean", "zero"] = opt("mean", "Decoder bias at the data mean (fewer dead latents) or 0.")
+    aux_k: int = opt(512, "TopK: latents in the auxiliary loss that revives dead latents.")
+    aux_coeff: float = opt(1 / 32, "TopK: weight of the auxiliary loss.")
+    dead_tokens: int = opt(200_000, "A latent that has not fired for this many tokens counts as dead.")
+    seed: int = opt(0, "Seed of the initialisation and of the shuffle.")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
+    buffer_mib: float = opt(1024.0, "Memory for the shuffle buffer (two windows of chunks).")
+    checkpoint_every: int = opt(500, "Save a checkpoint every N steps (0: never).")
+    log_every: int = opt(10, "Refresh the live metrics every N steps.")
+    wandb: bool = opt(False, "Log metrics to Weights & Biases (needs the wandb package and a login).")
+
+    def __post_init__(self):
+        for name in ("width", "k", "tokens", "batch_size", "aux_k", "dead_tokens", "log_every"):
+            if getattr(self, name) <= 0:
+                raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.bandwidth <= 0 or self.sparsity_coeff < 0:
+            raise GspError("--lr and --bandwidth must be positive and --sparsity-coeff not negative")
+        if self.arch == "topk" and self.k > self.width:
+            raise GspError(f"--k {self.k} is more than --width {self.width}")
+        if self.target_l0 is not None and self.target_l0 <= 0:
+            raise GspError(f"--target-l0 must be positive, got {self.target_l0}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps or max(1, self.tokens // self.batch_size)
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return cache_dir() / "saes" / f"{Path(self.store).name}_{self.arch}_{self.width}"
+
+
+def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
+    """Train, checkpoint, and write the SAE in Gemma Scope 2's format to cfg.out_dir."""
+    if not cfg.store:
+        raise GspError("--store is required: the path of a store written by gsp harvest")
+    store = ActivationStore.open(cfg.store)
+    device = _device(cfg.device)
+    stats = store.attrs["stats"]
+    if stats["count"] == 0:
+        raise GspError(f"store {cfg.store} has no statistics over non-special rows; is it empty?")
+    scale = 1.0 / math.sqrt(stats["mean_sq_norm"])  # unit-scaled inputs: E‖x·s‖² = 1
+
+    sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k).init_gemma_scope(
+        torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
+    )
+    if cfg.b_dec_init == "mean":
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.tensor(stats["mean"]) * scale)
+    sae.to(device)
+    opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
+    since_fired = torch.zeros(cfg.width, dtype=torch.int64, device=device)
+    start_step, loader_state = 0, LoaderState()
+    ckpt = cfg.out_dir / "checkpoint"
+    if resume:
+        start_step, loader_state = _load_checkpoint(ckpt, cfg, sae, opt_, since_fired)
+        info(f"resuming from step {start_step:,} of {cfg.total_steps:,}")
+    elif (cfg.out_dir / "params.safetensors").exists() or ckpt.exists():
+        raise GspError(f"{cfg.out_dir} already holds an SAE; use --resume to continue it, or another --out")
+
+    loader = ShuffledLoader(
+        store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, pin=device.type == "cuda",
+        state=loader_state,
+    )  # fmt: skip
+    logger = _wandb(cfg) if cfg.wandb else None
+    last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt, logger)
+    return _save(cfg, store, sae, scale, last)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GspError(f"device '{name}' asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
+    """(lr, λ) at this step: linear warm-ups, then constant."""
+    n = cfg.total_steps
+    lr_warm = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else min(1000, n // 20)
+    sp_warm = cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None else min(10_000, n // 5)
+    lr = cfg.lr * min(1.0, (step_ + 1) / lr_warm) if lr_warm else cfg.lr
+    lam = cfg.sparsity_coeff * min(1.0, (step_ + 1) / sp_warm) if sp_warm else cfg.sparsity_coeff
+    return lr, lam
+
+
+def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F: torch.Tensor):
+    """(loss, x̂, f) for one batch of unit-scaled inputs."""
+    pre = x_BD @ sae.w_enc + sae.b_enc
+    if cfg.arch == "jumprelu":
+        f = jumprelu(pre, sae.threshold, cfg.bandwidth)
+        x_hat = f @ sae.w_dec + sae.b_dec
+        recon = (x_hat - x_BD).square().sum(-1).mean()
+        l0_ = step(pre, sae.threshold, cfg.bandwidth).sum(-1).mean()
+        if cfg.target_l0 is None:
+            sparsity = lam * l0_
+        else:
+            sparsity = lam * (2 / cfg.target_l0) * (l0_ - cfg.target_l0).square()
+        return recon + sparsity, x_hat, f
+    # TopK: decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
+    values, idx = pre.topk(cfg.k, dim=-1)
+    values = values.relu()
+    x_hat = torch.nn.functional.embedding_bag(idx, sae.w_dec, per_sample_weights=values, mode="sum") + sae.b_dec
+    f = torch.zeros_like(pre).scatter_(-1, idx, values)
+    recon = (x_hat - x_BD).square().sum(-1).mean()
+    n_dead = int(dead_F.sum())
+    if n_dead == 0:
+        return recon, x_hat, f
+    err = (x_BD - x_hat).detach()
+    aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(min(cfg.aux_k, n_dead), dim=-1)
+    err_hat = torch.nn.functional.embedding_bag(aux_idx, sae.w_dec, per_sample_weights=aux_vals.relu(), mode="sum")
+    aux = (err_hat - err).square().sum(-1).mean() / err.square().sum(-1).mean().clamp_min(1e-12)
+    return recon + cfg.aux_coeff * aux, x_hat, f
+
+
+def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt, logger) -> dict:
+    n = cfg.total_steps
+    metrics: dict = {}
+    t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
+    batches = iter(loader)
+    with _display() as live:
+        task = live.add_task("fit", total=n, completed=start_step, metrics="")
+        for step_ in range(start_step, n):
+            lr, lam = _schedule(cfg, step_)
+            for group in opt_.param_groups:
+                group["lr"] = lr
+            x = next(batches).to(device, non_blocking=True) * scale  # (B, D) unit-scaled
+
+            loss, x_hat, f = loss_terms(cfg, sae, x, lam, since_fired >= cfg.dead_tokens)
+            opt_.zero_grad(set_to_none=True)
+            loss.backward()
+            with torch.no_grad():
+                w, g = sae.w_dec, sae.w_dec.grad  # keep rows on the unit sphere: drop the radial part
+                g -= (g * w).sum(-1, keepdim=True) * w
+            opt_.step()
+            with torch.no_grad():
+                sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
+                sae.threshold.clamp_(min=0.0)  # a negative θ would let negative pre-activations through
+                fired = (f != 0).any(0)
+                since_fired += len(x)
+                since_fired[fired] = 0
+
+            done = step_ + 1
+            if done % cfg.log_every == 0 or done == n:
+                tok_s = (done * cfg.batch_size - tokens_at_t0) / (time.perf_counter() - t0)
+                metrics = {
+                    "step": done,
+                    "loss": loss.item(),
+                    "l0": l0(f).item(),
+                    "fvu": fvu(x, x_hat.detach()).item(),
+                    "dead": dead_fraction(since_fired, cfg.dead_tokens),
+                    "lr": lr,
+                    "lambda": lam,
+                    "tok_s": tok_s,
+                }
+                live.update(task, completed=done, metrics=_line(metrics))
+                if logger:
+                    logger.log(metrics, step=done)
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n:
+                _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, loader.state)
+                fault("fit-checkpoint-saved")
+    return metrics
+
+
+def _line(m: dict) -> str:
+    return (
+        f"loss {m['loss']:.4f}  L0 {m['l0']:.1f}  FVU {m['fvu']:.3f}  dead {100 * m['dead']:.1f}%  "
+        f"{m['tok_s']:,.0f} tok/s"
+    )
+
+
+def _display():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps · ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=err_console,
+    )
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(path: Path, cfg, sae, opt_, since_fired, done: int, loader_state: LoaderState) -> None:
+    """Training-scale weights, Adam moments and dead-latent counters (safetensors) + JSON state."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{k}": getattr(sae, k).detach().cpu().contiguous() for k in _PARAMS}
+    adam_steps = {}
+    for k in _PARAMS:
+        st = opt_.state.get(getattr(sae, k), {})
+        if st:
+            tensors[f"adam.{k}.exp_avg"] = st["exp_avg"].cpu().contiguous()
+            tensors[f"adam.{k}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
+            adam_steps[k] = float(st["step"])
+    tensors["since_fired"] = since_fired.cpu().contiguous()
+    save_file(tensors, tmp / "state.safetensors")
+    state = {
+        "step": done,
+        "loader": dataclasses.asdict(loader_state),
+        "adam_steps": adam_steps,
+        "config": dataclasses.asdict(cfg),
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if path.exists():
+        for f in path.iterdir():
+            f.unlink()
+        path.rmdir()
+    tmp.rename(path)  # a kill leaves either the old checkpoint or the new one
+
+
+def _load_checkpoint(path: Path, cfg, sae, opt_, since_fired) -> tuple[int, LoaderState]:
+    if not (path / "state.json").is_file():
+        raise GspError(f"no checkpoint at {path} to resume from; run without --resume to start")
+    state = json.loads((path / "state.json").read_text())
+    saved = {k: v for k, v in state["config"].items() if k not in ("checkpoint_every", "log_every", "device")}
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
+    if saved != now:
+        diffs = "; ".join(f"{k}: checkpoint has {saved[k]!r}, asked {now[k]!r}" for k in saved if saved[k] != now[k])
+        raise GspError(f"the checkpoint in {path} was trained with other parameters ({diffs})")
+    tensors = load_file(path / "state.safetensors")
+    with torch.no_grad():
+        for k in _PARAMS:
+            getattr(sae, k).copy_(tensors[f"param.{k}"])
+        since_fired.copy_(tensors["since_fired"])
+    for k, n in state["adam_steps"].items():
+        p = getattr(sae, k)
+        opt_.state[p] = {
+            "step": torch.tensor(n),
+            "exp_avg": tensors[f"adam.{k}.exp_avg"].to(p.device),
+            "exp_avg_sq": tensors[f"adam.{k}.exp_avg_sq"].to(p.device),
+        }
+    return state["step"], LoaderState(**state["loader"])
+
+
+# ------------------------------------------------------------------------------ the saved SAE
+def _save(cfg: FitConfig, store: ActivationStore, sae: SAE, scale: float, final: dict) -> Path:
+    """params.safetensors + config.json in Gemma Scope 2's format, the input scale folded in."""
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    sae = sae.cpu().fold_input_scale(scale)
+    tensors = {k: getattr(sae, k).detach().float().contiguous() for k in _PARAMS}
+    a = store.attrs
+    config = {
+        # Gemma Scope 2's keys
+        "model_name": a["model"]["name"],
+        "architecture": "jump_relu" if cfg.arch == "jumprelu" else "topk",
+        "hf_hook_point_in": a["hook_point"],
+        "hf_hook_point_out": a["hook_point"],
+        "width": cfg.width,
+        "l0": cfg.target_l0 if cfg.target_l0 is not None else (cfg.k if cfg.arch == "topk" else final.get("l0")),
+        "affine_connection": False,
+        "type": "sae",
+        # gsp's own
+        "k": cfg.k if cfg.arch == "topk" else None,
+        "d_in": store.d_in,
+        "layer": a["layer"],
+        "site": a["site"],
+        "store": str(cfg.store),
+        "model_revision": a["model"]["revision"],
+        "input_scale_folded": scale,
+        "steps": cfg.total_steps,
+        "tokens_seen": cfg.total_steps * cfg.batch_size,
+        "final_train_metrics": final,
+        "fit_config": dataclasses.asdict(cfg),
+        "gsp_version": __version__,
+    }
+    save_file(tensors, out / "params.safetensors.partial")
+    os.replace(out / "params.safetensors.partial", out / "params.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    ckpt = out / "checkpoint"
+    if ckpt.exists():
+        for f in ckpt.iterdir():
+            f.unlink()
+        ckpt.rmdir()
+    console.print(f"saved the SAE to [bold]{out}[/] ({_line(final)})", highlight=False)
+    return out
+
+
+def _wandb(cfg: FitConfig):
+    try:
+        import wandb
+    except ImportError:
+        raise GspError("--wandb needs the wandb package: pip install wandb") from None
+    return wandb.init(project="gsp", config=dataclasses.asdict(cfg))
