@@ -49,13 +49,16 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=1_474_560)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--dead-tokens", type=int, default=None)
+    ap.add_argument("--aux-coeff", type=float, default=None)
     ap.add_argument("--keep", default=None, help="folder to keep the SAEs in")
     args = ap.parse_args()
     heldout = ActivationStore.open(args.heldout)
     rows = []
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp())
     for arch in args.arch:
-        extra = {"lr": args.lr} if args.lr else {}
+        given = {"lr": args.lr, "dead_tokens": args.dead_tokens, "aux_coeff": args.aux_coeff}
+        extra = {k: v for k, v in given.items() if v}
         if arch == "jumprelu":
             extra["target_l0"] = args.target_l0
             if args.sparsity_coeff is not None:
@@ -72,8 +75,9 @@ def main() -> None:
     print(f"\nheld-out: {args.heldout} ({rows[0][1]['tokens']:,} non-special tokens)")
     print("| SAE | L0 | FVU | dead % | wall time | settings |\n|---|---|---|---|---|---|")
     for arch, m, wall, cfg in rows:
-        what = f"k={cfg.k}" if arch == "topk" else f"target L0 {cfg.target_l0}, λ {cfg.sparsity_coeff}"
-        print(f"| {arch} | {m['l0']:.1f} | {m['fvu']:.3f} | {100 * m['dead']:.1f} | {wall:.0f} s | "
+        what = (f"k={cfg.k}, aux {cfg.aux_coeff:.3g}, dead window {cfg.dead_tokens:,}" if arch == "topk"
+                else f"target L0 {cfg.target_l0}, λ {cfg.sparsity_coeff}")  # fmt: skip
+        print(f"| {arch} | {m['l0']:.1f} | {m['fvu']:.4f} | {100 * m['dead']:.1f} | {wall:.0f} s | "
               f"{what}, lr {cfg.lr}, width {cfg.width}, batch {cfg.batch_size}, {cfg.tokens:,} tokens |")  # fmt: skip
 
 

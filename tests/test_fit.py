@@ -89,14 +89,16 @@ def test_resume_after_kill_gives_the_same_weights(synthetic, tmp_path):
     store, _ = synthetic
     assert gsp_subprocess(*_fit_args(store, tmp_path / "ref")).returncode == 0
     r = gsp_subprocess(*_fit_args(store, tmp_path / "run"), env={"GSP_FAULT": "fit-checkpoint-saved:2"})
-    assert r.returncode == -9 and (tmp_path / "run" / "checkpoint" / "state.json").is_file()
-    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 40
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert r.returncode == -9 and json.loads((ckpt / "latest.json").read_text()) == {"folder": "step-40"}
+    assert json.loads((ckpt / "step-40" / "state.json").read_text())["step"] == 40
+    assert not (ckpt / "step-20").exists()  # the older checkpoint is gone once the newer is in place
     r = gsp_subprocess(*_fit_args(store, tmp_path / "run", "--resume"))
     assert r.returncode == 0, r.stderr
     a, b = load_file(tmp_path / "ref" / "params.safetensors"), load_file(tmp_path / "run" / "params.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert not ckpt.exists()
 
 
 def test_fit_never_imports_the_language_model(tmp_path):
@@ -135,4 +137,16 @@ def test_existing_output_and_mismatched_resume(gsp, synthetic, tmp_path):
     killed = _fit_args(store, tmp_path / "k")
     assert gsp_subprocess(*killed, env={"GSP_FAULT": "fit-checkpoint-saved:1"}).returncode == -9
     r = gsp(*killed, "--resume", "--lr", "1e-3")
-    assert r.exit_code == 1 and "lr: checkpoint has 0.0002, asked 0.001" in r.output
+    assert r.exit_code == 1 and "lr: checkpoint has 0.00175, asked 0.001" in r.output
+
+
+def test_schedule_warmups_and_decay():
+    from stages.fit import _schedule
+
+    cfg = FitConfig(store="s", steps=100, lr=1.0, sparsity_coeff=2.0, lr_warmup_steps=10, lr_decay_steps=20,
+                    sparsity_warmup_steps=50)  # fmt: skip
+    lr = [_schedule(cfg, s)[0] for s in range(100)]
+    lam = [_schedule(cfg, s)[1] for s in range(100)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[50] == 1.0 and lr[80] == 1.0
+    assert lr[90] == pytest.approx(0.5) and lr[99] == pytest.approx(0.05)
+    assert lam[24] == pytest.approx(1.0) and lam[49] == lam[99] == 2.0

@@ -1,0 +1,107 @@
+"""Fit throughput: the loader alone, gsp's step against a bare dense JumpReLU step, and the loop from a store.
+
+    python benchmarks/fit.py [--store STORE] [--width 4096] [--batch-size 4096] [--steps 20]
+
+All measured in one process on the same shapes:
+- bare step: a plain dense PyTorch JumpReLU SAE step (forward, MSE + L0 surrogate, backward, Adam)
+  on a tensor already in memory: the floor any trainer pays;
+- gsp step: stages.fit.loss_terms plus the decoder-gradient projection, Adam and renormalisation,
+  on the same in-memory tensor;
+- gsp from the store: the same step fed by the shuffled loader (its cost is the difference);
+- loader alone: rows/s the loader serves with no training.
+"""
+
+import argparse
+import itertools
+import platform
+import time
+
+import torch
+
+from pipeline.loader import ShuffledLoader
+from pipeline.sae import SAE, jumprelu, step
+from pipeline.store import ActivationStore
+from stages.fit import FitConfig, loss_terms
+
+
+def timed(fn, steps: int, batch: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def bare_step(d_in: int, width: int, x: torch.Tensor):
+    w_enc = torch.nn.Parameter(torch.randn(d_in, width) / d_in**0.5)
+    w_dec = torch.nn.Parameter(torch.randn(width, d_in) / width**0.5)
+    b_enc, b_dec, theta = (torch.nn.Parameter(torch.zeros(n)) for n in (width, d_in, width))
+    opt = torch.optim.Adam([w_enc, w_dec, b_enc, b_dec, theta], lr=1e-4, betas=(0.0, 0.999))
+
+    def run():
+        pre = x @ w_enc + b_enc
+        f = jumprelu(pre, theta, 0.001)
+        loss = (f @ w_dec + b_dec - x).square().sum(-1).mean() + 1e-3 * step(pre, theta, 0.001).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return run
+
+
+def gsp_step(cfg: FitConfig, d_in: int, batches):
+    sae = SAE(d_in, cfg.width, arch=cfg.arch, k=cfg.k).init_gemma_scope(torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
+    since = torch.zeros(cfg.width, dtype=torch.int64)
+
+    def run():
+        x = next(batches)
+        loss, _, f = loss_terms(cfg, sae, x, 1e-3, since >= cfg.dead_tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            g = sae.w_dec.grad
+            g -= (g * sae.w_dec).sum(-1, keepdim=True) * sae.w_dec
+        opt.step()
+        with torch.no_grad():
+            sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
+            since.add_(len(x))
+            since[(f != 0).any(0)] = 0
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default="cache/stores/gemma-3-270m_L12_resid_post_train_491520")
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    store = ActivationStore.open(args.store)
+    d, b = store.d_in, args.batch_size
+    scale = store.attrs["stats"]["mean_sq_norm"] ** -0.5
+    loader = ShuffledLoader(store, b, seed=0)
+    it = iter(loader)
+    x = next(it) * scale
+    loader_rows = timed(lambda: next(it), args.steps * 2, b)
+
+    rows = [("loader alone", loader_rows, None)]
+    floor = timed(bare_step(d, args.width, x), args.steps, b)
+    rows.append(("bare dense JumpReLU step (in memory)", floor, 1.0))
+    for arch in ("jumprelu", "topk"):
+        cfg = FitConfig(store=args.store, arch=arch, width=args.width, k=60, batch_size=b, target_l0=60)
+        mem = timed(gsp_step(cfg, d, itertools.repeat(x)), args.steps, b)
+        fed = timed(gsp_step(cfg, d, (t * scale for t in it)), args.steps, b)
+        rows.append((f"gsp {arch} step (in memory)", mem, mem / floor))
+        rows.append((f"gsp {arch} from the store (loader cost {100 * (1 - fed / mem):.0f} %)", fed, fed / floor))
+
+    print(f"\nmachine: {platform.node()} · CPU ({torch.get_num_threads()} threads) · torch {torch.__version__}")
+    print(f"d_in {d}, width {args.width}, batch {b}, {args.steps} timed steps each, store {args.store}")
+    print("| measure | tok/s | × bare step |\n|---|---|---|")
+    for name, rate, ratio in rows:
+        print(f"| {name} | {rate:,.0f} | {'' if ratio is None else f'{ratio:.2f}'} |")
+
+
+if __name__ == "__main__":
+    main()
