@@ -38,6 +38,9 @@ def bare_step(d_in: int, width: int, x: torch.Tensor):
     b_enc, b_dec, theta = (torch.nn.Parameter(torch.zeros(n)) for n in (width, d_in, width))
     opt = torch.optim.Adam([w_enc, w_dec, b_enc, b_dec, theta], lr=1e-4, betas=(0.0, 0.999))
 
+    with torch.no_grad():  # the same sparsity as gsp's step below: about 60 active latents per token
+        theta.copy_((x @ w_enc).kthvalue(len(x) - 60 * len(x) // width, dim=0).values)
+
     def run():
         pre = x @ w_enc + b_enc
         f = jumprelu(pre, theta, 0.001)
@@ -51,12 +54,15 @@ def bare_step(d_in: int, width: int, x: torch.Tensor):
 
 def gsp_step(cfg: FitConfig, d_in: int, batches):
     sae = SAE(d_in, cfg.width, arch=cfg.arch, k=cfg.k).init_gemma_scope(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # thresholds of a trained SAE: about 60 latents active per token, as in training
+        sample = next(batches)
+        sae.threshold.copy_((sample @ sae.w_enc).kthvalue(len(sample) - 60 * len(sample) // cfg.width, dim=0).values)
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
     since = torch.zeros(cfg.width, dtype=torch.int64)
 
     def run():
         x = next(batches)
-        loss, _, f = loss_terms(cfg, sae, x, 1e-3, since >= cfg.dead_tokens)
+        loss, _, f = loss_terms(cfg, sae, x, 1e-3, since >= cfg.dead_tokens, sparse=cfg.arch == "jumprelu")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():

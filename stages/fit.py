@@ -30,7 +30,7 @@ from pipeline.loader import LoaderState, ShuffledLoader
 from pipeline.metrics import dead_fraction, fvu, l0
 from pipeline.models import resolve_device  # device helpers only: transformers is never imported
 from pipeline.paths import cache_dir
-from pipeline.sae import SAE, jumprelu, step
+from pipeline.sae import SAE, jumprelu, sparse_jumprelu_sae, step
 from pipeline.store import ActivationStore
 
 _PARAMS = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
@@ -54,6 +54,9 @@ class FitConfig:
     lr_decay_steps: int | None = opt(None, "Linear lr decay to 0 over the last N steps (default: 20 % of the steps).")
     sparsity_warmup_steps: int | None = opt(
         None, "Linear warm-up of λ from 0 (default: 20 % of the steps, at most 10,000)."
+    )
+    decoder: Literal["auto", "sparse", "dense"] = opt(
+        "auto", "JumpReLU decoder work: auto is sparse on CPU once < 5 % of latents fire (dense on CUDA for now)."
     )
     bandwidth: float = opt(0.001, "JumpReLU: width ε of the straight-through rectangle kernel.")
     theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).")
@@ -141,12 +144,18 @@ def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
     return lr, lam
 
 
-def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F: torch.Tensor):
-    """(loss, x̂, f) for one batch of unit-scaled inputs."""
-    pre = x_BD @ sae.w_enc + sae.b_enc
+def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F: torch.Tensor, sparse: bool = False):
+    """(loss, x̂, f) for one batch of unit-scaled inputs; `sparse`: JumpReLU's sparse decoder path."""
     if cfg.arch == "jumprelu":
-        f = jumprelu(pre, sae.threshold, cfg.bandwidth)
-        x_hat = f @ sae.w_dec + sae.b_dec
+        if sparse:
+            x_hat, pre, active = sparse_jumprelu_sae(
+                x_BD, sae.w_enc, sae.b_enc, sae.threshold, sae.w_dec, cfg.bandwidth
+            )
+            x_hat, f = x_hat + sae.b_dec, pre * active  # f only for metrics: no gradient through it
+        else:
+            pre = x_BD @ sae.w_enc + sae.b_enc
+            f = jumprelu(pre, sae.threshold, cfg.bandwidth)
+            x_hat = f @ sae.w_dec + sae.b_dec
         recon = (x_hat - x_BD).square().sum(-1).mean()
         l0_ = step(pre, sae.threshold, cfg.bandwidth).sum(-1).mean()
         if cfg.target_l0 is None:
@@ -155,6 +164,7 @@ def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F:
             sparsity = lam * (2 / cfg.target_l0) * (l0_ - cfg.target_l0).square()
         return recon + sparsity, x_hat, f
     # TopK: decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
+    pre = x_BD @ sae.w_enc + sae.b_enc
     values, idx = pre.topk(cfg.k, dim=-1)
     values = values.relu()
     x_hat = torch.nn.functional.embedding_bag(idx, sae.w_dec, per_sample_weights=values, mode="sum") + sae.b_dec
@@ -175,6 +185,7 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt,
     metrics: dict = {}
     t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
     batches = iter(loader)
+    density = 1.0  # share of active latents, measured at each log step; decides the decoder path
     with _display() as live:
         task = live.add_task("fit", total=n, completed=start_step, metrics="")
         for step_ in range(start_step, n):
@@ -183,7 +194,9 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt,
                 group["lr"] = lr
             x = next(batches).to(device, non_blocking=True) * scale  # (B, D) unit-scaled
 
-            loss, x_hat, f = loss_terms(cfg, sae, x, lam, since_fired >= cfg.dead_tokens)
+            # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
+            sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and device.type == "cpu" and density < 0.05)
+            loss, x_hat, f = loss_terms(cfg, sae, x, lam, since_fired >= cfg.dead_tokens, sparse)
             opt_.zero_grad(set_to_none=True)
             loss.backward()
             with torch.no_grad():
@@ -200,6 +213,7 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt,
             done = step_ + 1
             if done % cfg.log_every == 0 or done == n:
                 tok_s = (done * cfg.batch_size - tokens_at_t0) / (time.perf_counter() - t0)
+                density = (f != 0).float().mean().item()
                 metrics = {
                     "step": done,
                     "loss": loss.item(),

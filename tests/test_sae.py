@@ -61,3 +61,35 @@ def test_folding_the_scale_gives_the_same_sae_on_raw_inputs():
         torch.testing.assert_close(raw.f_BF, scaled.f_BF / s, rtol=1e-4, atol=1e-4)
         assert (raw.f_BF != 0).sum() > 0
         torch.testing.assert_close(sae.w_dec.norm(dim=1), torch.ones(64))  # still unit rows
+
+
+def test_sparse_jumprelu_path_has_the_dense_gradients():
+    """The sparse decoder path gives the loss and every gradient of the dense autograd graph."""
+    from pipeline.sae import sparse_jumprelu_sae
+
+    eps = 0.05  # wide enough that many entries sit inside θ's kernel window
+    sae = SAE(64, 256).init_gemma_scope(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.threshold.uniform_(0.2, 0.4)
+        sae.b_enc.normal_(0, 0.1)
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(1))
+
+    def dense():
+        pre = x @ sae.w_enc + sae.b_enc
+        x_hat = jumprelu(pre, sae.threshold, eps) @ sae.w_dec + sae.b_dec
+        return (x_hat - x).square().sum(-1).mean() + 0.01 * step(pre, sae.threshold, eps).sum(-1).mean()
+
+    def sparse():
+        x_hat, pre, _ = sparse_jumprelu_sae(x, sae.w_enc, sae.b_enc, sae.threshold, sae.w_dec, eps)
+        return (x_hat + sae.b_dec - x).square().sum(-1).mean() + 0.01 * step(pre, sae.threshold, eps).sum(-1).mean()
+
+    grads = []
+    for fn in (dense, sparse):
+        sae.zero_grad()
+        loss = fn()
+        loss.backward()
+        grads.append((loss.detach(), {k: p.grad.clone() for k, p in sae.named_parameters()}))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for k, g in grads[0][1].items():
+        assert g.abs().max() > 0, k
+        torch.testing.assert_close(grads[1][1][k], g, rtol=1e-4, atol=1e-5)
