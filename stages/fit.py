@@ -115,10 +115,11 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     sae.to(device)
     opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
     since_fired = torch.zeros(cfg.width, dtype=torch.int64, device=device)
-    start_step, loader_state = 0, LoaderState()
+    # density: share of latents active at the last log step; picks JumpReLU's decoder path
+    start_step, loader_state, density = 0, LoaderState(), 1.0
     ckpt = cfg.out_dir / "checkpoints"
     if resume:
-        start_step, loader_state = _load_checkpoint(ckpt, cfg, sae, opt_, since_fired)
+        start_step, loader_state, density = _load_checkpoint(ckpt, cfg, sae, opt_, since_fired)
         info(f"resuming from step {start_step:,} of {cfg.total_steps:,}")
     elif (cfg.out_dir / "params.safetensors").exists() or ckpt.exists():
         raise GspError(f"{cfg.out_dir} already holds an SAE; use --resume to continue it, or another --out")
@@ -128,7 +129,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
         state=loader_state,
     )  # fmt: skip
     logger = _wandb(cfg) if cfg.wandb else None
-    last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt, logger)
+    last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, device, ckpt, logger)
     return _save(cfg, store, sae, scale, last)
 
 
@@ -180,12 +181,11 @@ def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F:
     return recon + cfg.aux_coeff * aux, x_hat, f
 
 
-def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt, logger) -> dict:
+def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, device, ckpt, logger) -> dict:
     n = cfg.total_steps
     metrics: dict = {}
     t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
     batches = iter(loader)
-    density = 1.0  # share of active latents, measured at each log step; decides the decoder path
     with _display() as live:
         task = live.add_task("fit", total=n, completed=start_step, metrics="")
         for step_ in range(start_step, n):
@@ -228,7 +228,7 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, device, ckpt,
                 if logger:
                     logger.log(metrics, step=done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n:
-                _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, loader.state)
+                _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, loader.state, density)
                 fault("fit-checkpoint-saved")
     return metrics
 
@@ -255,7 +255,7 @@ def _display():
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_state: LoaderState) -> None:
+def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_state: LoaderState, density) -> None:
     """Training-scale weights, Adam moments and dead-latent counters (safetensors) + JSON state.
 
     Written to a fresh `step-N/` folder; then `latest.json` is replaced atomically to point at it;
@@ -274,7 +274,7 @@ def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_
     tensors["since_fired"] = since_fired.cpu().contiguous()
     save_file(tensors, folder / "state.safetensors")
     state = {"step": done, "loader": dataclasses.asdict(loader_state), "adam_steps": adam_steps,
-             "config": dataclasses.asdict(cfg)}  # fmt: skip
+             "density": density, "config": dataclasses.asdict(cfg)}  # fmt: skip
     (folder / "state.json").write_text(json.dumps(state, indent=1))
     (root / "latest.json.partial").write_text(json.dumps({"folder": folder.name}))
     os.replace(root / "latest.json.partial", root / "latest.json")
@@ -283,7 +283,7 @@ def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_
             shutil.rmtree(old)
 
 
-def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, LoaderState]:
+def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, LoaderState, float]:
     if not (root / "latest.json").is_file():
         raise GspError(f"no checkpoint in {root} to resume from; run without --resume to start")
     path = root / json.loads((root / "latest.json").read_text())["folder"]
@@ -305,7 +305,7 @@ def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, Load
             "exp_avg": tensors[f"adam.{k}.exp_avg"].to(p.device),
             "exp_avg_sq": tensors[f"adam.{k}.exp_avg_sq"].to(p.device),
         }
-    return state["step"], LoaderState(**state["loader"])
+    return state["step"], LoaderState(**state["loader"]), state["density"]
 
 
 # ------------------------------------------------------------------------------ the saved SAE

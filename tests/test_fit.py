@@ -85,15 +85,17 @@ def _fit_args(store, out, *extra):
             "--batch-size", "128", "--checkpoint-every", "20", "--target-l0", "4", *extra]  # fmt: skip
 
 
-def test_resume_after_kill_gives_the_same_weights(synthetic, tmp_path):
+@pytest.mark.parametrize("decoder", ["dense", "sparse"])
+def test_resume_after_kill_gives_the_same_weights(synthetic, tmp_path, decoder):
     store, _ = synthetic
-    assert gsp_subprocess(*_fit_args(store, tmp_path / "ref")).returncode == 0
-    r = gsp_subprocess(*_fit_args(store, tmp_path / "run"), env={"GSP_FAULT": "fit-checkpoint-saved:2"})
+    args = ["--decoder", decoder, "--log-every", "5"]
+    assert gsp_subprocess(*_fit_args(store, tmp_path / "ref", *args)).returncode == 0
+    r = gsp_subprocess(*_fit_args(store, tmp_path / "run", *args), env={"GSP_FAULT": "fit-checkpoint-saved:2"})
     ckpt = tmp_path / "run" / "checkpoints"
     assert r.returncode == -9 and json.loads((ckpt / "latest.json").read_text()) == {"folder": "step-40"}
     assert json.loads((ckpt / "step-40" / "state.json").read_text())["step"] == 40
     assert not (ckpt / "step-20").exists()  # the older checkpoint is gone once the newer is in place
-    r = gsp_subprocess(*_fit_args(store, tmp_path / "run", "--resume"))
+    r = gsp_subprocess(*_fit_args(store, tmp_path / "run", *args, "--resume"))
     assert r.returncode == 0, r.stderr
     a, b = load_file(tmp_path / "ref" / "params.safetensors"), load_file(tmp_path / "run" / "params.safetensors")
     for k in a:
