@@ -152,3 +152,16 @@ def test_schedule_warmups_and_decay():
     assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[50] == 1.0 and lr[80] == 1.0
     assert lr[90] == pytest.approx(0.5) and lr[99] == pytest.approx(0.05)
     assert lam[24] == pytest.approx(1.0) and lam[49] == lam[99] == 2.0
+
+
+def test_corrupt_chunk_stops_fit_with_its_name(gsp, tmp_path):
+    rng = np.random.default_rng(3)
+    store = tmp_path / "store"
+    write_synthetic_store(store, rng.standard_normal((8192, 16)).astype(np.float32))
+    shard = next(p for p in sorted((store / "activations" / "c").rglob("*")) if p.is_file())
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = gsp("fit", "--store", store, "--out", tmp_path / "o", "--steps", 50, "--width", 32, "--batch-size", 256)
+    assert r.exit_code == 1 and "crc32c" in r.output and "activations/c/" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o" / "params.safetensors").exists()

@@ -33,3 +33,19 @@ def test_resuming_a_cuda_store_on_cpu_is_refused(gsp, tiny_model, corpus, tmp_pa
     zarr.open_group(str(store), mode="r+").attrs.update({"complete": False, "rows_written": 256})  # as if killed
     r = gsp(*tiny_harvest_args(tiny_model, corpus, store, device="cpu"))
     assert r.exit_code == 1 and "computes with" in r.output
+
+
+def test_cuda_fit_matches_the_format_and_learns(gsp, tmp_path):
+    from pipeline.tiny import write_synthetic_store
+
+    rng = np.random.default_rng(0)
+    write_synthetic_store(tmp_path / "store", rng.standard_normal((16384, 32)).astype(np.float32))
+    for arch in ("jumprelu", "topk"):
+        out = tmp_path / arch
+        r = gsp("fit", "--store", tmp_path / "store", "--out", out, "--arch", arch, "--width", 64, "--k", 8,
+                "--steps", 100, "--batch-size", 256, "--device", "cuda")  # fmt: skip
+        assert r.exit_code == 0, r.output
+        from safetensors.torch import load_file
+
+        p = load_file(out / "params.safetensors")
+        assert p["w_enc"].shape == (32, 64) and p["w_enc"].dtype == torch.float32
