@@ -5,8 +5,8 @@
 All measured in one process on the same shapes:
 - bare step: a plain dense PyTorch JumpReLU SAE step (forward, MSE + L0 surrogate, backward, Adam)
   on a tensor already in memory: the floor any trainer pays;
-- gsp step: stages.fit.loss_terms plus the decoder-gradient projection, Adam and renormalisation,
-  on the same in-memory tensor;
+- gsp step: stages.fit.train_step (loss, decoder-gradient projection, Adam, renormalisation,
+  dead-latent tracking), the step `gsp fit` runs, on the same in-memory tensor;
 - gsp from the store: the same step fed by the shuffled loader (its cost is the difference);
 - loader alone: rows/s the loader serves with no training.
 """
@@ -21,7 +21,7 @@ import torch
 from pipeline.loader import ShuffledLoader
 from pipeline.sae import SAE, jumprelu, step
 from pipeline.store import ActivationStore
-from stages.fit import FitConfig, loss_terms
+from stages.fit import FitConfig, train_step
 
 
 def timed(fn, steps: int, batch: int) -> float:
@@ -61,18 +61,7 @@ def gsp_step(cfg: FitConfig, d_in: int, batches):
     since = torch.zeros(cfg.width, dtype=torch.int64)
 
     def run():
-        x = next(batches)
-        loss, _, f = loss_terms(cfg, sae, x, 1e-3, since >= cfg.dead_tokens, sparse=cfg.arch == "jumprelu")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            g = sae.w_dec.grad
-            g -= (g * sae.w_dec).sum(-1, keepdim=True) * sae.w_dec
-        opt.step()
-        with torch.no_grad():
-            sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
-            since.add_(len(x))
-            since[(f != 0).any(0)] = 0
+        train_step(cfg, sae, opt, next(batches), 1e-3, since, sparse=cfg.arch == "jumprelu")
 
     return run
 

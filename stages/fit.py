@@ -181,6 +181,23 @@ def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F:
     return recon + cfg.aux_coeff * aux, x_hat, f
 
 
+def train_step(cfg: FitConfig, sae: SAE, opt_, x_BD: torch.Tensor, lam: float, since_fired: torch.Tensor, sparse: bool):
+    """One optimisation step on a unit-scaled batch; returns (loss, x̂, f) for the logs."""
+    loss, x_hat, f = loss_terms(cfg, sae, x_BD, lam, since_fired >= cfg.dead_tokens, sparse)
+    opt_.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        w, g = sae.w_dec, sae.w_dec.grad  # keep rows on the unit sphere: drop the radial part
+        g -= (g * w).sum(-1, keepdim=True) * w
+    opt_.step()
+    with torch.no_grad():
+        sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
+        sae.threshold.clamp_(min=0.0)  # a negative θ would let negative pre-activations through
+        since_fired += len(x_BD)
+        since_fired[(f != 0).any(0)] = 0
+    return loss, x_hat, f
+
+
 def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, device, ckpt, logger) -> dict:
     n = cfg.total_steps
     metrics: dict = {}
@@ -196,19 +213,7 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, devi
 
             # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
             sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and device.type == "cpu" and density < 0.05)
-            loss, x_hat, f = loss_terms(cfg, sae, x, lam, since_fired >= cfg.dead_tokens, sparse)
-            opt_.zero_grad(set_to_none=True)
-            loss.backward()
-            with torch.no_grad():
-                w, g = sae.w_dec, sae.w_dec.grad  # keep rows on the unit sphere: drop the radial part
-                g -= (g * w).sum(-1, keepdim=True) * w
-            opt_.step()
-            with torch.no_grad():
-                sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
-                sae.threshold.clamp_(min=0.0)  # a negative θ would let negative pre-activations through
-                fired = (f != 0).any(0)
-                since_fired += len(x)
-                since_fired[fired] = 0
+            loss, x_hat, f = train_step(cfg, sae, opt_, x, lam, since_fired, sparse)
 
             done = step_ + 1
             if done % cfg.log_every == 0 or done == n:
