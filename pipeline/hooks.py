@@ -2,16 +2,18 @@
 
 Sites, for block L at `model.model.layers[L]`:
 - resid_post: the output of the block                 (hook point `model.layers.L.output`)
-- mlp_out:    the output of `post_feedforward_layernorm` (`model.layers.L.post_feedforward_layernorm.output`)
+- mlp_out:    the output of `post_feedforward_layernorm` (`model.layers.L.post_feedforward_layernorm.output`;
+              on Llama, which has no such norm, the output of `mlp`)
 - attn_out:   the input of `self_attn.o_proj`, heads concatenated (`model.layers.L.self_attn.o_proj.input`)
 
 The hook raises `StopForward` once it has the activation, so no later layer and no LM head run.
+`splice` instead replaces the site's activation and lets the forward pass go on (delta loss, steering).
 `hidden_states[L + 1]` is deliberately not used: for the last layer transformers has
 already applied the final norm there.
 """
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal, get_args
 
 import torch
@@ -44,6 +46,8 @@ def site_module(model: torch.nn.Module, layer: int, site: str) -> torch.nn.Modul
     if not 0 <= layer < len(layers):
         raise GspError(f"layer {layer} is out of range: this model has {len(layers)} layers (0..{len(layers) - 1})")
     module = layers[layer]
+    if site == "mlp_out" and not hasattr(module, "post_feedforward_layernorm") and hasattr(module, "mlp"):
+        return module.mlp  # Llama: the MLP's own output is what the block adds to the residual stream
     for part in filter(None, _MODULE[site].split(".")):
         module = getattr(module, part, None)
         if module is None:
@@ -77,6 +81,26 @@ def capture(model: torch.nn.Module, layer: int, site: str, *, stop: bool = True)
         handle = module.register_forward_hook(lambda m, args, out: keep(out[0] if isinstance(out, tuple) else out))
     try:
         yield box
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def splice(model: torch.nn.Module, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, the site's activation (B, S, D) is replaced by `fn(activation)` and the pass goes on."""
+    module = site_module(model, layer, site)
+    if site == "attn_out":
+        handle = module.register_forward_pre_hook(lambda m, args: (fn(args[0]), *args[1:]))
+    else:
+
+        def replace(m, args, out):
+            if isinstance(out, tuple):
+                return (fn(out[0]), *out[1:])
+            return fn(out)
+
+        handle = module.register_forward_hook(replace)
+    try:
+        yield
     finally:
         handle.remove()
 

@@ -232,7 +232,7 @@ def test_store_path_that_is_not_a_store(gsp, tiny_model, corpus, tmp_path):
     assert (folder / "thesis.tex").read_text() == "keep me" and a_file.read_text() == "keep me"
 
 
-def test_site_the_model_lacks(gsp, corpus, tmp_path):
+def test_llama_blocks_serve_resid_post_and_mlp_out(gsp, corpus, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.tiny import make_tokenizer
@@ -251,12 +251,21 @@ def test_site_the_model_lacks(gsp, corpus, tmp_path):
     )
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
-    r = gsp(*tiny_harvest_args(tmp_path / "llama", corpus, tmp_path / "s", site="mlp_out"))
-    assert r.exit_code == 1 and "post_feedforward_layernorm" in r.output
     # the same hook code serves Llama's resid_post
     r = gsp(*tiny_harvest_args(tmp_path / "llama", corpus, tmp_path / "s2", **{"shard-mib": 1}))
     assert r.exit_code == 0, r.output
     assert ActivationStore.open(tmp_path / "s2").d_in == 32
+    # Llama has no post_feedforward_layernorm: its mlp_out is the MLP's own output (what the block adds)
+    r = gsp(*tiny_harvest_args(tmp_path / "llama", corpus, tmp_path / "s", site="mlp_out", **{"shard-mib": 1}))
+    assert r.exit_code == 0, r.output
+    s = ActivationStore.open(tmp_path / "s")
+    ids = torch.from_numpy(s.read_tokens(0, 64).astype(np.int64)).view(2, 32)
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    seen = {}
+    model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: seen.setdefault("mlp", out))
+    with torch.no_grad():
+        model(input_ids=ids)
+    np.testing.assert_allclose(s.read(0, 64), seen["mlp"].reshape(64, 32).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_info_and_verify(gsp, tiny_model, corpus, tmp_path):
