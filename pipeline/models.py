@@ -7,6 +7,7 @@
 - a local folder written by `save_pretrained`.
 """
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -153,6 +154,52 @@ def _hub_commit(repo_id: str, revision: str | None, token: str | None) -> str:
 
     path = Path(hf_hub_download(repo_id, "config.json", revision=revision, token=token))
     return path.parent.name if path.parent.parent.name == "snapshots" else revision or "main"
+
+
+# what from_pretrained needs of a model repo: configs, safetensors weights, tokenizer files
+_MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+
+
+def download_model(repo_id: str, *, revision: str | None = None, token: str | None = None) -> Path:
+    """Fetch a Hub model's weights, config and tokenizer into the Hugging Face cache; returns the folder."""
+    from huggingface_hub import snapshot_download
+
+    with err_console.status(f"downloading {repo_id}"), hub_errors(repo_id, None, revision, token):
+        return Path(snapshot_download(repo_id, revision=revision, token=hf_token(token), allow_patterns=_MODEL_FILES))
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, subfolder: str | None, revision: str | None, token: str | None):
+    """huggingface_hub's failures as one-line GspErrors that never echo the token."""
+    from huggingface_hub import errors
+
+    secret = hf_token(token)
+    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    where += f" at revision {revision}" if revision else ""
+
+    def line(e: Exception) -> str:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return text.replace(secret, "***") if secret else text
+
+    gated = f"the Hub refused access to {repo_id}: accept the licence on its Hub page and set HF_TOKEN or pass --token"
+    try:
+        yield
+    except errors.GatedRepoError:
+        raise GspError(gated) from None
+    except errors.RepositoryNotFoundError:
+        raise GspError(f"no Hub repository {repo_id} (if it is private, set HF_TOKEN or pass --token)") from None
+    except errors.RevisionNotFoundError:
+        raise GspError(f"{repo_id} has no revision {revision!r}: pass a branch, tag or commit it has") from None
+    except errors.LocalEntryNotFoundError:
+        raise GspError(f"could not fetch {where}: it is not in the Hub cache and the Hub is unreachable") from None
+    except errors.HfHubHTTPError as e:
+        if getattr(e.response, "status_code", None) in (401, 403):
+            raise GspError(gated) from None
+        raise GspError(f"could not fetch {where} from the Hub: {line(e)}") from None
+    except errors.HFValidationError as e:
+        raise GspError(f"'{repo_id}' is not a valid Hub repository id: {line(e)}") from None
+    except (OSError, ValueError) as e:
+        raise GspError(f"could not fetch {where}: {line(e)}") from None
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

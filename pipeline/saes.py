@@ -1,0 +1,329 @@
+"""Load any supported pretrained SAE, local or from the Hub, into gsp's one `SAE` class, taking raw activations.
+
+The format is told by the folder's files, never by its name:
+
+- **gsp** and **Gemma Scope 2** (`google/gemma-scope-2-*`): `config.json` + `params.safetensors` (gsp's own
+  config also holds "gsp_version"). Keys w_enc (D, F), b_enc (F,), w_dec (F, D), b_dec (D,), threshold (F,)
+  (threshold optional for topk). config "architecture": "jump_relu" (the default) or "topk" with "k".
+      pre = x @ w_enc + b_enc;  f = pre·1[pre > threshold]  (topk: the k largest of ReLU(pre));  x̂ = f @ w_dec + b_dec
+  Layer and site come from "hf_hook_point_in" (`model.layers.L.output` → resid_post,
+  `….post_feedforward_layernorm.output` → mlp_out, `….self_attn.o_proj.input` → attn_out), else from gsp's
+  "layer"/"site", else from the path (`<site>[_all]/layer_L_width_…`). Transcoders and CLTs are refused.
+- **Gemma Scope 1** (`google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}`): `params.npz`, keys W_enc (D, F),
+  W_dec (F, D), b_enc, b_dec, threshold; the same JumpReLU inference. No config: the layer comes from a
+  `layer_L` path part, the site and model from the repo name in the path (res/mlp/att → resid_post/mlp_out/attn_out;
+  att SAEs read the concatenated heads, o_proj's input, which is gsp's attn_out).
+- **Llama Scope** (OpenMOSS lm-saes): `hyperparams.json` + `checkpoints/final.safetensors` with encoder.weight E
+  (F, D), encoder.bias b_E, decoder.weight Dw (D, F), decoder.bias b_D. lm-saes inference, with
+  s_in = √D / norm_in, s_out = √D / norm_out ("dataset-wise"; both 1 for "inference") and m_i = ‖Dw[:, i]‖
+  when sparsity_include_decoder_norm (default true), else 1:
+      pre = (x·s_in) @ Eᵀ + b_E;  g = pre·m;  f = pre·1[g > θ]  (topk: pre at the top_k largest g, ReLU'd)
+      x̂ = (f @ Dwᵀ + b_D) / s_out
+  folded exactly into gsp's layout (same x̂, same active set; features in raw units, unit-norm decoder rows):
+      w_enc = s_in·Eᵀ·m/s_out,  b_enc = b_E·m/s_out,  threshold = θ/s_out,  w_dec = (Dw/m)ᵀ,  b_dec = b_D/s_out
+  since then x@w_enc + b_enc = g/s_out, which crosses θ/s_out exactly when g crosses θ, and
+  (g/s_out)·(Dw_i/m_i) = pre·Dw_i/s_out.
+Pickles are never read: npz with allow_pickle=False, everything else safetensors or JSON.
+"""
+
+import json
+import math
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from pipeline.errors import GspError
+from pipeline.hooks import SITES
+from pipeline.models import hf_token, hub_errors
+from pipeline.sae import SAE
+
+# Every file an SAE of any supported format may need, relative to its folder: all a Hub fetch downloads
+SAE_FILES = (
+    "config.json",
+    "params.safetensors",
+    "params.npz",
+    "hyperparams.json",
+    "lm_config.json",
+    "checkpoints/final.safetensors",
+)
+_EXPECTED = (
+    "config.json + params.safetensors (gsp, Gemma Scope 2), params.npz (Gemma Scope), "
+    "or hyperparams.json + checkpoints/final.safetensors (Llama Scope)"
+)
+_HF_HOOK = re.compile(
+    r"(?:[\w.]*\.)?layers\.(\d+)\.(output|post_feedforward_layernorm\.output|self_attn\.o_proj\.input)"
+)
+_HF_SITE = {
+    "output": "resid_post",
+    "post_feedforward_layernorm.output": "mlp_out",
+    "self_attn.o_proj.input": "attn_out",
+}
+_GS1_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)\b")
+_GS1_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
+_ARCH = {"jump_relu": "jumprelu", "jumprelu": "jumprelu", "topk": "topk"}
+
+
+@dataclass
+class LoadedSAE:
+    sae: SAE  # float32, CPU, eval mode, requires_grad False; takes raw activations
+    source: str  # what the user passed (--sae)
+    path: Path  # the local folder it was read from
+    format: str  # "gsp" | "gemma-scope-2" | "gemma-scope" | "llama-scope"
+    model_name: str | None  # the model the SAE was trained on, as its files name it
+    layer: int | None
+    site: str | None  # one of pipeline.hooks.SITES, or None when the files don't say
+    config: dict  # the SAE's own config file contents (empty for Gemma Scope 1)
+
+
+def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
+    """An SAE from a local folder (or a file in it) or a Hub path `owner/repo/sub/folder`."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        hub = hub_sae_path(spec)
+        if hub is None:
+            raise GspError(f"no SAE at '{spec}': give an SAE folder that exists, or a Hub path owner/repo/sub/folder")
+        path = fetch_sae(*hub, revision=revision, token=token)
+    if path.is_file():
+        path = path.parent
+    has = {name for name in SAE_FILES if (path / name).is_file()}
+    if {"config.json", "params.safetensors"} <= has:
+        loaded = _read_gemma_scope_2(path)
+    elif "params.npz" in has:
+        loaded = _read_gemma_scope_1(path)
+    elif {"hyperparams.json", "checkpoints/final.safetensors"} <= has:
+        loaded = _read_llama_scope(path)
+    else:
+        found = f"; it has only {', '.join(sorted(has))}" if has else ""
+        raise GspError(f"{path} holds no SAE gsp can read: expected {_EXPECTED}{found}")
+    loaded.source = spec
+    return loaded
+
+
+def hub_sae_path(spec: str) -> tuple[str, str] | None:
+    """(repo_id, subfolder) for `owner/repo/sub/folder` that is not an existing local path, else None."""
+    if spec.startswith(("/", ".", "~")) or Path(spec).expanduser().exists():
+        return None
+    parts = spec.strip("/").split("/")
+    if len(parts) < 3 or any(p in ("", ".", "..") for p in parts):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
+
+
+def fetch_sae(
+    repo_id: str,
+    subfolder: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    local_dir: str | Path | None = None,
+) -> Path:
+    """Download (or find in the Hub cache) only that one SAE's files; the local folder holding them."""
+    with hub_errors(repo_id, subfolder, revision, token):
+        root = huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision,
+            token=hf_token(token),
+            allow_patterns=[f"{subfolder}/{name}" for name in SAE_FILES],
+            local_dir=local_dir,
+        )
+    folder = Path(root) / subfolder
+    if not any((folder / name).is_file() for name in SAE_FILES):
+        raise GspError(f"Hub repository {repo_id} has no SAE under '{subfolder}' (expected {_EXPECTED})")
+    return folder
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# ------------------------------------------------------------------------------ formats
+def _read_gemma_scope_2(path: Path) -> LoadedSAE:
+    config = _read_json(path / "config.json")
+    kind = config.get("type", "sae")
+    hook_in, hook_out = config.get("hf_hook_point_in"), config.get("hf_hook_point_out")
+    if kind != "sae" or config.get("affine_connection") or (hook_out and hook_out != hook_in):
+        raise GspError(f"{path} is a transcoder ({kind}, {hook_in} → {hook_out}), not an SAE: gsp loads SAEs only")
+    arch = _ARCH.get(config.get("architecture", "jump_relu"))
+    if arch is None:
+        raise GspError(f"{path}: unknown architecture {config['architecture']!r}: gsp loads jump_relu and topk SAEs")
+    params = _read_safetensors(path / "params.safetensors")
+    sae = _build(params, arch, config.get("k"), path / "params.safetensors")
+    for key, size in (("d_in", sae.d_in), ("width", sae.width)):
+        if config.get(key) not in (None, size):
+            raise GspError(f"{path}: config.json says {key}={config[key]} but the weights have {size}")
+    if hook_in:
+        layer, site = _parse_hf_hook(hook_in, path)
+    elif "layer" in config and config.get("site") in SITES:
+        layer, site = int(config["layer"]), config["site"]
+    else:
+        layer, site = _layer_from_path(path), _site_from_path(path)
+    fmt = "gsp" if "gsp_version" in config else "gemma-scope-2"
+    return LoadedSAE(sae, str(path), path, fmt, config.get("model_name"), layer, site, config)
+
+
+def _read_gemma_scope_1(path: Path) -> LoadedSAE:
+    repo = next((m for part in reversed(path.parts) if (m := _GS1_REPO.search(part))), None)
+    if repo and repo.group(3) == "transcoders":
+        raise GspError(f"{path} is a Gemma Scope transcoder, not an SAE: gsp loads SAEs only")
+    params = {k.lower(): v for k, v in _read_npz(path / "params.npz").items()}
+    sae = _build(params, "jumprelu", None, path / "params.npz")
+    site = _GS1_SITE[repo.group(3)] if repo else _site_from_path(path)
+    model = f"google/gemma-2-{repo.group(1)}" + ("-it" if repo.group(2) == "it" else "") if repo else None
+    return LoadedSAE(sae, str(path), path, "gemma-scope", model, _layer_from_path(path), site, {})
+
+
+def _read_llama_scope(path: Path) -> LoadedSAE:
+    hp = _read_json(path / "hyperparams.json")
+    missing = [k for k in ("d_model", "d_sae", "hook_point_in", "act_fn") if k not in hp]
+    if missing:
+        raise GspError(f"{path / 'hyperparams.json'} lacks {', '.join(missing)}: is it a Llama Scope (lm-saes) SAE?")
+    hook_in, hook_out = hp["hook_point_in"], hp.get("hook_point_out", hp["hook_point_in"])
+    if hook_out != hook_in:
+        raise GspError(f"{path} is a transcoder ({hook_in} → {hook_out}), not an SAE: gsp loads SAEs only")
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_(resid_post|mlp_out)", hook_in)
+    if m is None:
+        why = " (o_proj's output; gsp's attn_out is o_proj's input)" if hook_in.endswith("hook_attn_out") else ""
+        raise GspError(f"{path} reads {hook_in}{why}, which is not a gsp site: gsp loads resid_post and mlp_out here")
+    if hp.get("use_glu_encoder"):
+        raise GspError(f"{path} has a GLU encoder, which gsp's SAE cannot express")
+    act = str(hp["act_fn"]).lower()
+    if act not in ("jumprelu", "topk", "relu"):
+        raise GspError(f"{path}: unknown act_fn {hp['act_fn']!r}: gsp loads jumprelu and topk Llama Scope SAEs")
+    t = {k: v.double() for k, v in _read_safetensors(path / "checkpoints" / "final.safetensors").items()}
+    d, n = _positive_int(hp, "d_model", path), _positive_int(hp, "d_sae", path)
+    shapes = {"encoder.weight": (n, d), "encoder.bias": (n,), "decoder.weight": (d, n), "decoder.bias": (d,)}
+    t.setdefault("decoder.bias", torch.zeros(d, dtype=torch.float64))  # use_decoder_bias false
+    _check(t, shapes, path / "checkpoints" / "final.safetensors")
+    enc, b_e, dec, b_d = (t[k] for k in shapes)
+    s_in, s_out = _llama_scales(hp, d, path)
+    if hp.get("apply_decoder_bias_to_pre_encoder"):
+        b_e = b_e - enc @ b_d  # pre = (x·s_in − b_D) @ Eᵀ + b_E
+    norm = dec.norm(dim=0) if hp.get("sparsity_include_decoder_norm", True) else torch.ones(n, dtype=torch.float64)
+    norm = torch.where(norm > 0, norm, 1.0)  # a zero decoder column contributes nothing either way
+    theta = hp.get("jump_relu_threshold", 0.0) if act == "jumprelu" else 0.0
+    if not isinstance(theta, int | float) or not math.isfinite(theta):
+        raise GspError(f"{path}: jump_relu_threshold should be a finite number, got {theta!r}")
+    params = {
+        "w_enc": s_in * enc.T * norm / s_out,
+        "b_enc": b_e * norm / s_out,
+        "w_dec": (dec / norm).T,
+        "b_dec": b_d / s_out,
+        "threshold": torch.full((n,), theta / s_out, dtype=torch.float64),
+    }
+    arch = "topk" if act == "topk" else "jumprelu"
+    sae = _build({k: v.float() for k, v in params.items()}, arch, hp.get("top_k"), path / "checkpoints")
+    lm = _read_json(path / "lm_config.json") if (path / "lm_config.json").is_file() else {}
+    model = lm.get("model_name") or "meta-llama/Llama-3.1-8B"
+    return LoadedSAE(sae, str(path), path, "llama-scope", model, int(m.group(1)), m.group(2), hp)
+
+
+def _llama_scales(hp: dict, d: int, path: Path) -> tuple[float, float]:
+    """(s_in, s_out): lm-saes multiplies inputs by s_in and divides its reconstruction by s_out."""
+    norms = hp.get("dataset_average_activation_norm") or {}
+    mode = hp.get("norm_activation", "dataset-wise" if norms else "inference")
+    if mode == "inference":
+        return 1.0, 1.0
+    if mode != "dataset-wise":
+        raise GspError(f"{path}: norm_activation {mode!r} rescales each token, which no fixed SAE weights can express")
+    values = [norms.get(side, norms.get(hp.get(f"hook_point_{side}", ""))) for side in ("in", "out")]
+    if not all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in values):
+        raise GspError(f"{path}: dataset-wise norm needs dataset_average_activation_norm {{'in': >0, 'out': >0}}")
+    return math.sqrt(d) / values[0], math.sqrt(d) / values[1]
+
+
+# ------------------------------------------------------------------------------ helpers
+def _build(params: dict[str, torch.Tensor], arch: str, k, file: Path) -> SAE:
+    """gsp's SAE from Gemma Scope 2-layout float tensors, after checking names, shapes and values."""
+    w_enc = params.get("w_enc")
+    if w_enc is None or w_enc.ndim != 2:
+        raise GspError(f"{file} has no 2-D w_enc/W_enc (keys: {', '.join(sorted(params)) or 'none'})")
+    d, n = w_enc.shape
+    shapes = {"w_enc": (d, n), "b_enc": (n,), "w_dec": (n, d), "b_dec": (d,), "threshold": (n,)}
+    if arch == "topk":
+        params = {"threshold": torch.zeros(n), **params}
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise GspError(f"{file}: a topk SAE needs an integer k in its config, got {k!r}")
+    _check(params, shapes, file)
+    try:
+        sae = SAE(d, n, arch=arch, k=k if arch == "topk" else None)
+    except ValueError as e:
+        raise GspError(f"{file}: {e}") from None
+    with torch.no_grad():
+        for name in shapes:
+            getattr(sae, name).copy_(params[name].float())
+    return sae.eval().requires_grad_(False)
+
+
+def _check(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], file: Path) -> None:
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise GspError(f"{file} lacks {', '.join(missing)} (it has {', '.join(sorted(params)) or 'nothing'})")
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise GspError(f"{file}: {name} has shape {tuple(params[name].shape)}, expected {shape}")
+        if not torch.isfinite(params[name]).all():
+            raise GspError(f"{file}: {name} holds NaN or infinite values: the file is damaged, fetch it again")
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise GspError(f"{file} is not a readable safetensors file ({_first_line(e)}): fetch it again") from None
+    bad = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if bad:
+        raise GspError(f"{file}: {', '.join(bad)} are not floating-point tensors")
+    return {k: v.float() for k, v in tensors.items()}
+
+
+def _read_npz(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            return {k: torch.from_numpy(np.asarray(data[k], dtype=np.float32)) for k in data.files}
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise GspError(f"{file} is not a readable .npz of arrays ({_first_line(e)}): fetch it again") from None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GspError(f"{file} is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise GspError(f"{file} should hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _positive_int(hp: dict, key: str, path: Path) -> int:
+    if not isinstance(hp[key], int) or hp[key] <= 0:
+        raise GspError(f"{path / 'hyperparams.json'}: {key} should be a positive integer, got {hp[key]!r}")
+    return hp[key]
+
+
+def _parse_hf_hook(hook: str, path: Path) -> tuple[int, str]:
+    m = _HF_HOOK.fullmatch(hook)
+    if m is None:
+        raise GspError(f"{path} reads hook point {hook!r}, which is not a gsp site ({', '.join(SITES)})")
+    return int(m.group(1)), _HF_SITE[m.group(2)]
+
+
+def _layer_from_path(path: Path) -> int | None:
+    m = next((m for part in reversed(path.parts) if (m := re.match(r"layer_(\d+)(?:_|$)", part))), None)
+    return int(m.group(1)) if m else None
+
+
+def _site_from_path(path: Path) -> str | None:
+    """The site from a `<site>[_all]/layer_L…` folder or a Gemma Scope 1 repo name in the path, else None."""
+    parts = path.parts
+    for i in range(len(parts) - 1, 0, -1):
+        if re.match(r"layer_\d+", parts[i]) and parts[i - 1].removesuffix("_all") in SITES:
+            return parts[i - 1].removesuffix("_all")
+    repo = next((m for part in reversed(parts) if (m := _GS1_REPO.search(part))), None)
+    return _GS1_SITE.get(repo.group(3)) if repo else None
