@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -9,11 +10,14 @@ import typer
 from rich.table import Table
 
 from pipeline import __version__
-from pipeline.config import command_from_config
+from pipeline.config import build_config, command_from_config
 from pipeline.console import cli_errors, console
+from pipeline.errors import GspError
 from pipeline.paths import cache_dir
+from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.fit import FitConfig, run_fit
 from stages.harvest import HarvestConfig, run_harvest
+from stages.run import RunConfig, run_all
 
 app = typer.Typer(
     help="gsp: harvest Gemma activations into a Zarr store, fit sparse autoencoders, evaluate them.",
@@ -93,8 +97,6 @@ def fit(cfg: FitConfig, *, resume: bool, smoke_test: bool) -> None:
 
 
 def _smoke_fit_config(cfg: FitConfig) -> FitConfig:
-    import shutil
-
     import numpy as np
 
     from pipeline.tiny import write_synthetic_store
@@ -111,6 +113,94 @@ def _smoke_fit_config(cfg: FitConfig) -> FitConfig:
 
 
 command_from_config(app, FitConfig, fit, name="fit", extra=[RESUME, SMOKE])
+
+
+def evaluate(cfg: EvaluateConfig, *, token: str | None, smoke_test: bool) -> None:
+    """Measure an SAE: L0, FVU, dead latents… on a store, and delta LM loss by re-running the model.
+
+    Takes a gsp fit folder, a Gemma Scope 2 / Gemma Scope / Llama Scope folder, or a Hub path.
+    Writes reports/report_<timestamp>.md + .json + plots.
+    """
+    if smoke_test:
+        cfg = _smoke_evaluate_config(cfg)
+    run_evaluate(cfg, token=token)
+
+
+def _smoke_evaluate_config(cfg: EvaluateConfig) -> EvaluateConfig:
+    """A tiny random Gemma 3, a store harvested from it, and an SAE fitted on it in a few steps."""
+    root = cache_dir() / "smoke"
+    store = root / "eval-store"
+    run_harvest(_smoke_harvest_config(HarvestConfig(store=str(store))), token=None, overwrite=True)
+    sae = root / "eval-sae"
+    shutil.rmtree(sae, ignore_errors=True)
+    run_fit(FitConfig(store=str(store), out=str(sae), width=128, steps=60, batch_size=256, target_l0=16))
+    return dataclasses.replace(cfg, sae=str(sae), store=str(store), delta_tokens=1024, model=None)
+
+
+command_from_config(app, EvaluateConfig, evaluate, name="evaluate", extra=[TOKEN, SMOKE])
+
+
+@app.command("run")
+def run_(
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="YAML config with harvest/fit/evaluate/run sections.")
+    ] = "default",
+    heldout_tokens: Annotated[
+        int | None, typer.Option(help=RunConfig.__dataclass_fields__["heldout_tokens"].metadata["help"])
+    ] = None,
+    token: Annotated[str | None, TOKEN.annotation.__metadata__[0]] = None,
+) -> None:
+    """The main job: harvest a train and a held-out store, fit an SAE, evaluate it; prints the report's path.
+
+    Settings come from the config's sections (default: configs/default.yaml). Rerun after a crash to finish.
+    """
+    with cli_errors():
+        cfg = build_config(RunConfig, config, {"heldout_tokens": heldout_tokens})
+        report = run_all(cfg, config, token=token)
+        console.print(f"the main job is done; the report is at [bold]{report}[/]", highlight=False)
+
+
+@app.command()
+def download(
+    model: Annotated[
+        str | None, typer.Option("--model", help="A Hugging Face model id, e.g. google/gemma-3-270m.")
+    ] = None,
+    sae: Annotated[
+        str | None,
+        typer.Option("--sae", help="A Hub SAE path owner/repo/sub/folder; only that SAE's files are fetched."),
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
+    sae_revision: Annotated[str | None, typer.Option("--sae-revision", help="Hub revision of --sae.")] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="HF_TOKEN",
+            show_envvar=False,
+            show_default=False,
+            help="Hugging Face token (default: $HF_TOKEN). Used for downloads, never stored.",
+        ),
+    ] = None,  # fmt: skip
+) -> None:
+    """Fetch a model and/or an SAE into the Hugging Face cache, for later runs without a network.
+
+    Afterwards the same ids work offline (HF_HUB_OFFLINE=1): gsp harvest --model ID, gsp evaluate --sae PATH.
+    """
+    from pipeline.models import download_model
+    from pipeline.saes import fetch_sae, hub_sae_path
+
+    with cli_errors():
+        if not model and not sae:
+            raise GspError("nothing to download: pass --model, --sae or both")
+        if model:
+            console.print(f"model {model}: {download_model(model, revision=revision, token=token)}", highlight=False)
+        if sae:
+            where = hub_sae_path(sae)
+            if where is None:
+                raise GspError(f"--sae {sae} is not a Hub path like google/gemma-scope-2-270m-pt/resid_post/"
+                               "layer_12_width_16k_l0_medium")  # fmt: skip
+            path = fetch_sae(*where, revision=sae_revision, token=token)
+            console.print(f"SAE {sae}: {path}", highlight=False)
 
 
 @app.command()

@@ -55,7 +55,9 @@ def make_tiny_model(path: Path, *, seed: int = 0, layers: int = 4) -> Path:
     """Save a random Gemma 3 (d_model 64, attn_out width 2×24=48 ≠ d_model) and its tokenizer at `path`."""
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the smoke tests' output
     tokenizer = make_tokenizer()
     config = Gemma3TextConfig(
         vocab_size=len(tokenizer),

@@ -60,3 +60,47 @@ def test_harvest_real_model_and_corpus(gsp, gemma, tmp_path):
     assert any(first in a for a in articles), first
     # magnitudes beyond float16 are stored faithfully (NOTES.md: the residual exceeds 65504 mid-network)
     assert np.isfinite(got).all()
+
+
+def test_delta_loss_on_the_real_model(gsp, gemma, tmp_path):
+    """Zero SAE = zero ablation (which must hurt a real model); exact SAE = no loss change."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from pipeline.lm_loss import DeltaLoss
+    from pipeline.sae import SAE
+
+    store = tmp_path / "wiki"
+    r = gsp("harvest", "--layer", 5, "--tokens", 256, "--context-size", 64, "--batch-size", 4, "--store", store,
+            "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    save_file({"w_enc": np.zeros((640, 16), np.float32), "w_dec": np.zeros((16, 640), np.float32),
+               "b_enc": np.zeros(16, np.float32), "b_dec": np.zeros(640, np.float32),
+               "threshold": np.zeros(16, np.float32)}, zero / "params.safetensors")  # fmt: skip
+    hook = "model.layers.5.output"
+    (zero / "config.json").write_text(json.dumps({"model_name": "google/gemma-3-270m", "architecture": "jump_relu",
+        "hf_hook_point_in": hook, "hf_hook_point_out": hook, "width": 16, "type": "sae"}))  # fmt: skip
+    r = gsp("evaluate", "--sae", zero, "--store", store, "--delta-tokens", 256, "--reports", tmp_path / "reports",
+            "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (report,) = (tmp_path / "reports").glob("*.json")
+    d = json.loads(report.read_text())["delta_loss"]
+    assert d["ce_spliced"] == pytest.approx(d["ce_zero_ablated"], rel=1e-6) and d["loss_recovered"] == pytest.approx(0)
+    assert 1.0 < d["ce_clean"] < 6.0 < d["ce_zero_ablated"]  # real text, real model; ablating layer 5 breaks it
+    assert d["store_activation_mismatch"] < 0.01  # bf16 store vs the live float32 rerun
+
+    exact = SAE(640, 640)
+    with torch.no_grad():
+        exact.w_enc.copy_(torch.eye(640))
+        exact.w_dec.copy_(torch.eye(640))
+        exact.b_enc.fill_(1e5)  # above every |activation| at layer 5 (NOTES.md: ~2e4 at most)
+        exact.b_dec.fill_(-1e5)
+    ids = torch.from_numpy(ActivationStore.open(store).read_tokens(0, 256).astype(np.int64)).view(4, 64)
+    acc = DeltaLoss()
+    acc.run(gemma.model, exact, ids, 5, "resid_post", [0, 1, 2])
+    res = acc.result()
+    assert abs(res["delta_loss"]) < 2e-3 and res["kl_clean_spliced"] < 1e-3
+    assert res["ce_clean"] == pytest.approx(d["ce_clean"], rel=1e-5)  # the CLI's clean pass, recomputed

@@ -1,0 +1,254 @@
+"""gsp evaluate: measure any SAE on a store's activations and, by re-running the model, on LM loss.
+
+Two measurements, both over ordinary tokens only (BOS, EOS and PAD rows excluded):
+1. Reconstruction, from the store without the language model: L0, FVU, MSE, explained variance,
+   cosine, dead and dense latents, feature frequencies, error by position (pipeline/metrics.py).
+2. Delta LM loss (pipeline/lm_loss.py): the model named in the store runs the store's own contexts
+   clean, with the SAE's reconstruction spliced in at the hook, and zero-ablated there.
+Then a terminal table and reports/report_<timestamp>.{md,json} with plots (pipeline/report.py).
+"""
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline import __version__
+from pipeline.config import opt, stage_config
+from pipeline.console import info, progress, warn
+from pipeline.errors import GspError
+from pipeline.lm_loss import DeltaLoss
+from pipeline.metrics import DENSE_FREQUENCY, Running
+from pipeline.models import resolve_device
+from pipeline.saes import LoadedSAE, load_sae
+from pipeline.store import ActivationStore
+
+
+@stage_config("evaluate")
+@dataclass
+class EvaluateConfig:
+    sae: str | None = opt(
+        None,
+        "SAE: a gsp fit folder, a Gemma Scope 2, Gemma Scope or Llama Scope folder, or a Hub path "
+        "owner/repo/sub/folder (e.g. google/gemma-scope-2-270m-pt/resid_post/layer_12_width_16k_l0_medium).",
+    )
+    sae_revision: str | None = opt(None, "Hub revision of a Hub --sae.")
+    store: str | None = opt(
+        None, "Store to measure on (default: the store a gsp fit SAE was trained on; a held-out store is honest)."
+    )
+    tokens: int = opt(262_144, "Ordinary tokens (store rows) for the reconstruction metrics; all if fewer.")
+    batch_size: int = opt(4096, "Rows per SAE batch.")
+    delta_loss: bool = opt(True, "Re-run the model with the reconstruction spliced in (--no-delta-loss skips it).")
+    delta_tokens: int = opt(4096, "Tokens of the store's contexts the model re-runs (three passes each).")
+    lm_batch_tokens: int = opt(1024, "Tokens per forward pass of the rerun (memory ≈ 4 × this × vocab × 4 bytes).")
+    model: str | None = opt(None, "Model for the rerun (default: the one the store was harvested from).")
+    revision: str | None = opt(None, "Hub revision of --model (default: the store's).")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "Model dtype for the rerun (auto: bf16 on CUDA).")
+    reports: str = opt("reports", "Folder for report_<timestamp>.md, .json and the plots.")
+
+    def __post_init__(self):
+        for name in ("tokens", "batch_size", "delta_tokens", "lm_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
+    """Measure, print the table, write the report; returns the Markdown report's path."""
+    from pipeline import report
+
+    if not cfg.sae:
+        raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
+    loaded = load_sae(cfg.sae, revision=cfg.sae_revision, token=token)
+    store = _open_store(cfg, loaded)
+    layer, site = _check_match(loaded, store)
+    device = resolve_device(cfg.device)
+    sae = loaded.sae.to(device)
+
+    t0 = time.perf_counter()
+    recon = reconstruction(sae, store, cfg.tokens, cfg.batch_size, device)
+    t_recon = time.perf_counter() - t0
+    delta, lm_info, t_delta = None, None, 0.0
+    if cfg.delta_loss:
+        t0 = time.perf_counter()
+        delta, lm_info = _delta_loss(cfg, sae, store, layer, site, token)
+        t_delta = time.perf_counter() - t0
+
+    results = {
+        "gsp_version": __version__,
+        "sae": _sae_info(loaded),
+        "store": _store_info(store),
+        "model": lm_info,
+        "settings": dataclasses.asdict(cfg),
+        "reconstruction": {k: v for k, v in recon.items() if not k.startswith("_")},
+        "delta_loss": delta,
+        "timing": {
+            "device": str(device),
+            "reconstruction_s": t_recon,
+            "reconstruction_tokens_per_s": recon["tokens"] / t_recon if t_recon else None,
+            "delta_loss_s": t_delta,
+            "delta_loss_tokens_per_s": (delta["predictions"] / t_delta) if delta and t_delta else None,
+        },
+    }
+    return report.write(results, recon["_frequency"], Path(cfg.reports))
+
+
+def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
+    path = cfg.store or (loaded.config.get("store") if loaded.format == "gsp" else None)
+    if not path:
+        layer = loaded.layer if loaded.layer is not None else "L"
+        site = loaded.site or "resid_post"
+        model = loaded.model_name or "MODEL"
+        raise GspError(
+            f"--store is required for this SAE: harvest one first, e.g. gsp harvest --model {model} "
+            f"--layer {layer} --site {site} --part heldout --tokens 65536"
+        )
+    if not cfg.store:
+        warn(f"no --store given: measuring on {path}, the store this SAE was trained on; a held-out store "
+             "(gsp harvest --part heldout) gives figures on unseen documents")  # fmt: skip
+    store = ActivationStore.open(path)
+    if not store.complete:
+        warn(f"store {path} is incomplete; using its {store.rows_written:,} written rows")
+    return store
+
+
+def _check_match(loaded: LoadedSAE, store: ActivationStore) -> tuple[int, str]:
+    """The SAE must read what the store holds: same d_in, layer and site (when the SAE says)."""
+    a = store.attrs
+    if loaded.sae.d_in != store.d_in:
+        raise GspError(
+            f"the SAE takes d_in={loaded.sae.d_in} but store {store.path} holds d_in={store.d_in} "
+            f"({a['hook_point']}); pick the store harvested at the SAE's hook point"
+        )
+    for what, mine in (("layer", loaded.layer), ("site", loaded.site)):
+        if mine is not None and mine != a[what]:
+            raise GspError(
+                f"the SAE was trained at {what} {mine} but store {store.path} holds {what} {a[what]}; "
+                f"harvest a store with --{what} {mine}"
+            )
+    if loaded.site is None:
+        warn(f"the SAE's files do not name its site; assuming the store's ({a['site']})")
+    if loaded.model_name and _base_name(loaded.model_name) != _base_name(a["model"]["name"]):
+        warn(f"the SAE was trained on {loaded.model_name}, the store comes from {a['model']['name']}")
+    return a["layer"], a["site"]
+
+
+def _base_name(name: str) -> str:
+    """google/gemma-3-1b-pt and google/gemma-3-1b name the same weights."""
+    name = name.lower().rstrip("/")
+    return name.removesuffix("-pt")
+
+
+# ------------------------------------------------------------------------------ reconstruction
+@torch.no_grad()
+def reconstruction(sae, store: ActivationStore, tokens: int, batch_size: int, device: torch.device) -> dict:
+    """Running metrics over the first `tokens` ordinary rows of the store (whole store if fewer)."""
+    C = store.context_size
+    special = np.array(store.special_ids, dtype=np.int64)
+    run = Running(store.d_in, sae.width, C, device)
+    rows = store.rows_written
+    with progress("tok") as bar:
+        task = bar.add_task("reconstruction", total=min(tokens, rows))
+        span = max(batch_size, store.chunk_rows)
+        for start in range(0, rows, span):
+            if run.n >= tokens:
+                break
+            stop = min(start + span, rows)
+            keep = np.flatnonzero(~np.isin(store.read_tokens(start, stop), special))[: tokens - run.n]
+            x_span = torch.from_numpy(store.read(start, stop))
+            for part in torch.from_numpy(keep).split(batch_size):
+                x = x_span[part].to(device)
+                out = sae(x)
+                run.update(x, out.x_hat_BD, out.f_BF, ((start + part) % C).to(device))
+                bar.update(task, completed=run.n)
+        bar.update(task, total=run.n, completed=run.n)
+    if run.n < 2:
+        raise GspError(f"store {store.path} has fewer than 2 ordinary tokens to measure on")
+    if run.n < tokens:
+        info(f"the store holds {run.n:,} ordinary tokens; all were used (asked for {tokens:,})")
+    result = run.result()
+    result["_frequency"] = run.frequencies()
+    result["dense_threshold"] = DENSE_FREQUENCY
+    return result
+
+
+# ------------------------------------------------------------------------------ delta loss
+def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, site: str, token) -> tuple[dict, dict]:
+    from pipeline.hooks import activations, site_width
+    from pipeline.models import load_model
+
+    a = store.attrs
+    spec = cfg.model or a["model"]["spec"]
+    # the store's Hub commit, unless another model is asked for (local folders and the package ignore it)
+    revision = cfg.revision or (a["model"]["revision"] if cfg.model is None else None)
+    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, revision=revision, token=token)
+    if site_width(lm.model, layer, site) != store.d_in:
+        raise GspError(f"model {spec} has width {site_width(lm.model, layer, site)} at layer {layer} {site}, "
+                       f"the store {store.d_in}: pass the --model the store was harvested from")  # fmt: skip
+    C = store.context_size
+    n_ctx = min(math.ceil(cfg.delta_tokens / C), store.rows_written // C)
+    if n_ctx == 0:
+        raise GspError(f"store {store.path} holds no whole context to re-run")
+    per_batch = max(1, cfg.lm_batch_tokens // C)
+    ids_all = torch.from_numpy(store.read_tokens(0, n_ctx * C).astype(np.int64)).view(n_ctx, C)
+
+    # the rerun must see what the harvest saw: compare live activations with the stored rows
+    first = ids_all[:per_batch].to(lm.device)
+    live = activations(lm.model, first, layer, site).float().reshape(-1, store.d_in).cpu()
+    stored = torch.from_numpy(store.read(0, len(first) * C))
+    mismatch = ((live - stored).norm() / stored.norm()).item()
+    if mismatch > 0.05:
+        warn(f"the re-run model's activations differ from the store's by {100 * mismatch:.1f} % "
+             "(another model, revision or dtype?); the delta loss refers to the re-run model")  # fmt: skip
+
+    acc = DeltaLoss()
+    with progress("tok") as bar:
+        task = bar.add_task("delta loss (3 passes)", total=n_ctx * C)
+        for i in range(0, n_ctx, per_batch):
+            ids = ids_all[i : i + per_batch].to(lm.device)
+            acc.run(lm.model, sae, ids, layer, site, store.special_ids)
+            bar.advance(task, ids.numel())
+    result = acc.result()
+    result["tokens"] = n_ctx * C
+    result["store_activation_mismatch"] = mismatch
+    lm_info = {"spec": lm.spec, "name": lm.name, "revision": lm.revision, "device": str(lm.device),
+               "dtype": str(lm.dtype).removeprefix("torch.")}  # fmt: skip
+    return result, lm_info
+
+
+# ------------------------------------------------------------------------------ what was measured
+def _sae_info(loaded: LoadedSAE) -> dict:
+    s = loaded.sae
+    return {
+        "source": loaded.source,
+        "format": loaded.format,
+        "path": str(loaded.path),
+        "model_name": loaded.model_name,
+        "layer": loaded.layer,
+        "site": loaded.site,
+        "d_in": s.d_in,
+        "width": s.width,
+        "architecture": s.arch,
+        "k": s.k,
+    }
+
+
+def _store_info(store: ActivationStore) -> dict:
+    a = store.attrs
+    return {
+        "path": store.path,
+        "model": a["model"]["name"],
+        "model_revision": a["model"]["revision"],
+        "hook_point": a["hook_point"],
+        "layer": a["layer"],
+        "site": a["site"],
+        "rows_written": store.rows_written,
+        "context_size": store.context_size,
+        "dtype": a["dtype"],
+        "dataset": a["dataset"],
+    }

@@ -1,0 +1,67 @@
+"""gsp run: the main job in one command — harvest, fit, evaluate on held-out documents.
+
+1. harvest the train store (the config's `harvest:` section);
+2. harvest a held-out store with the same settings (`--part heldout`, `heldout_tokens` tokens);
+3. fit an SAE on the train store (`fit:`);
+4. evaluate it on the held-out store (`evaluate:`), writing the report.
+Each step talks to the next through its artifact on disk, and each is idempotent: a complete store
+is kept, an interrupted harvest resumes, an interrupted fit resumes from its checkpoint, and an SAE
+already fitted with the same settings is reused. Rerunning after a crash finishes the job.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import build_config, opt, stage_config
+from pipeline.console import info
+from pipeline.errors import GspError
+from stages.evaluate import EvaluateConfig, run_evaluate
+from stages.fit import FitConfig, run_fit
+from stages.harvest import HarvestConfig, run_harvest
+
+
+@stage_config("run")
+@dataclass
+class RunConfig:
+    heldout_tokens: int = opt(32_768, "Tokens of the held-out store the SAE is evaluated on.")
+
+    def __post_init__(self):
+        if self.heldout_tokens <= 0:
+            raise GspError(f"--heldout-tokens must be positive, got {self.heldout_tokens}")
+
+
+def run_all(cfg: RunConfig, config: str | None, *, token: str | None = None) -> Path:
+    """Run the four steps with the stage settings from `config`; returns the report's path."""
+    harvest = build_config(HarvestConfig, config, {})
+    if harvest.part != "train":
+        raise GspError("gsp run harvests the train part itself; remove `part` from the config's harvest section")
+    heldout = dataclasses.replace(harvest, part="heldout", tokens=cfg.heldout_tokens, store=None)
+    info(f"[bold]1/4[/] train store {harvest.store_path}")
+    run_harvest(harvest, token=token)
+    info(f"[bold]2/4[/] held-out store {heldout.store_path}")
+    run_harvest(heldout, token=token)
+
+    fit = build_config(FitConfig, config, {})
+    fit.store = fit.store or harvest.store_path
+    info(f"[bold]3/4[/] SAE {fit.out_dir}")
+    _fit_once(fit)
+
+    evaluate = build_config(EvaluateConfig, config, {})
+    evaluate.sae = evaluate.sae or str(fit.out_dir)
+    evaluate.store = evaluate.store or heldout.store_path
+    info(f"[bold]4/4[/] evaluate on {evaluate.store}")
+    return run_evaluate(evaluate, token=token)
+
+
+def _fit_once(fit: FitConfig) -> None:
+    """Fit, resume an interrupted fit, or keep an SAE fitted with exactly these settings."""
+    out = fit.out_dir
+    if (out / "params.safetensors").is_file():
+        saved = json.loads((out / "config.json").read_text()).get("fit_config")
+        if saved == dataclasses.asdict(fit):
+            info(f"{out} already holds an SAE fitted with these settings; keeping it")
+            return
+        raise GspError(f"{out} holds an SAE fitted with other settings; move it away or set fit.out in the config")
+    run_fit(fit, resume=(out / "checkpoints" / "latest.json").is_file())

@@ -1,0 +1,257 @@
+"""gsp evaluate end to end on a tiny Gemma 3: figures against independent computations, every SAE
+format, reports, clear errors; and gsp run, the main job, on the same tiny setup."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_harvest_args
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from pipeline.store import ActivationStore
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, corpus, tmp_path_factory):
+    """A store of the tiny model's layer 1 and a small JumpReLU SAE fitted on it (gsp's format)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    root = tmp_path_factory.mktemp("eval")
+    run = CliRunner()
+    r = run.invoke(app, [str(a) for a in tiny_harvest_args(tiny_model, corpus, root / "store")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["fit", "--store", str(root / "store"), "--out", str(root / "sae"), "--width", "96",
+                         "--steps", "40", "--batch-size", "128", "--target-l0", "12"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _evaluate(gsp, setup, tmp_path, *extra):
+    r = gsp("evaluate", "--store", setup / "store", "--reports", tmp_path / "reports", *extra)
+    assert r.exit_code == 0, r.output
+    (report,) = (tmp_path / "reports").glob("report_*.json")
+    return json.loads(report.read_text()), r.output
+
+
+def _numpy_figures(store_path, params) -> dict:
+    """FVU, L0 and dead latents of a JumpReLU SAE on the store's ordinary rows, in numpy."""
+    s = ActivationStore.open(store_path)
+    x = s.read(0, s.rows_written).astype(np.float64)
+    ids = s.read_tokens(0, s.rows_written)
+    x = x[~np.isin(ids, s.special_ids)]
+    w_enc, b_enc, w_dec, b_dec, th = (
+        params[k].astype(np.float64) for k in ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+    )
+    pre = x @ w_enc + b_enc
+    f = pre * (pre > th)
+    x_hat = f @ w_dec + b_dec
+    return {
+        "tokens": len(x),
+        "fvu": ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
+        "l0": (f != 0).sum(1).mean(),
+        "dead_features": int(((f != 0).sum(0) == 0).sum()),
+    }
+
+
+def test_evaluate_matches_numpy_and_a_direct_forward_pass(gsp, setup, tiny_model, tmp_path):
+    report, output = _evaluate(gsp, setup, tmp_path, "--sae", setup / "sae", "--delta-tokens", "256")
+    params = {k: v.numpy() for k, v in load_file(setup / "sae" / "params.safetensors").items()}
+    want = _numpy_figures(setup / "store", params)
+    rec = report["reconstruction"]
+    assert rec["tokens"] == want["tokens"] < 1024  # BOS/EOS rows left out
+    assert rec["fvu"] == pytest.approx(want["fvu"], rel=1e-4)
+    assert rec["l0"] == pytest.approx(want["l0"], rel=1e-6)
+    assert rec["dead_features"] == want["dead_features"]
+
+    # the clean CE is the model's own loss on the store's first 8 contexts, special tokens masked
+    from transformers import AutoModelForCausalLM
+
+    s = ActivationStore.open(setup / "store")
+    ids = torch.from_numpy(s.read_tokens(0, 256).astype(np.int64)).view(8, 32)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    special = torch.isin(ids, torch.tensor(s.special_ids))
+    keep = ~special[:, :-1] & ~special[:, 1:]
+    d = report["delta_loss"]
+    assert d["predictions"] == int(keep.sum()) and d["contexts"] == 8
+    assert d["ce_clean"] == pytest.approx(ce[keep].double().mean().item(), rel=1e-5)
+    assert d["ce_spliced"] > 0 and d["ce_zero_ablated"] > 0  # a random model: zero ablation may even help
+    assert d["loss_recovered"] == pytest.approx(
+        (d["ce_zero_ablated"] - d["ce_spliced"]) / (d["ce_zero_ablated"] - d["ce_clean"])
+    )
+    assert d["store_activation_mismatch"] < 1e-5  # float32 store, same model: the rerun sees the store's rows
+
+    # the report names what was measured, in Markdown too, with the three plots
+    assert report["sae"]["format"] == "gsp" and report["sae"]["layer"] == 1 and report["sae"]["width"] == 96
+    assert report["store"]["path"] == str(setup / "store") and report["model"]["spec"] == str(tiny_model)
+    md = (tmp_path / "reports" / report["files"]["markdown"]).read_text()
+    assert f"{want['tokens']:,} (special tokens excluded)" in md and "gsp 0." in md
+    for png in report["files"]["plots"]:
+        assert (tmp_path / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+    assert len(report["files"]["plots"]) == 3
+    assert "report:" in output and "loss recovered" in output
+
+
+def _as_formats(setup, root) -> dict:
+    """The fitted SAE (thresholds made positive) in gsp's, Gemma Scope 2's, Gemma Scope 1's, Llama Scope's formats."""
+    import shutil
+
+    p = {k: v.numpy() for k, v in load_file(setup / "sae" / "params.safetensors").items()}
+    p["threshold"] = np.maximum(p["threshold"], 1e-3)
+    d, f = p["w_enc"].shape
+    own = root / "gsp"
+    own.mkdir(parents=True)
+    shutil.copy(setup / "sae" / "config.json", own)
+    save_file(p, own / "params.safetensors")
+    gs2 = root / "resid_post" / "layer_1_width_96_l0_small"
+    gs2.mkdir(parents=True)
+    save_file(p, gs2 / "params.safetensors")
+    hook = "model.layers.1.output"
+    (gs2 / "config.json").write_text(json.dumps({
+        "model_name": "tiny", "architecture": "jump_relu", "hf_hook_point_in": hook, "hf_hook_point_out": hook,
+        "width": f, "l0": 12, "affine_connection": False, "type": "sae"}))  # fmt: skip
+    gs1 = root / "gemma-scope-2b-pt-res" / "layer_1" / "width_16k" / "average_l0_12"
+    gs1.mkdir(parents=True)
+    np.savez(gs1 / "params.npz", W_enc=p["w_enc"], W_dec=p["w_dec"], b_enc=p["b_enc"], b_dec=p["b_dec"],
+             threshold=p["threshold"])  # fmt: skip
+    # Llama Scope: x scaled by s_in = sqrt(d)/n_in in, x̂ by 1/s_out = n_out/sqrt(d) out, one scalar threshold θ.
+    # Without the decoder norm in the gate, latent i scaled by a_i = θ/t_i reproduces its own threshold t_i.
+    n_in, n_out, theta = 7.0, 11.0, 0.5
+    s_in, s_out = math.sqrt(d) / n_in, math.sqrt(d) / n_out
+    a = theta / p["threshold"].astype(np.float64)
+    ls = root / "Llama3_1-8B-Base-L1R-8x"
+    (ls / "checkpoints").mkdir(parents=True)
+    tensors = {
+        "encoder.weight": p["w_enc"].T * a[:, None] / s_in,
+        "encoder.bias": p["b_enc"] * a,
+        "decoder.weight": p["w_dec"].T * s_out / a[None, :],
+        "decoder.bias": p["b_dec"] * s_out,
+    }  # safetensors writes the buffer as laid out: make each array C-ordered
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, ls / "checkpoints" / "final.safetensors"
+    )
+    (ls / "hyperparams.json").write_text(json.dumps({
+        "d_model": d, "d_sae": f, "hook_point_in": "blocks.1.hook_resid_post",
+        "hook_point_out": "blocks.1.hook_resid_post", "act_fn": "jumprelu", "jump_relu_threshold": theta,
+        "top_k": 50, "norm_activation": "dataset-wise", "dataset_average_activation_norm": {"in": n_in, "out": n_out},
+        "sparsity_include_decoder_norm": False}))  # fmt: skip
+    return {"gsp": own, "gemma-scope-2": gs2, "gemma-scope": gs1, "llama-scope": ls}
+
+
+def test_every_format_of_one_sae_gives_the_same_figures(gsp, setup, tmp_path):
+    folders = _as_formats(setup, tmp_path / "saes")
+    base, _ = _evaluate(gsp, setup, tmp_path / "base", "--sae", folders.pop("gsp"), "--no-delta-loss")
+    assert base["delta_loss"] is None and base["model"] is None
+    for fmt, folder in folders.items():
+        report, _ = _evaluate(gsp, setup, tmp_path / fmt, "--sae", folder, "--no-delta-loss")
+        assert report["sae"]["format"] == fmt and report["sae"]["layer"] == 1
+        for key in ("tokens", "l0", "fvu", "mse", "cosine", "dead_features", "dense_features"):
+            assert report["reconstruction"][key] == pytest.approx(base["reconstruction"][key], rel=1e-4), (fmt, key)
+
+
+def test_mismatches_and_bad_input_are_one_line_errors(gsp, setup, tmp_path):
+    formats = _as_formats(setup, tmp_path / "saes")
+    gs2 = formats["gemma-scope-2"]
+    config = json.loads((gs2 / "config.json").read_text())
+
+    def fails(*args) -> str:
+        r = gsp("evaluate", *map(str, args), "--reports", tmp_path / "r", "--no-delta-loss")
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "r").exists()  # no half report
+        return " ".join(r.output.split())
+
+    for hook in ("model.layers.2.output", "model.layers.1.post_feedforward_layernorm.output"):
+        config["hf_hook_point_in"] = config["hf_hook_point_out"] = hook
+        (gs2 / "config.json").write_text(json.dumps(config))
+        msg = fails("--sae", gs2, "--store", setup / "store")
+        assert ("layer 2" in msg or "site mlp_out" in msg) and "harvest a store" in msg
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    save_file({"w_enc": np.zeros((48, 8), np.float32), "w_dec": np.zeros((8, 48), np.float32),
+               "b_enc": np.zeros(8, np.float32), "b_dec": np.zeros(48, np.float32),
+               "threshold": np.zeros(8, np.float32)}, wide / "params.safetensors")  # fmt: skip
+    config["hf_hook_point_in"] = config["hf_hook_point_out"] = "model.layers.1.output"
+    (wide / "config.json").write_text(json.dumps({**config, "width": 8}))
+    assert "d_in=48" in fails("--sae", wide, "--store", setup / "store")
+    assert "gsp harvest" in fails("--sae", gs2)  # a pretrained SAE names no store: say how to make one
+    assert "SAE" in fails("--sae", tmp_path / "nothing-here", "--store", setup / "store")
+    assert "no store at" in fails("--sae", gs2, "--store", tmp_path / "saes")
+    assert "--tokens must be positive" in fails("--sae", gs2, "--store", setup / "store", "--tokens", "0")
+
+
+def test_the_rerun_model_is_only_loaded_for_the_delta_loss(gsp, setup, tmp_path):
+    report, _ = _evaluate(gsp, setup, tmp_path, "--sae", setup / "sae", "--no-delta-loss", "--model", "/no/such/model")
+    assert report["delta_loss"] is None
+    r = gsp("evaluate", "--sae", setup / "sae", "--store", setup / "store", "--model", "/no/such/model",
+            "--reports", tmp_path / "r2")  # fmt: skip
+    assert r.exit_code == 1 and "/no/such/model" in r.output and "Traceback" not in r.output
+
+
+def test_smoke_test_runs_in_seconds(gsp, tmp_path, monkeypatch):
+    monkeypatch.setenv("GSP_CACHE", str(tmp_path / "cache"))
+    r = gsp("evaluate", "--smoke-test", "--reports", tmp_path / "reports")
+    assert r.exit_code == 0, r.output
+    (report,) = (tmp_path / "reports").glob("report_*.json")
+    result = json.loads(report.read_text())
+    assert result["delta_loss"]["predictions"] > 0 and result["reconstruction"]["tokens"] > 1000
+
+
+def test_run_chains_the_stages_and_reuses_its_work(gsp, tiny_model, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("GSP_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        f"harvest:\n  model: {tiny_model}\n  dataset: {corpus}\n  layer: 1\n  tokens: 2048\n  context_size: 32\n"
+        "  batch_size: 8\n  store_dtype: float32\n"
+        "fit:\n  width: 64\n  steps: 30\n  batch_size: 128\n  target_l0: 8\n"
+        f"evaluate:\n  delta_tokens: 128\n  reports: {tmp_path / 'reports'}\n"
+        "run:\n  heldout_tokens: 512\n"
+    )
+    r = gsp("run", "-c", cfg)
+    assert r.exit_code == 0, r.output
+    (report,) = (tmp_path / "reports").glob("report_*.json")
+    result = json.loads(report.read_text())
+    held = ActivationStore.open(result["store"]["path"])
+    assert held.attrs["dataset"]["part"] == "heldout" and held.rows_written == 512
+    assert result["sae"]["path"].endswith("_train_2048_jumprelu_64")
+    assert str(report.with_suffix(".md").name) in " ".join(r.output.split()).replace(" ", "")
+    r = gsp("run", "-c", cfg)  # everything is there: nothing is redone but the evaluation
+    assert r.exit_code == 0 and "already complete" in r.output and "keeping it" in r.output
+    assert len(list((tmp_path / "reports").glob("report_*.json"))) == 2
+
+
+def test_download_fetches_the_model_and_only_one_saes_files(gsp, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot(repo_id, **kw):
+        calls.append((repo_id, kw))
+        folder = tmp_path / repo_id.replace("/", "--")
+        for pattern in kw["allow_patterns"]:
+            if "/" in pattern:  # the SAE's files, each under its subfolder
+                (folder / pattern).parent.mkdir(parents=True, exist_ok=True)
+                (folder / pattern).write_text("{}")
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_from_env")
+    sub = "resid_post/layer_12_width_16k_l0_medium"
+    r = gsp("download", "--model", "google/gemma-3-270m", "--sae", f"google/gemma-scope-2-270m-pt/{sub}",
+            "--token", "hf_secret_flag")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (model_repo, model_kw), (sae_repo, sae_kw) = calls
+    assert model_repo == "google/gemma-3-270m" and "*.safetensors" in model_kw["allow_patterns"]
+    assert not any(p.endswith((".bin", ".gguf", ".pth")) for p in model_kw["allow_patterns"])
+    assert sae_repo == "google/gemma-scope-2-270m-pt"
+    assert sae_kw["allow_patterns"] and all(p.startswith(f"{sub}/") for p in sae_kw["allow_patterns"])
+    assert model_kw["token"] == sae_kw["token"] == "hf_secret_flag"  # the flag wins over $HF_TOKEN
+    assert "hf_secret" not in r.output and sub in r.output
+    r = gsp("download")
+    assert r.exit_code == 1 and "nothing to download" in r.output
