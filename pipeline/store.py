@@ -20,6 +20,7 @@ import asyncio
 import datetime
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,6 +247,22 @@ class ActivationStore:
                 f"corrupt data in store {self.path}: rows {start}..{stop - 1} failed their crc32c checksum "
                 f"(shard file {files}); restore the file or harvest again with --overwrite"
             ) from None
+
+    def ordinary_rows(self, limit: int, batch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches (x (B, D) float32, row indices (B,)) of the first `limit` rows that hold no special
+        token, read shard-chunk by chunk in store order."""
+        special = np.array(self.special_ids, dtype=np.int64)
+        seen, span = 0, max(batch, self.chunk_rows)
+        for start in range(0, self.rows_written, span):
+            stop = min(start + span, self.rows_written)
+            keep = np.flatnonzero(~np.isin(self.read_tokens(start, stop), special))[: limit - seen]
+            x = self.read(start, stop)
+            for part in np.array_split(keep, max(1, -(-len(keep) // batch))):
+                if len(part):
+                    yield x[part], start + part
+            seen += len(keep)
+            if seen >= limit:
+                return
 
     # ---------------------------------------------------------------- writing (harvest only)
     def write_shard_data(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:

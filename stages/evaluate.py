@@ -92,7 +92,7 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
             "reconstruction_s": t_recon,
             "reconstruction_tokens_per_s": recon["tokens"] / t_recon if t_recon else None,
             "delta_loss_s": t_delta,
-            "delta_loss_tokens_per_s": (delta["predictions"] / t_delta) if delta and t_delta else None,
+            "delta_loss_tokens_per_s": (delta["tokens"] / t_delta) if delta and t_delta else None,
         },
     }
     return report.write(results, recon["_frequency"], Path(cfg.reports))
@@ -149,23 +149,14 @@ def _base_name(name: str) -> str:
 def reconstruction(sae, store: ActivationStore, tokens: int, batch_size: int, device: torch.device) -> dict:
     """Running metrics over the first `tokens` ordinary rows of the store (whole store if fewer)."""
     C = store.context_size
-    special = np.array(store.special_ids, dtype=np.int64)
     run = Running(store.d_in, sae.width, C, device)
-    rows = store.rows_written
     with progress("tok") as bar:
-        task = bar.add_task("reconstruction", total=min(tokens, rows))
-        span = max(batch_size, store.chunk_rows)
-        for start in range(0, rows, span):
-            if run.n >= tokens:
-                break
-            stop = min(start + span, rows)
-            keep = np.flatnonzero(~np.isin(store.read_tokens(start, stop), special))[: tokens - run.n]
-            x_span = torch.from_numpy(store.read(start, stop))
-            for part in torch.from_numpy(keep).split(batch_size):
-                x = x_span[part].to(device)
-                out = sae(x)
-                run.update(x, out.x_hat_BD, out.f_BF, ((start + part) % C).to(device))
-                bar.update(task, completed=run.n)
+        task = bar.add_task("reconstruction", total=min(tokens, store.rows_written))
+        for x_BD, rows_B in store.ordinary_rows(tokens, batch_size):
+            x = torch.from_numpy(x_BD).to(device)
+            out = sae(x)
+            run.update(x, out.x_hat_BD, out.f_BF, torch.from_numpy(rows_B % C).to(device))
+            bar.update(task, completed=run.n)
         bar.update(task, total=run.n, completed=run.n)
     if run.n < 2:
         raise GspError(f"store {store.path} has fewer than 2 ordinary tokens to measure on")
@@ -179,7 +170,7 @@ def reconstruction(sae, store: ActivationStore, tokens: int, batch_size: int, de
 
 # ------------------------------------------------------------------------------ delta loss
 def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, site: str, token) -> tuple[dict, dict]:
-    from pipeline.hooks import activations, site_width
+    from pipeline.hooks import site_width
     from pipeline.models import load_model
 
     a = store.attrs
@@ -197,15 +188,7 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, si
     per_batch = max(1, cfg.lm_batch_tokens // C)
     ids_all = torch.from_numpy(store.read_tokens(0, n_ctx * C).astype(np.int64)).view(n_ctx, C)
 
-    # the rerun must see what the harvest saw: compare live activations with the stored rows
-    first = ids_all[:per_batch].to(lm.device)
-    live = activations(lm.model, first, layer, site).float().reshape(-1, store.d_in).cpu()
-    stored = torch.from_numpy(store.read(0, len(first) * C))
-    mismatch = ((live - stored).norm() / stored.norm()).item()
-    if mismatch > 0.05:
-        warn(f"the re-run model's activations differ from the store's by {100 * mismatch:.1f} % "
-             "(another model, revision or dtype?); the delta loss refers to the re-run model")  # fmt: skip
-
+    mismatch = _rerun_mismatch(lm.model, store, ids_all[:per_batch].to(lm.device), layer, site)
     acc = DeltaLoss()
     with progress("tok") as bar:
         task = bar.add_task("delta loss (3 passes)", total=n_ctx * C)
@@ -219,6 +202,21 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, si
     lm_info = {"spec": lm.spec, "name": lm.name, "revision": lm.revision, "device": str(lm.device),
                "dtype": str(lm.dtype).removeprefix("torch.")}  # fmt: skip
     return result, lm_info
+
+
+def _rerun_mismatch(model, store: ActivationStore, ids_BS: torch.Tensor, layer: int, site: str) -> float:
+    """‖live − stored‖ / ‖stored‖ over the ordinary tokens of the first contexts: the rerun must see
+    what the harvest saw (bfloat16 storage alone gives ~0.2 %)."""
+    from pipeline.hooks import activations
+
+    live = activations(model, ids_BS, layer, site).float().reshape(-1, store.d_in).cpu()
+    stored = torch.from_numpy(store.read(0, len(live)))
+    ordinary = ~torch.isin(ids_BS.reshape(-1).cpu(), torch.tensor(store.special_ids))
+    mismatch = ((live - stored)[ordinary].norm() / stored[ordinary].norm()).item()
+    if mismatch > 0.05:
+        warn(f"the re-run model's activations differ from the store's by {100 * mismatch:.1f} % "
+             "(another model, revision or dtype?); the delta loss refers to the re-run model")  # fmt: skip
+    return mismatch
 
 
 # ------------------------------------------------------------------------------ what was measured

@@ -66,3 +66,18 @@ def tiny_harvest_args(model: Path, corpus: Path, store: Path, /, **over) -> list
     for k, v in opts.items():
         args += [f"--{k}", str(v)]
     return args
+
+
+@pytest.fixture(scope="session")
+def tiny_fit(tiny_model, corpus, tmp_path_factory) -> Path:
+    """A folder with `store` (the tiny model's layer 1, float32) and `sae` (a small JumpReLU fitted on it)."""
+    from pipeline.cli import app
+
+    root = tmp_path_factory.mktemp("fit")
+    run = CliRunner()
+    r = run.invoke(app, [str(a) for a in tiny_harvest_args(tiny_model, corpus, root / "store")])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["fit", "--store", str(root / "store"), "--out", str(root / "sae"), "--width", "96",
+                         "--steps", "40", "--batch-size", "128", "--target-l0", "12"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return root

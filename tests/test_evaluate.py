@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_harvest_args
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
@@ -15,20 +14,8 @@ from pipeline.store import ActivationStore
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model, corpus, tmp_path_factory):
-    """A store of the tiny model's layer 1 and a small JumpReLU SAE fitted on it (gsp's format)."""
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
-
-    root = tmp_path_factory.mktemp("eval")
-    run = CliRunner()
-    r = run.invoke(app, [str(a) for a in tiny_harvest_args(tiny_model, corpus, root / "store")])
-    assert r.exit_code == 0, r.output
-    r = run.invoke(app, ["fit", "--store", str(root / "store"), "--out", str(root / "sae"), "--width", "96",
-                         "--steps", "40", "--batch-size", "128", "--target-l0", "12"])  # fmt: skip
-    assert r.exit_code == 0, r.output
-    return root
+def setup(tiny_fit):
+    return tiny_fit
 
 
 def _evaluate(gsp, setup, tmp_path, *extra):

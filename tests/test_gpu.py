@@ -49,3 +49,18 @@ def test_cuda_fit_matches_the_format_and_learns(gsp, tmp_path):
 
         p = load_file(out / "params.safetensors")
         assert p["w_enc"].shape == (32, 64) and p["w_enc"].dtype == torch.float32
+
+
+def test_cuda_evaluate_agrees_with_cpu(gsp, tmp_path, monkeypatch):
+    """The smoke setup evaluated on CUDA (bfloat16 model) and on the CPU (float32) gives the same figures."""
+    import json
+
+    monkeypatch.setenv("GSP_CACHE", str(tmp_path / "cache"))
+    r = gsp("evaluate", "--smoke-test", "--device", "cuda", "--reports", tmp_path / "cuda")
+    assert r.exit_code == 0, r.output
+    r = gsp("evaluate", "--smoke-test", "--device", "cpu", "--reports", tmp_path / "cpu")
+    assert r.exit_code == 0, r.output
+    gpu, cpu = (json.loads(next((tmp_path / d).glob("*.json")).read_text()) for d in ("cuda", "cpu"))
+    assert gpu["model"]["device"].startswith("cuda") and gpu["model"]["dtype"] == "bfloat16"
+    assert gpu["reconstruction"]["fvu"] == pytest.approx(cpu["reconstruction"]["fvu"], rel=1e-3)
+    assert gpu["delta_loss"]["ce_clean"] == pytest.approx(cpu["delta_loss"]["ce_clean"], rel=2e-2)
