@@ -15,9 +15,11 @@ from pipeline.console import cli_errors, console
 from pipeline.errors import GspError
 from pipeline.paths import cache_dir
 from stages.evaluate import EvaluateConfig, run_evaluate
+from stages.features import FeaturesConfig, run_features
 from stages.fit import FitConfig, run_fit
 from stages.harvest import HarvestConfig, run_harvest
 from stages.run import RunConfig, run_all
+from stages.steer import SteerConfig, run_steer
 
 app = typer.Typer(
     help="gsp: harvest Gemma activations into a Zarr store, fit sparse autoencoders, evaluate them.",
@@ -140,6 +142,27 @@ def _smoke_evaluate_config(cfg: EvaluateConfig) -> EvaluateConfig:
 command_from_config(app, EvaluateConfig, evaluate, name="evaluate", extra=[TOKEN, SMOKE])
 
 
+def features(cfg: FeaturesConfig, *, token: str | None) -> None:
+    """See what features mean: a static HTML feature browser (+ JSON) from a store, one feature in the
+    terminal (--feature N), or the features firing on each token of a prompt (--prompt TEXT).
+    """
+    run_features(cfg, token=token)
+
+
+command_from_config(app, FeaturesConfig, features, name="features", extra=[TOKEN])
+
+
+def steer(cfg: SteerConfig, *, token: str | None) -> None:
+    """Generate with SAE features added (or clamped) at the SAE's layer, beside the unsteered text (same seed).
+
+    Example: gsp steer --sae DIR --feature 123 --strength 2000 --prompt "The weather today"
+    """
+    run_steer(cfg, token=token)
+
+
+command_from_config(app, SteerConfig, steer, name="steer", extra=[TOKEN])
+
+
 @app.command("run")
 def run_(
     config: Annotated[
@@ -171,16 +194,7 @@ def download(
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision of --model.")] = None,
     sae_revision: Annotated[str | None, typer.Option("--sae-revision", help="Hub revision of --sae.")] = None,
-    token: Annotated[
-        str | None,
-        typer.Option(
-            "--token",
-            envvar="HF_TOKEN",
-            show_envvar=False,
-            show_default=False,
-            help="Hugging Face token (default: $HF_TOKEN). Used for downloads, never stored.",
-        ),
-    ] = None,  # fmt: skip
+    token: Annotated[str | None, TOKEN.annotation.__metadata__[0]] = None,
 ) -> None:
     """Fetch a model and/or an SAE into the Hugging Face cache, for later runs without a network.
 

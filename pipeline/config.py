@@ -55,6 +55,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if optional:
             return None
         raise GspError(f"config key '{key}' may not be empty")
+    if get_origin(base) is list:
+        if not isinstance(value, list):
+            value = [value]  # `feature: 12` in a file means [12]
+        (inner,) = get_args(base)
+        return [_coerce(inner, v, key) for v in value]
     if get_origin(base) is Literal:
         if value not in get_args(base):
             raise GspError(f"config key '{key}' is {value!r}; choose one of {', '.join(map(str, get_args(base)))}")
@@ -130,7 +135,7 @@ def _field_names(cls: type) -> dict[str, str]:
 def build_config(cls: type, config: str | None, flags: dict[str, Any]) -> Any:
     """defaults < config file < flags (a flag left unset is None and does not override)."""
     values = load_config_values(cls, config) if config else {}
-    values.update({k: v for k, v in flags.items() if v is not None})
+    values.update({k: v for k, v in flags.items() if v is not None and v != []})  # an unset list flag is []
     return cls(**values)
 
 

@@ -1,0 +1,114 @@
+"""gsp steer: generate with SAE features added (or clamped) at the SAE's hook point, beside the
+unsteered continuation from the same seed (pipeline/steering.py holds the edit)."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pipeline.config import opt, stage_config
+from pipeline.console import console
+from pipeline.errors import GspError
+from pipeline.hooks import splice
+from pipeline.saes import load_sae
+from pipeline.steering import steer_fn
+from pipeline.store import ActivationStore
+
+
+@stage_config("steer")
+@dataclass
+class SteerConfig:
+    sae: str | None = opt(None, "SAE: a gsp fit folder, a pretrained SAE folder, or a Hub path.")
+    sae_revision: str | None = opt(None, "Hub revision of a Hub --sae.")
+    feature: list[int] | None = opt(None, "Feature to steer with; repeat the flag for several.")
+    strength: list[float] | None = opt(
+        None, "Added multiple of the feature's decoder row (residual units); one per --feature, or one for all."
+    )
+    clamp: bool = opt(False, "Clamp each feature's activation to --strength instead of adding.")
+    positions: Literal["all", "generated"] = opt(
+        "all", "all (every position but BOS) or generated (from the last prompt token on)."
+    )
+    prompt: str = opt("The", "Text to continue.")
+    max_new_tokens: int = opt(40, "Tokens to generate.")
+    temperature: float = opt(0.7, "Sampling temperature; 0 decodes greedily.")
+    top_p: float = opt(0.95, "Nucleus sampling: keep the smallest set of tokens with this much probability.")
+    top_k: int = opt(0, "Sample among the k likeliest tokens only (0: no limit).")
+    seed: int = opt(0, "Seed of the sampling, the same for both continuations.")
+    model: str | None = opt(None, "Model (default: the one the SAE's store came from, else the SAE's model name).")
+    revision: str | None = opt(None, "Hub revision of --model.")
+    layer: int | None = opt(None, "Layer, for SAEs whose files do not name it.")
+    site: Literal["resid_post", "mlp_out", "attn_out"] | None = opt(None, "Site, for SAEs that do not name it.")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "Model dtype (auto: bfloat16 on CUDA).")
+
+    def __post_init__(self):
+        if not self.feature:
+            raise GspError("--feature is required (repeat it to steer with several features)")
+        if not self.strength:
+            raise GspError("--strength is required: how much of each feature's direction to add (or clamp to)")
+        if len(self.strength) not in (1, len(self.feature)):
+            raise GspError(f"give one --strength, or one per --feature ({len(self.feature)}), not {len(self.strength)}")
+        if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise GspError("--max-new-tokens must be positive, --temperature ≥ 0, 0 < --top-p ≤ 1, --top-k ≥ 0")
+
+    @property
+    def values(self) -> list[float]:
+        return self.strength * len(self.feature) if len(self.strength) == 1 else list(self.strength)
+
+
+def run_steer(cfg: SteerConfig, *, token: str | None = None) -> tuple[str, str]:
+    """(unsteered, steered) continuations, printed side by side."""
+    from rich.table import Table
+
+    from pipeline.models import load_model
+
+    if not cfg.sae:
+        raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
+    loaded = load_sae(cfg.sae, revision=cfg.sae_revision, token=token)
+    bad = [f for f in cfg.feature if not 0 <= f < loaded.sae.width]
+    if bad:
+        raise GspError(f"feature {bad[0]} is out of range: this SAE has features 0..{loaded.sae.width - 1}")
+    layer = cfg.layer if cfg.layer is not None else loaded.layer
+    site = cfg.site or loaded.site
+    if layer is None or site is None:
+        raise GspError("this SAE's files name no layer or site: pass --layer and --site")
+    lm = load_model(_model_spec(cfg, loaded), device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
+    sae = loaded.sae.to(lm.device)
+    ids = lm.tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(lm.device)
+    plain = generate(lm.model, ids, cfg)
+    fn = steer_fn(sae, cfg.feature, cfg.values, clamp=cfg.clamp, positions=cfg.positions, prompt_len=ids.shape[1])
+    with splice(lm.model, layer, site, fn):
+        steered = generate(lm.model, ids, cfg)
+    texts = [lm.tokenizer.decode(out[ids.shape[1] :], skip_special_tokens=True) for out in (plain, steered)]
+
+    how = "clamped to" if cfg.clamp else "+"
+    edits = ", ".join(f"#{f} {how} {v:g}" for f, v in zip(cfg.feature, cfg.values, strict=True))
+    table = Table(title=f"{cfg.prompt!r} · layer {layer} {site} · seed {cfg.seed}", title_justify="left")
+    table.add_column("unsteered", ratio=1)
+    table.add_column(f"steered: {edits} ({cfg.positions} positions)", ratio=1)
+    table.add_row(*texts)
+    console.print(table)
+    return texts[0], texts[1]
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, cfg: SteerConfig) -> torch.Tensor:
+    """One continuation, seeded: the same seed gives the same draws with and without steering."""
+    torch.manual_seed(cfg.seed)
+    sample = cfg.temperature > 0
+    kw = {"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k} if sample else {}  # top_k 0: off
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=sample, **kw)[0]
+
+
+def _model_spec(cfg: SteerConfig, loaded) -> str:
+    if cfg.model:
+        return cfg.model
+    store = loaded.config.get("store") if loaded.format == "gsp" else None
+    if store:
+        try:
+            return ActivationStore.open(store).attrs["model"]["spec"]
+        except GspError:
+            pass  # the training store has moved: fall back to the model's name
+    if loaded.model_name:
+        return loaded.model_name
+    raise GspError("--model is required: this SAE's files name no model")

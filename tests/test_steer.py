@@ -1,0 +1,94 @@
+"""gsp steer on a tiny random Gemma 3: the edit is exactly S × the decoder row where it should be,
+strength 0 changes nothing, clamping swaps the feature's contribution, and the CLI's side-by-side."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pipeline.hooks import splice
+from pipeline.saes import load_sae
+from pipeline.steering import steer_fn
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def sae(tiny_fit):
+    return load_sae(str(tiny_fit / "sae")).sae
+
+
+def _layer_out(lm, ids, edit=None) -> torch.Tensor:
+    """Output of block 1 as block 2 receives it (an independent hook on the next block's input)."""
+    seen = {}
+    handle = lm.model.layers[2].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].clone()))
+    try:
+        with torch.no_grad():
+            if edit is None:
+                lm(input_ids=ids)
+            else:
+                with splice(lm, 1, "resid_post", edit):
+                    lm(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+IDS = torch.tensor([[2, 40, 41, 42, 43, 44, 45, 46]])
+
+
+@pytest.mark.parametrize("positions, first", [("all", 1), ("generated", 4)])
+def test_the_edit_adds_exactly_s_times_the_decoder_rows(lm, sae, positions, first):
+    clean = _layer_out(lm, IDS)
+    fn = steer_fn(sae, [3, 7], [2.5, -1.0], positions=positions, prompt_len=5)
+    steered = _layer_out(lm, IDS, fn)
+    want = 2.5 * sae.w_dec[3] - 1.0 * sae.w_dec[7]
+    diff = (steered - clean)[0]
+    torch.testing.assert_close(diff[first:], want.detach().expand(8 - first, -1), rtol=1e-4, atol=1e-5)
+    assert diff[:first].abs().max() == 0  # BOS (and, for "generated", the prompt before its last token)
+
+
+def test_strength_zero_changes_nothing(lm, sae):
+    clean = _layer_out(lm, IDS)
+    assert torch.equal(_layer_out(lm, IDS, steer_fn(sae, [3], [0.0])), clean)
+
+
+def test_clamping_replaces_the_features_contribution(lm, sae):
+    """x' = x + (v − f(x))·d: the SAE's reconstruction with feature f set to v, plus the same error."""
+    f, v = 5, 9.0
+    clean = _layer_out(lm, IDS)[0]
+    steered = _layer_out(lm, IDS, steer_fn(sae, [f], [v], clamp=True))[0]
+    with torch.no_grad():
+        pre = clean @ sae.w_enc[:, f] + sae.b_enc[f]  # JumpReLU written out for the one feature
+        act = pre * (pre > sae.threshold[f])
+        want = (v - act)[:, None] * sae.w_dec[f]
+    torch.testing.assert_close(steered[1:] - clean[1:], want[1:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(steered[0], clean[0])  # BOS untouched
+    assert (act[1:] != v).all()  # the clamp did something at every position
+
+
+def test_steer_cli_side_by_side(gsp, tiny_fit):
+    args = ["steer", "--sae", tiny_fit / "sae", "--prompt", "alpha beta", "--max-new-tokens", 12, "--seed", 3]
+    r0 = gsp(*args, "--feature", 3, "--strength", 0)
+    assert r0.exit_code == 0, r0.output
+    cells = [c.strip() for line in r0.output.splitlines() if line.startswith("│") for c in line.strip("│").split("│")]
+    left, right = " ".join(cells[0::2]), " ".join(cells[1::2])
+    assert left and left == right  # strength 0, same seed: the same sampled text
+    r = gsp(*args, "--feature", 3, "--feature", 7, "--strength", 40, "--strength", 40)
+    assert r.exit_code == 0 and "#3 + 40, #7 + 40" in " ".join(r.output.split())
+    cells = [c.strip() for line in r.output.splitlines() if line.startswith("│") for c in line.strip("│").split("│")]
+    assert " ".join(cells[0::2]) == left  # the unsteered column does not depend on the edit
+    assert " ".join(cells[1::2]) != left  # a strong push changes the sampled text
+
+
+def test_steer_errors_are_one_line(gsp, tiny_fit):
+    for extra, words in (
+        (["--feature", 999, "--strength", 1], "out of range"),
+        (["--strength", 1], "--feature is required"),
+        (["--feature", 1, "--feature", 2, "--strength", 1, "--strength", 2, "--strength", 3], "one --strength"),
+        (["--feature", 1], "--strength is required"),
+    ):
+        r = gsp("steer", "--sae", tiny_fit / "sae", *extra)
+        assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
