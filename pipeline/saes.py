@@ -252,13 +252,13 @@ def _build(params: dict[str, torch.Tensor], arch: str, k, file: Path) -> SAE:
             raise GspError(f"{file}: a topk SAE needs an integer k in its config, got {k!r}")
     _check(params, shapes, file)
     try:
-        sae = SAE(d, n, arch=arch, k=k if arch == "topk" else None)
+        with torch.device("meta"):  # no placeholder weights: a 1M-wide SAE is held in memory once
+            sae = SAE(d, n, arch=arch, k=k if arch == "topk" else None)
     except ValueError as e:
         raise GspError(f"{file}: {e}") from None
-    with torch.no_grad():
-        for name in shapes:
-            getattr(sae, name).copy_(params[name].float())
-    return sae.eval().requires_grad_(False)
+    for name in shapes:
+        setattr(sae, name, torch.nn.Parameter(params[name].float().contiguous(), requires_grad=False))
+    return sae.eval()
 
 
 def _check(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], file: Path) -> None:

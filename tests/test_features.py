@@ -158,3 +158,23 @@ def test_features_on_a_prompt(gsp, tiny_fit, tiny_model):
     last = ids.shape[1] - 1
     row = next(line for line in lines if line.strip("│ ").startswith(f"{last} "))
     assert f"#{int(np.argmax(f[last]))} " in row and f" {int((f[last] > 0).sum())} " in row
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_window_activations_equal_a_full_encode(tiny_fit, arch):
+    """Per-(row, feature) activations read chunk by chunk equal the SAE's full encode of every row."""
+    from pipeline.sae import SAE
+    from stages.features import window_activations
+
+    s = ActivationStore.open(tiny_fit / "store")
+    sae = SAE(s.d_in, 40, arch=arch, k=5).init_gemma_scope(torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+    g = np.random.default_rng(0)
+    rows = g.integers(0, s.rows_written, 300)
+    feats = g.integers(0, 40, 300)
+    got = window_activations(sae, s, rows, feats)
+    with torch.no_grad():
+        full = sae.encode(torch.from_numpy(s.read(0, s.rows_written)))[0].numpy()
+    np.testing.assert_allclose(got, full[rows, feats], rtol=1e-5, atol=1e-6)
+    assert (got > 0).any() and (got == 0).any()
