@@ -39,6 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from pipeline.console import warn
 from pipeline.errors import GspError
 from pipeline.hooks import SITES
 from pipeline.models import hf_token, hub_errors
@@ -141,6 +142,35 @@ def fetch_sae(
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def check_against_store(loaded: LoadedSAE, store) -> tuple[int, str]:
+    """The SAE must read what the store holds: same d_in, layer and site (when the SAE says).
+
+    Returns the store's (layer, site); warns when the SAE names no site or another model."""
+    a = store.attrs
+    if loaded.sae.d_in != store.d_in:
+        raise GspError(
+            f"the SAE takes d_in={loaded.sae.d_in} but store {store.path} holds d_in={store.d_in} "
+            f"({a['hook_point']}); pick the store harvested at the SAE's hook point"
+        )
+    for what, mine in (("layer", loaded.layer), ("site", loaded.site)):
+        if mine is not None and mine != a[what]:
+            raise GspError(
+                f"the SAE was trained at {what} {mine} but store {store.path} holds {what} {a[what]}; "
+                f"harvest a store with --{what} {mine}"
+            )
+    if loaded.site is None:
+        warn(f"the SAE's files do not name its site; assuming the store's ({a['site']})")
+    if loaded.model_name and _base_name(loaded.model_name) != _base_name(a["model"]["name"]):
+        warn(f"the SAE was trained on {loaded.model_name}, the store comes from {a['model']['name']}")
+    return a["layer"], a["site"]
+
+
+def _base_name(name: str) -> str:
+    """google/gemma-3-1b-pt and google/gemma-3-1b name the same weights."""
+    name = name.lower().rstrip("/")
+    return name.removesuffix("-pt")
 
 
 # ------------------------------------------------------------------------------ formats

@@ -25,7 +25,7 @@ from pipeline.errors import GspError
 from pipeline.lm_loss import DeltaLoss
 from pipeline.metrics import DENSE_FREQUENCY, Running
 from pipeline.models import resolve_device
-from pipeline.saes import LoadedSAE, load_sae
+from pipeline.saes import LoadedSAE, check_against_store, load_sae
 from pipeline.store import ActivationStore
 
 
@@ -66,7 +66,7 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
         raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
     loaded = load_sae(cfg.sae, revision=cfg.sae_revision, token=token)
     store = _open_store(cfg, loaded)
-    layer, site = _check_match(loaded, store)
+    layer, site = check_against_store(loaded, store)
     device = resolve_device(cfg.device)
     sae = loaded.sae.to(device)
 
@@ -115,33 +115,6 @@ def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
     if not store.complete:
         warn(f"store {path} is incomplete; using its {store.rows_written:,} written rows")
     return store
-
-
-def _check_match(loaded: LoadedSAE, store: ActivationStore) -> tuple[int, str]:
-    """The SAE must read what the store holds: same d_in, layer and site (when the SAE says)."""
-    a = store.attrs
-    if loaded.sae.d_in != store.d_in:
-        raise GspError(
-            f"the SAE takes d_in={loaded.sae.d_in} but store {store.path} holds d_in={store.d_in} "
-            f"({a['hook_point']}); pick the store harvested at the SAE's hook point"
-        )
-    for what, mine in (("layer", loaded.layer), ("site", loaded.site)):
-        if mine is not None and mine != a[what]:
-            raise GspError(
-                f"the SAE was trained at {what} {mine} but store {store.path} holds {what} {a[what]}; "
-                f"harvest a store with --{what} {mine}"
-            )
-    if loaded.site is None:
-        warn(f"the SAE's files do not name its site; assuming the store's ({a['site']})")
-    if loaded.model_name and _base_name(loaded.model_name) != _base_name(a["model"]["name"]):
-        warn(f"the SAE was trained on {loaded.model_name}, the store comes from {a['model']['name']}")
-    return a["layer"], a["site"]
-
-
-def _base_name(name: str) -> str:
-    """google/gemma-3-1b-pt and google/gemma-3-1b name the same weights."""
-    name = name.lower().rstrip("/")
-    return name.removesuffix("-pt")
 
 
 # ------------------------------------------------------------------------------ reconstruction

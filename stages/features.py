@@ -25,7 +25,7 @@ from pipeline.console import console, err_console, progress
 from pipeline.errors import GspError
 from pipeline.features import HIST_LOW, HIST_STEP, TopActivations, logit_lens
 from pipeline.models import resolve_device
-from pipeline.saes import LoadedSAE, load_sae
+from pipeline.saes import LoadedSAE, check_against_store, load_sae
 from pipeline.store import ActivationStore
 
 
@@ -226,11 +226,7 @@ def _store(cfg: FeaturesConfig, loaded: LoadedSAE) -> ActivationStore:
     if not path:
         raise GspError("--store is required for this SAE (a store harvested at the SAE's layer and site)")
     store = ActivationStore.open(path)
-    if store.d_in != loaded.sae.d_in:
-        raise GspError(f"the SAE takes d_in={loaded.sae.d_in} but store {path} holds d_in={store.d_in}")
-    for what, mine in (("layer", loaded.layer), ("site", loaded.site)):
-        if mine is not None and mine != store.attrs[what]:
-            raise GspError(f"the SAE reads {what} {mine} but store {path} holds {what} {store.attrs[what]}")
+    check_against_store(loaded, store)
     return store
 
 
