@@ -219,7 +219,7 @@ def download(
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="Path of a store written by gsp harvest.")],
+    store: Annotated[str, typer.Argument(help="Path or fsspec URL (s3://, gs://, memory://) of a store.")],
     verify: Annotated[bool, typer.Option("--verify", help="Read every written row back and check checksums.")] = False,
 ) -> None:
     """Print what a store holds: model, hook point, rows, dtype, corpus, statistics."""
@@ -246,13 +246,24 @@ def info(
             "computed on": f"{a['compute']['device']} {a['compute']['dtype']}",
             "written by": f"gsp {a['gsp_version']}, {a['created_at']} .. {a['updated_at']}",
         }
-        size = sum(f.stat().st_size for f in Path(store).rglob("*") if f.is_file())
+        size = _size(str(store))
         rows["size on disk"] = f"{size / 2**20:,.1f} MiB ({size / max(s.rows_written, 1):,.0f} bytes/token)"
         for k, v in rows.items():
             table.add_row(k, str(v))
         console.print(table)
         if verify:
             _verify(s)
+
+
+def _size(path: str) -> int:
+    from pipeline.store import is_url, local
+
+    if is_url(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs.du(p)
+    return sum(f.stat().st_size for f in Path(local(path)).rglob("*") if f.is_file())
 
 
 def _verify(store) -> None:

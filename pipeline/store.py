@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.errors import GroupNotFoundError
 
 from pipeline import __version__
 from pipeline.errors import GspError
@@ -83,10 +84,39 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+def is_url(path: str | Path) -> bool:
+    """A store on an fsspec filesystem (s3://, gs://, memory://, ...); file:// URLs are local paths."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local(path: str | Path) -> str:
+    """A local store path as a plain path (file:// stripped)."""
+    return str(path).removeprefix("file://")
+
+
+def path_state(path: str | Path) -> str:
+    """What is at a store path: "missing", "empty" (an empty folder), "file", "zarr" or "other"."""
+    if is_url(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(str(path))
+        if not fs.exists(p):
+            return "missing"
+        if fs.isfile(p):
+            return "file"
+        return "zarr" if fs.exists(f"{p.rstrip('/')}/zarr.json") else ("other" if fs.ls(p) else "empty")
+    p = Path(local(path))
+    if not p.exists():
+        return "missing"
+    if not p.is_dir():
+        return "file"
+    return "zarr" if (p / "zarr.json").is_file() else ("other" if any(p.iterdir()) else "empty")
+
+
 def _open_group(path: str | Path, mode: str) -> zarr.Group:
     try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
-    except FileNotFoundError:
+        return zarr.open_group(str(path) if is_url(path) else local(path), mode=mode, zarr_format=3)
+    except (FileNotFoundError, GroupNotFoundError):
         raise GspError(f"no store at {path}: check the path, or write one with `gsp harvest --store {path}`") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise GspError(
@@ -119,7 +149,7 @@ class ActivationStore:
         if dtype not in STORED_DTYPES:
             raise GspError(f"store dtype '{dtype}' is not supported: use one of {', '.join(STORED_DTYPES)}")
         n_rows = n_contexts * layout.context_size
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = zarr.open_group(str(path) if is_url(path) else local(path), mode="w", zarr_format=3)
         storage = "uint16" if dtype == "bfloat16" else "float32"
         group.create_array(
             "activations",
@@ -274,9 +304,13 @@ class ActivationStore:
                 self.activations.async_array.setitem(rows, acts), self.token_ids.async_array.setitem(rows, tokens)
             )
 
-        # An event loop per call, rather than zarr's one shared loop: checksumming and assembling
-        # shards then runs on as many writer threads as the caller uses, not on one thread.
-        asyncio.run(both())
+        if is_url(self.path):  # remote filesystems' clients live on zarr's own event loop
+            self.activations[rows] = acts
+            self.token_ids[rows] = tokens
+        else:
+            # An event loop per call, rather than zarr's one shared loop: checksumming and assembling
+            # shards then runs on as many writer threads as the caller uses, not on one thread.
+            asyncio.run(both())
         fault("shard-data-written")
 
     def commit(self, shard: int, rows: int, cursor: dict, sums: "RowSums") -> None:

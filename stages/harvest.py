@@ -26,7 +26,7 @@ from pipeline.errors import GspError
 from pipeline.hooks import SITES, Site, activations, hook_point, site_module, site_width
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
-from pipeline.store import ActivationStore, Layout, RowSums
+from pipeline.store import ActivationStore, Layout, RowSums, is_url, local, path_state
 from pipeline.workers import ContextReader, ReaderSpec, ShardWriter
 
 # Fields that only say where or how to run, not what the store holds; all others must match on resume.
@@ -122,12 +122,12 @@ def run_harvest(
 # ------------------------------------------------------------------------------------- store setup
 def _existing_store(cfg: HarvestConfig, path: str, overwrite: bool) -> ActivationStore | None:
     """The store to resume, or None to start a new one (after checks that nothing foreign is replaced)."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
+    state = path_state(path)
+    if state == "file":
         raise GspError(f"--store {path} is a file; give a folder path for the store")
-    if not p.exists() or not any(p.iterdir()):
+    if state in ("missing", "empty"):
         return None
-    if not (p / "zarr.json").is_file():
+    if state != "zarr":
         raise GspError(f"{path} exists and is not a gsp store; choose another --store (nothing was changed)")
     if overwrite:
         _open_for_overwrite(path)
@@ -188,12 +188,15 @@ class _store_lock:
     """An exclusive lock next to a local store, so two harvests never write one store at once.
 
     The `<store>.lock` file stays: unlinking it would let a third run lock a fresh file while a
-    second still holds the old one."""
+    second still holds the old one. Object stores (s3://, gs://) offer no such lock: there, one
+    harvest per store is the user's to keep."""
 
     def __init__(self, path: str):
-        self.lock_path = Path(f"{path.rstrip('/')}.lock")
+        self.lock_path = None if is_url(path) else Path(f"{local(path).rstrip('/')}.lock")
 
     def __enter__(self):
+        if self.lock_path is None:
+            return self
         try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR)
@@ -207,8 +210,9 @@ class _store_lock:
         return self
 
     def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+        if self.lock_path is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
 
 
 # ------------------------------------------------------------------------------------- the loop
