@@ -35,8 +35,8 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"- {self.unit}/s", style="cyan")
 
 
-def progress(unit: str = "tok") -> Progress:
-    """A progress bar showing done/total, rate in `unit`/s, elapsed and ETA."""
+def progress(unit: str = "tok", *, show: bool = True) -> Progress:
+    """A progress bar showing done/total, rate in `unit`/s, elapsed and ETA (`show=False`: silent)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -48,6 +48,7 @@ def progress(unit: str = "tok") -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
+        disable=not show,
     )
 
 

@@ -35,7 +35,10 @@ class LoaderState:
 
 
 class ShuffledLoader:
-    """Iterates (B, D) float32 CPU tensors (pinned when `pin` is set) forever, epoch after epoch."""
+    """Iterates (B, D) float32 CPU tensors (pinned when `pin` is set) forever, epoch after epoch.
+
+    With `part=(rank, world)` each batch is this process's 1/world slice of the global batch.
+    """
 
     def __init__(
         self,
@@ -47,8 +50,15 @@ class ShuffledLoader:
         mask_special: bool = True,
         pin: bool = False,
         state: LoaderState | None = None,
+        part: tuple[int, int] = (0, 1),
     ):
         self.store, self.batch_size, self.seed, self.pin = store, batch_size, seed, pin
+        rank, world = part
+        if batch_size % world:
+            raise GspError(f"--batch-size {batch_size} must be a multiple of the number of processes ({world})")
+        # under torchrun, this process serves rows [lo, hi) of every global batch: the union over
+        # processes is exactly the batch one process would serve
+        self.lo, self.hi = rank * batch_size // world, (rank + 1) * batch_size // world
         self.rows = store.rows_written
         if self.rows == 0:
             raise GspError(f"store {store.path} holds no rows yet; harvest into it first")
@@ -126,7 +136,7 @@ class ShuffledLoader:
                 pieces.append(pool[pos : pos + take])
                 pos, have = pos + take, have + take
                 if have == self.batch_size:
-                    batch = torch.from_numpy(np.concatenate(pieces))
+                    batch = torch.from_numpy(np.concatenate(pieces)[self.lo : self.hi])
                     self.state = LoaderState(epoch, first + pos)  # the position after this batch
                     yield batch.pin_memory() if self.pin else batch
                     pieces, have = [], 0

@@ -98,6 +98,13 @@ class Running:
         self.pos_l0_S.index_add_(0, pos_B, l0_B.double())
         self.pos_n_S.index_add_(0, pos_B, torch.ones_like(pos_B))
 
+    def to(self, device: torch.device | str) -> "Running":
+        """The same sums on another device (e.g. the CPU, to send to another process)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device))
+        return self
+
     @torch.no_grad()
     def merge(self, other: "Running") -> "Running":
         if other.n:

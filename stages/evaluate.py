@@ -18,13 +18,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, dist
 from pipeline.config import opt, stage_config
 from pipeline.console import info, progress, warn
 from pipeline.errors import GspError
 from pipeline.lm_loss import DeltaLoss
 from pipeline.metrics import DENSE_FREQUENCY, Running
-from pipeline.models import resolve_device
 from pipeline.saes import LoadedSAE, check_against_store, load_sae
 from pipeline.store import ActivationStore
 
@@ -67,16 +66,17 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     loaded = load_sae(cfg.sae, revision=cfg.sae_revision, token=token)
     store = _open_store(cfg, loaded)
     layer, site = check_against_store(loaded, store)
-    device = resolve_device(cfg.device)
+    group = dist.setup(cfg.device)  # under torchrun, each process measures its share of the tokens
+    device = group.device
     sae = loaded.sae.to(device)
 
     t0 = time.perf_counter()
-    recon = reconstruction(sae, store, cfg.tokens, cfg.batch_size, device)
+    recon = reconstruction(sae, store, cfg.tokens, cfg.batch_size, group)
     t_recon = time.perf_counter() - t0
     delta, lm_info, t_delta = None, None, 0.0
     if cfg.delta_loss:
         t0 = time.perf_counter()
-        delta, lm_info = _delta_loss(cfg, sae, store, layer, site, token)
+        delta, lm_info = _delta_loss(cfg, sae, store, layer, site, token, group)
         t_delta = time.perf_counter() - t0
 
     results = {
@@ -89,13 +89,16 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
         "delta_loss": delta,
         "timing": {
             "device": str(device),
+            "processes": group.world,
             "reconstruction_s": t_recon,
             "reconstruction_tokens_per_s": recon["tokens"] / t_recon if t_recon else None,
             "delta_loss_s": t_delta,
             "delta_loss_tokens_per_s": (delta["tokens"] / t_delta) if delta and t_delta else None,
         },
     }
-    return report.write(results, recon["_frequency"], Path(cfg.reports))
+    path = report.write(results, recon["_frequency"], Path(cfg.reports)) if group.main else None
+    dist.teardown(group)
+    return path
 
 
 def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
@@ -119,21 +122,28 @@ def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
 
 # ------------------------------------------------------------------------------ reconstruction
 @torch.no_grad()
-def reconstruction(sae, store: ActivationStore, tokens: int, batch_size: int, device: torch.device) -> dict:
-    """Running metrics over the first `tokens` ordinary rows of the store (whole store if fewer)."""
-    C = store.context_size
+def reconstruction(sae, store: ActivationStore, tokens: int, batch_size: int, group: dist.Group) -> dict:
+    """Running metrics over the first `tokens` ordinary rows of the store (whole store if fewer).
+
+    Under torchrun process r takes batches r, r + world, ...; the sums are then merged."""
+    C, device = store.context_size, group.device
     run = Running(store.d_in, sae.width, C, device)
-    with progress("tok") as bar:
+    with progress("tok", show=group.main) as bar:
         task = bar.add_task("reconstruction", total=min(tokens, store.rows_written))
-        for x_BD, rows_B in store.ordinary_rows(tokens, batch_size):
+        for i, (x_BD, rows_B) in enumerate(store.ordinary_rows(tokens, batch_size)):
+            if i % group.world != group.rank:
+                continue
             x = torch.from_numpy(x_BD).to(device)
             out = sae(x)
             run.update(x, out.x_hat_BD, out.f_BF, torch.from_numpy(rows_B % C).to(device))
-            bar.update(task, completed=run.n)
-        bar.update(task, total=run.n, completed=run.n)
+            bar.update(task, completed=run.n * group.world)
+    shares = dist.gather(group, run.to("cpu"))
+    run = shares[0]
+    for other in shares[1:]:
+        run.merge(other)
     if run.n < 2:
         raise GspError(f"store {store.path} has fewer than 2 ordinary tokens to measure on")
-    if run.n < tokens:
+    if run.n < tokens and group.main:
         info(f"the store holds {run.n:,} ordinary tokens; all were used (asked for {tokens:,})")
     result = run.result()
     result["_frequency"] = run.frequencies()
@@ -142,7 +152,7 @@ def reconstruction(sae, store: ActivationStore, tokens: int, batch_size: int, de
 
 
 # ------------------------------------------------------------------------------ delta loss
-def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, site: str, token) -> tuple[dict, dict]:
+def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, site: str, token, group) -> tuple:
     from pipeline.hooks import site_width
     from pipeline.models import load_model
 
@@ -150,7 +160,7 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, si
     spec = cfg.model or a["model"]["spec"]
     # the store's Hub commit, unless another model is asked for (local folders and the package ignore it)
     revision = cfg.revision or (a["model"]["revision"] if cfg.model is None else None)
-    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, revision=revision, token=token)
+    lm = load_model(spec, device=str(group.device), dtype=cfg.dtype, revision=revision, token=token)
     if site_width(lm.model, layer, site) != store.d_in:
         raise GspError(f"model {spec} has width {site_width(lm.model, layer, site)} at layer {layer} {site}, "
                        f"the store {store.d_in}: pass the --model the store was harvested from")  # fmt: skip
@@ -163,12 +173,18 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, si
 
     mismatch = _rerun_mismatch(lm.model, store, ids_all[:per_batch].to(lm.device), layer, site)
     acc = DeltaLoss()
-    with progress("tok") as bar:
+    with progress("tok", show=group.main) as bar:
         task = bar.add_task("delta loss (3 passes)", total=n_ctx * C)
-        for i in range(0, n_ctx, per_batch):
+        for b, i in enumerate(range(0, n_ctx, per_batch)):
+            if b % group.world != group.rank:
+                continue
             ids = ids_all[i : i + per_batch].to(lm.device)
             acc.run(lm.model, sae, ids, layer, site, store.special_ids)
-            bar.advance(task, ids.numel())
+            bar.advance(task, ids.numel() * group.world)
+    shares = dist.gather(group, acc)  # a collective: every process takes part
+    acc = shares[0]
+    for other in shares[1:]:
+        acc.merge(other)
     result = acc.result()
     result["tokens"] = n_ctx * C
     result["store_activation_mismatch"] = mismatch

@@ -21,14 +21,13 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import __version__
+from pipeline import __version__, dist
 from pipeline.config import opt, stage_config
 from pipeline.console import console, err_console, info
 from pipeline.errors import GspError
 from pipeline.faults import fault
 from pipeline.loader import LoaderState, ShuffledLoader
 from pipeline.metrics import dead_fraction, fvu, l0
-from pipeline.models import resolve_device  # device helpers only: transformers is never imported
 from pipeline.paths import cache_dir
 from pipeline.sae import SAE, jumprelu, sparse_jumprelu_sae, step
 from pipeline.store import ActivationStore
@@ -100,7 +99,8 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     if not cfg.store:
         raise GspError("--store is required: the path of a store written by gsp harvest")
     store = ActivationStore.open(cfg.store)
-    device = resolve_device(cfg.device)
+    group = dist.setup(cfg.device)  # one process, or this process's share under torchrun
+    device = group.device
     stats = store.attrs["stats"]
     if stats["count"] == 0:
         raise GspError(f"store {cfg.store} has no statistics over non-special rows; is it empty?")
@@ -123,14 +123,20 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
         info(f"resuming from step {start_step:,} of {cfg.total_steps:,}")
     elif (cfg.out_dir / "params.safetensors").exists() or ckpt.exists():
         raise GspError(f"{cfg.out_dir} already holds an SAE; use --resume to continue it, or another --out")
+    dist.barrier(group)  # every process has checked the output folder before rank 0 writes to it
 
     loader = ShuffledLoader(
         store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, pin=device.type == "cuda",
-        state=loader_state,
+        state=loader_state, part=(group.rank, group.world),
     )  # fmt: skip
-    logger = _wandb(cfg) if cfg.wandb else None
-    last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, device, ckpt, logger)
-    return _save(cfg, store, sae, scale, last)
+    if group.world > 1 and group.main:
+        share = cfg.batch_size // group.world
+        info(f"{group.world} processes, {share:,} rows each of every {cfg.batch_size:,}-row batch")
+    logger = _wandb(cfg) if cfg.wandb and group.main else None
+    last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, group, ckpt, logger)
+    out = _save(cfg, store, sae, scale, last) if group.main else cfg.out_dir
+    dist.teardown(group)
+    return out
 
 
 def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
@@ -145,8 +151,16 @@ def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
     return lr, lam
 
 
-def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F: torch.Tensor, sparse: bool = False):
-    """(loss, x̂, f) for one batch of unit-scaled inputs; `sparse`: JumpReLU's sparse decoder path."""
+def loss_terms(
+    cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F: torch.Tensor, sparse: bool = False,
+    group: dist.Group = dist.Group(),
+):  # fmt: skip
+    """(loss, x̂, f) for one batch of unit-scaled inputs; `sparse`: JumpReLU's sparse decoder path.
+
+    Under torchrun `x_BD` is this process's share of the global batch; terms that are not plain
+    means over rows (the target-L0 penalty, the AuxK normaliser) use the global batch's values, so
+    that the averaged gradients equal one process's on the whole batch.
+    """
     if cfg.arch == "jumprelu":
         if sparse:
             x_hat, pre, active = sparse_jumprelu_sae(
@@ -162,6 +176,7 @@ def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F:
         if cfg.target_l0 is None:
             sparsity = lam * l0_
         else:
+            l0_ = dist.mean_differentiable(group, l0_)  # the penalty is on the global batch's L0
             sparsity = lam * (2 / cfg.target_l0) * (l0_ - cfg.target_l0).square()
         return recon + sparsity, x_hat, f
     # TopK: decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
@@ -177,15 +192,26 @@ def loss_terms(cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F:
     err = (x_BD - x_hat).detach()
     aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(min(cfg.aux_k, n_dead), dim=-1)
     err_hat = torch.nn.functional.embedding_bag(aux_idx, sae.w_dec, per_sample_weights=aux_vals.relu(), mode="sum")
-    aux = (err_hat - err).square().sum(-1).mean() / err.square().sum(-1).mean().clamp_min(1e-12)
+    norm = err.square().sum(-1).mean()
+    dist.mean_(group, [norm])  # the global batch's error, so that the ratio is the global one
+    aux = (err_hat - err).square().sum(-1).mean() / norm.clamp_min(1e-12)
     return recon + cfg.aux_coeff * aux, x_hat, f
 
 
-def train_step(cfg: FitConfig, sae: SAE, opt_, x_BD: torch.Tensor, lam: float, since_fired: torch.Tensor, sparse: bool):
-    """One optimisation step on a unit-scaled batch; returns (loss, x̂, f) for the logs."""
-    loss, x_hat, f = loss_terms(cfg, sae, x_BD, lam, since_fired >= cfg.dead_tokens, sparse)
+def train_step(
+    cfg: FitConfig, sae: SAE, opt_, x_BD: torch.Tensor, lam: float, since_fired: torch.Tensor, sparse: bool,
+    group: dist.Group = dist.Group(),
+):  # fmt: skip
+    """One optimisation step on a unit-scaled batch; returns (loss, x̂, f) for the logs.
+
+    Under torchrun: gradients are averaged across processes (one flat all-reduce) before the
+    optimiser step, and latents count as fired when they fired in any process's share, so every
+    process holds the same weights and dead-latent counters after every step.
+    """
+    loss, x_hat, f = loss_terms(cfg, sae, x_BD, lam, since_fired >= cfg.dead_tokens, sparse, group)
     opt_.zero_grad(set_to_none=True)
     loss.backward()
+    dist.mean_(group, [p.grad for p in sae.parameters() if p.grad is not None])
     with torch.no_grad():
         w, g = sae.w_dec, sae.w_dec.grad  # keep rows on the unit sphere: drop the radial part
         g -= (g * w).sum(-1, keepdim=True) * w
@@ -193,37 +219,41 @@ def train_step(cfg: FitConfig, sae: SAE, opt_, x_BD: torch.Tensor, lam: float, s
     with torch.no_grad():
         sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
         sae.threshold.clamp_(min=0.0)  # a negative θ would let negative pre-activations through
-        since_fired += len(x_BD)
-        since_fired[(f != 0).any(0)] = 0
+        since_fired += len(x_BD) * group.world
+        since_fired[dist.any_(group, (f != 0).any(0))] = 0
     return loss, x_hat, f
 
 
-def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, device, ckpt, logger) -> dict:
+def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, group, ckpt, logger) -> dict:
     n = cfg.total_steps
     metrics: dict = {}
     t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
     batches = iter(loader)
-    with _display() as live:
+    with _display(group.main) as live:
         task = live.add_task("fit", total=n, completed=start_step, metrics="")
         for step_ in range(start_step, n):
             lr, lam = _schedule(cfg, step_)
-            for group in opt_.param_groups:
-                group["lr"] = lr
-            x = next(batches).to(device, non_blocking=True) * scale  # (B, D) unit-scaled
+            for pg in opt_.param_groups:
+                pg["lr"] = lr
+            x = next(batches).to(group.device, non_blocking=True) * scale  # (B, D) unit-scaled, this share
 
             # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
-            sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and device.type == "cpu" and density < 0.05)
-            loss, x_hat, f = train_step(cfg, sae, opt_, x, lam, since_fired, sparse)
+            cpu = group.device.type == "cpu"
+            sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and density < 0.05)
+            loss, x_hat, f = train_step(cfg, sae, opt_, x, lam, since_fired, sparse, group)
 
             done = step_ + 1
             if done % cfg.log_every == 0 or done == n:
                 tok_s = (done * cfg.batch_size - tokens_at_t0) / (time.perf_counter() - t0)
-                density = (f != 0).float().mean().item()
+                # averaged over processes (FVU as the mean of the shares' FVUs): the same on every process
+                logged = torch.stack([loss.detach(), l0(f), fvu(x, x_hat.detach()).float(), (f != 0).float().mean()])
+                dist.mean_(group, [logged])
+                loss_, l0_, fvu_, density = logged.tolist()
                 metrics = {
                     "step": done,
-                    "loss": loss.item(),
-                    "l0": l0(f).item(),
-                    "fvu": fvu(x, x_hat.detach()).item(),
+                    "loss": loss_,
+                    "l0": l0_,
+                    "fvu": fvu_,
                     "dead": dead_fraction(since_fired, cfg.dead_tokens),
                     "lr": lr,
                     "lambda": lam,
@@ -233,8 +263,10 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, devi
                 if logger:
                     logger.log(metrics, step=done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n:
-                _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, loader.state, density)
-                fault("fit-checkpoint-saved")
+                if group.main:
+                    _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, loader.state, density)
+                    fault("fit-checkpoint-saved")
+                dist.barrier(group)
     return metrics
 
 
@@ -245,7 +277,7 @@ def _line(m: dict) -> str:
     )
 
 
-def _display():
+def _display(show: bool = True):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
@@ -256,6 +288,7 @@ def _display():
         TimeRemainingColumn(),
         TextColumn("{task.fields[metrics]}"),
         console=err_console,
+        disable=not show,  # under torchrun only rank 0 shows progress
     )
 
 

@@ -91,3 +91,21 @@ def test_empty_store_is_an_error(tmp_path):
     s = _make(tmp_path, complete=False, shards=0)
     with pytest.raises(GspError, match="holds no rows"):
         ShuffledLoader(s, 32)
+
+
+def test_process_shares_make_up_the_global_batch(tmp_path):
+    """Under torchrun each process serves a disjoint slice; together they are one process's batch."""
+    import itertools
+
+    from pipeline.tiny import write_synthetic_store
+
+    x = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float32)
+    write_synthetic_store(tmp_path / "s", x)
+    store = ActivationStore.open(tmp_path / "s")
+    whole = [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3), 50)]
+    parts = [
+        [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3, part=(r, 3)), 50)] for r in range(3)
+    ]
+    for i in range(50):
+        assert all(len(p[i]) == 32 for p in parts)
+        np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), whole[i])

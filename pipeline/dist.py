@@ -1,0 +1,99 @@
+"""torch.distributed for gsp under torchrun: one process per GPU (or CPU slot), any number of nodes.
+
+    torchrun --nproc-per-node 8 -m pipeline fit --store ... --batch-size 8192
+    torchrun --nnodes 2 --node-rank 0 --master-addr HOST --nproc-per-node 8 -m pipeline fit ...
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them gsp runs as one process and every
+helper here is a no-op. The backend is NCCL on CUDA and gloo on the CPU (the tests run 2 gloo
+processes on this machine's CPU).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import GspError
+from pipeline.models import resolve_device
+
+
+@dataclass(frozen=True)
+class Group:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str) -> Group:
+    """Join the torchrun group (if launched by torchrun) and pick this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if world == 1:
+        return Group(0, 1, dev)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise GspError(
+                f"local rank {local} has no GPU ({torch.cuda.device_count()} visible); lower --nproc-per-node"
+            )
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Group(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def teardown(group: Group) -> None:
+    if group.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier(group: Group) -> None:
+    if group.world > 1:
+        dist.barrier()
+
+
+def mean_(group: Group, tensors: list[torch.Tensor]) -> None:
+    """Average tensors across processes in place, in one flat all-reduce."""
+    if group.world == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= group.world
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def any_(group: Group, mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise OR of a boolean tensor across processes."""
+    if group.world == 1:
+        return mask
+    m = mask.to(torch.int32)
+    dist.all_reduce(m, op=dist.ReduceOp.MAX)
+    return m.bool()
+
+
+def mean_differentiable(group: Group, x: torch.Tensor) -> torch.Tensor:
+    """The cross-process mean of a scalar, with gradients flowing back to each process's share."""
+    if group.world == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x) / group.world
+
+
+def gather(group: Group, obj):
+    """Every process's `obj` (picklable, on the CPU), in rank order, on every process."""
+    if group.world == 1:
+        return [obj]
+    out = [None] * group.world
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,104 @@
+"""gsp under torchrun: 2 gloo processes on the CPU give what one process gives with the same global batch."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, gsp_subprocess
+from safetensors.torch import load_file
+
+from pipeline.tiny import write_synthetic_store
+
+
+def torchrun(n: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "pipeline"]
+    return subprocess.run(
+        [*cmd, *map(str, args)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8192, 32)) * 20 + rng.standard_normal(32) * 5).astype(np.float32)
+    path = tmp_path_factory.mktemp("dist") / "store"
+    write_synthetic_store(path, x)
+    return path
+
+
+def _fit(store, out, *extra) -> list[str]:
+    return ["fit", "--store", store, "--out", out, "--width", 64, "--steps", 30, "--batch-size", 256,
+            "--log-every", 5, "--device", "cpu", *extra]  # fmt: skip
+
+
+def _params(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "params.safetensors")
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [["--arch", "jumprelu", "--target-l0", "6", "--sparsity-coeff", "0.1"], ["--arch", "topk", "--k", "6"]],
+    ids=["jumprelu-target-l0", "topk"],
+)
+def test_two_processes_fit_what_one_process_fits(store, tmp_path, arch):
+    one = gsp_subprocess(*_fit(store, tmp_path / "one", *arch), env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *_fit(store, tmp_path / "two", *arch))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _params(tmp_path / "one"), _params(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-3, atol=2e-4, msg=k)
+    assert "2 processes, 128 rows each of every 256-row batch" in two.stderr
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(store, tmp_path):
+    args = _fit(store, tmp_path / "run", "--checkpoint-every", 10, "--arch", "topk", "--k", "6")
+    killed = torchrun(2, *args, env={"GSP_FAULT": "fit-checkpoint-saved:2"})
+    assert killed.returncode != 0  # rank 0 died right after its second checkpoint (step 20)
+    resumed = gsp_subprocess(*args, "--resume", env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 20" in resumed.stderr
+    straight = gsp_subprocess(*_fit(store, tmp_path / "straight", "--arch", "topk", "--k", "6"))
+    assert straight.returncode == 0, straight.stderr
+    a, b = _params(tmp_path / "straight"), _params(tmp_path / "run")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-3, atol=2e-4, msg=k)
+
+
+def test_the_batch_must_split_evenly(store, tmp_path):
+    r = torchrun(2, "fit", "--store", store, "--out", tmp_path / "odd", "--batch-size", 255, "--steps", 2)
+    assert r.returncode != 0 and "multiple of the number of processes (2)" in r.stderr
+
+
+def test_two_processes_evaluate_what_one_process_evaluates(tiny_fit, tmp_path):
+    import json
+
+    args = ["evaluate", "--sae", tiny_fit / "sae", "--store", tiny_fit / "store", "--batch-size", 100,
+            "--delta-tokens", 256, "--lm-batch-tokens", 64, "--device", "cpu"]  # fmt: skip
+    one = gsp_subprocess(*args, "--reports", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, *args, "--reports", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(list((tmp_path / "two").glob("*.json"))) == 1  # one report, from rank 0
+    a, b = (json.loads(next((tmp_path / d).glob("*.json")).read_text()) for d in ("one", "two"))
+    assert b["timing"]["processes"] == 2 and a["timing"]["processes"] == 1
+    for key in ("tokens", "l0", "fvu", "mse", "cosine", "dead_features", "dense_features", "l0_histogram"):
+        assert b["reconstruction"][key] == pytest.approx(a["reconstruction"][key], rel=1e-9), key
+    for key in (
+        "predictions",
+        "contexts",
+        "ce_clean",
+        "ce_spliced",
+        "ce_zero_ablated",
+        "delta_loss",
+        "kl_clean_spliced",
+    ):
+        assert b["delta_loss"][key] == pytest.approx(a["delta_loss"][key], rel=1e-6), key
