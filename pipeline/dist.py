@@ -97,3 +97,20 @@ def gather(group: Group, obj):
     out = [None] * group.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main(group: Group, fn):
+    """`fn()` on rank 0, its result (or its GspError) on every process."""
+    if group.world == 1:
+        return fn()
+    box: list = [None]
+    if group.main:
+        try:
+            box[0] = ("ok", fn())
+        except GspError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise GspError(value)
+    return value

@@ -332,6 +332,65 @@ class ActivationStore:
             self.token_ids.resize((rows,))
         self._update({"complete": True})
 
+    # ---------------------------------------------------------------- multi-process harvests (torchrun)
+    # Process r of W fills shards r, r + W, ... and records them in its own group progress/rank-r-of-W
+    # (one zarr.json per process, so processes never write the same file); rank 0 merges the records
+    # into rows_written, statistics and `complete` once every process is done.
+    def rank_group(self, rank: int, world: int) -> zarr.Group:
+        return zarr.open_group(store=self.group.store, path=f"progress/rank-{rank}-of-{world}", mode="a")
+
+    def rank_record(self, rank: int, world: int) -> dict:
+        attrs = dict(self.rank_group(rank, world).attrs)
+        return attrs or {"shards": {}, "stats": empty_stats(self.d_in), "cursor": {"doc": 0, "offset": 0}}
+
+    def other_worlds(self, world: int) -> list[int]:
+        """World sizes of earlier, unfinished multi-process harvests other than `world`."""
+        from zarr.core.sync import sync
+
+        async def names():
+            return [k async for k in self.group.store.list_dir("progress")]
+
+        found = {int(n.rsplit("-of-", 1)[1]) for n in sync(names()) if n.startswith("rank-")}
+        return sorted(found - {world})
+
+    def commit_rank(self, rank: int, world: int, shard: int, rows: int, cursor: dict, sums: "RowSums") -> None:
+        """Claim shard `shard` for process `rank`: its record gains the shard, statistics and cursor at once."""
+        record = self.rank_record(rank, world)
+        record["shards"][str(shard)] = rows
+        record["stats"] = merge_stats(record["stats"], sums)
+        record["cursor"] = cursor
+        self.rank_group(rank, world).update_attributes(record)
+
+    def end_rank(self, rank: int, world: int, shards: int) -> None:
+        """Record that the corpus ran out: the store has only its first `shards` shards (the last maybe partial)."""
+        record = self.rank_record(rank, world)
+        record["ended"] = shards
+        self.rank_group(rank, world).update_attributes(record)
+
+    def finish_ranks(self, world: int) -> int:
+        """Rank 0, after every process is done: merge the records, claim the rows, mark complete."""
+        records = [self.rank_record(r, world) for r in range(world)]
+        done = {int(k): v for rec in records for k, v in rec["shards"].items()}
+        n_shards = min(
+            [math.ceil(self.activations.shape[0] / self.shard_rows)] + [r["ended"] for r in records if "ended" in r]
+        )
+        rows = 0
+        for shard in range(n_shards):
+            if shard not in done:
+                raise GspError(f"shard {shard} of store {self.path} was never written; rerun the same command")
+            rows += done[shard]
+            if done[shard] < self.shard_rows:
+                break  # the corpus ran out inside this shard
+        stats = self.attrs["stats"]
+        for rec in records:
+            s = rec["stats"]
+            stats = merge_stats(stats, RowSums(np.asarray(s["sum"]), s["sum_sq_norm"], s["count"]))
+        last = max(done) if done else 0
+        cursor = records[last % world]["cursor"]
+        self._update({"rows_written": rows, "stats": stats, "cursor": cursor})
+        self.finish(rows)
+        return rows
+
     def _update(self, values: dict) -> None:
         # One write of zarr.json for all values: `group.attrs.update` would write it once per key,
         # and a kill between those writes could claim rows with a stale cursor.

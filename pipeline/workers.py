@@ -135,8 +135,9 @@ class ShardWriter:
     every earlier shard are complete, so a kill never leaves a claim on a missing or partial shard.
     """
 
-    def __init__(self, store, *, workers: int, process: bool):
+    def __init__(self, store, *, workers: int, process: bool, commit=None):
         self.store, self.workers = store, workers
+        self.commit = commit or store.commit  # under torchrun: this process's own record
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gsp-writer")
         self.pending: collections.deque = collections.deque()
         self.procs, self.conns = [], queue.Queue()
@@ -175,7 +176,7 @@ class ShardWriter:
     def _commit_oldest(self) -> None:
         future, shard, rows, cursor, sums = self.pending.popleft()
         future.result()  # re-raises a write error (a full disk, say) in the main thread
-        self.store.commit(shard, rows, cursor, sums)
+        self.commit(shard, rows, cursor, sums)
         fault("shard-committed")
 
     def close(self) -> None:

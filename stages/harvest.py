@@ -6,8 +6,10 @@ order (pipeline/workers.py). Batches never straddle a shard, so a resumed run fe
 exactly the batches an uninterrupted run would, and ends with exactly the same store.
 """
 
+import contextlib
 import dataclasses
 import fcntl
+import functools
 import math
 import os
 import tempfile
@@ -19,6 +21,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from pipeline import dist
 from pipeline.config import opt, stage_config
 from pipeline.console import console, info, progress, warn
 from pipeline.corpus import Cursor
@@ -99,6 +102,9 @@ def run_harvest(
     `model` may be a model already loaded from cfg.model (notebooks, benchmarks); by default it is loaded here.
     """
     path = cfg.store_path
+    group = dist.setup(cfg.device)
+    if group.world > 1:
+        return _run_ranks(cfg, path, token, overwrite, group)
     with _store_lock(path):
         store = _existing_store(cfg, path, overwrite)
         if store is not None and store.complete:
@@ -117,6 +123,89 @@ def run_harvest(
             )
         _harvest_into(store, cfg, lm, token)
     return path
+
+
+def _run_ranks(cfg: HarvestConfig, path: str, token: str | None, overwrite: bool, group: dist.Group) -> str:
+    """Under torchrun: rank 0 checks or creates the store (holding its lock throughout); then every
+    process fills its own shards, s % world == rank; rank 0 claims them all at the end."""
+    lm = load_model(cfg.model, device=str(group.device), dtype=cfg.dtype, revision=cfg.revision, token=token)
+    site_module(lm.model, cfg.layer, cfg.site)
+    d_in = site_width(lm.model, cfg.layer, cfg.site)
+    compute = {"device": lm.device.type, "dtype": str(lm.dtype).removeprefix("torch.")}
+
+    def prepare() -> bool:  # rank 0 only; True when there is nothing to do
+        store = _existing_store(cfg, path, overwrite)
+        if store is None:
+            store = _create_store(cfg, path, lm, d_in, compute)
+        elif store.complete:
+            return True
+        elif store.attrs["compute"] != compute:
+            raise GspError(f"store {path} was started with {store.attrs['compute']}, this run computes with {compute}")
+        elif store.rows_written:
+            raise GspError(f"store {path} was started by one process; resume it with one process, not torchrun")
+        others = store.other_worlds(group.world)
+        if others:
+            raise GspError(
+                f"store {path} was started by {others[0]} processes; resume with --nproc-per-node {others[0]}"
+            )
+        return False
+
+    with _store_lock(path) if group.main else contextlib.nullcontext():
+        if dist.on_main(group, prepare):
+            if group.main:
+                info(f"store {path} is already complete; nothing to do")
+            dist.teardown(group)
+            return path
+        store = ActivationStore.open(path, mode="r+")
+        t0 = time.perf_counter()
+        _harvest_ranks(store, cfg, lm, token, group)
+        dist.barrier(group)  # every process has committed its shards
+        if group.main:
+            rows, seconds = store.finish_ranks(group.world), time.perf_counter() - t0
+            console.print(
+                f"{group.world} processes wrote {rows:,} rows to [bold]{path}[/] in {seconds:.1f} s "
+                f"({rows / seconds:,.0f} tok/s, resumed shards included)",
+                highlight=False,
+            )
+    dist.teardown(group)
+    return path
+
+
+def _harvest_ranks(store: ActivationStore, cfg: HarvestConfig, lm, token: str | None, group: dist.Group) -> None:
+    """This process's shards. Every process reads the whole corpus stream (the packing of shard s
+    depends on every document before it) and runs the model on its own shards only."""
+    C = cfg.context_size
+    shard_contexts = store.shard_rows // C
+    n_contexts = store.activations.shape[0] // C
+    done = store.rank_record(group.rank, group.world)["shards"]
+    shards = range(math.ceil(n_contexts / shard_contexts))
+    mine = [s for s in shards if s % group.world == group.rank and str(s) not in done]
+    commit = functools.partial(store.commit_rank, group.rank, group.world)
+    spec = ReaderSpec(
+        documents={**{k: getattr(cfg, k) for k in _CORPUS}, "start": 0, "token": hf_token(token)},
+        context_size=C,
+        start=Cursor(),
+        tokenizer=lm.tokenizer,
+    )
+    workers = 2 if lm.device.type == "cpu" else 4
+    with progress("tok", show=group.main) as bar:
+        reader = ContextReader(spec, process=False)
+        writer = ShardWriter(store, workers=workers, process=False, commit=commit)
+        try:
+            task = bar.add_task(f"harvest ({group.world} processes)", total=len(mine) * shard_contexts * C)
+            for shard in shards[: mine[-1] + 1] if mine else []:
+                want = min(shard_contexts, n_contexts - shard * shard_contexts)
+                if shard in mine:
+                    got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
+                else:
+                    got = len(reader.take(want))  # another process's shard, or one already written
+                if got < want:
+                    store.end_rank(group.rank, group.world, shard + (got > 0))
+                    break
+            writer.close()
+        finally:
+            reader.stop()
+            writer.stop()
 
 
 # ------------------------------------------------------------------------------------- store setup

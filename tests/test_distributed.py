@@ -102,3 +102,51 @@ def test_two_processes_evaluate_what_one_process_evaluates(tiny_fit, tmp_path):
         "kl_clean_spliced",
     ):
         assert b["delta_loss"][key] == pytest.approx(a["delta_loss"][key], rel=1e-6), key
+
+
+def _same_store(a_path, b_path):
+    from pipeline.store import ActivationStore
+
+    a, b = ActivationStore.open(a_path), ActivationStore.open(b_path)
+    assert a.complete and b.complete and a.rows_written == b.rows_written > 0
+    np.testing.assert_array_equal(a.read(0, a.rows_written), b.read(0, b.rows_written))
+    np.testing.assert_array_equal(a.read_tokens(0, a.rows_written), b.read_tokens(0, b.rows_written))
+    assert a.attrs["stats"]["count"] == b.attrs["stats"]["count"]
+    np.testing.assert_allclose(a.attrs["stats"]["sum"], b.attrs["stats"]["sum"], rtol=1e-12)
+    return a.rows_written
+
+
+def test_two_processes_harvest_the_store_one_process_harvests(tiny_model, corpus, tmp_path):
+    from conftest import tiny_harvest_args
+
+    one = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(2, "harvest", *tiny_harvest_args(tiny_model, corpus, tmp_path / "two")[1:], "--device", "cpu")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes wrote 1,024 rows" in two.stderr + two.stdout
+    assert _same_store(tmp_path / "one", tmp_path / "two") == 1024
+
+    # killed: each process dies right after claiming its first shard; the rerun finishes the rest
+    args = tiny_harvest_args(tiny_model, corpus, tmp_path / "killed")[1:]
+    killed = torchrun(2, "harvest", *args, "--device", "cpu", env={"GSP_FAULT": "shard-committed:1"})
+    assert killed.returncode != 0
+    resumed = torchrun(2, "harvest", *args, "--device", "cpu")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_store(tmp_path / "one", tmp_path / "killed")
+    three = torchrun(3, "harvest", *args, "--device", "cpu")
+    assert three.returncode == 0 and "already complete" in three.stderr + three.stdout
+
+
+def test_two_processes_stop_where_the_corpus_ends(tiny_model, tmp_path):
+    from conftest import tiny_harvest_args
+
+    small = tmp_path / "small.txt"
+    small.write_text("\n\n".join(f"Document {i} has a few words in it, and then some more." for i in range(40)))
+    one = gsp_subprocess(*tiny_harvest_args(tiny_model, small, tmp_path / "one", tokens=100_000))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(
+        2, "harvest", *tiny_harvest_args(tiny_model, small, tmp_path / "two", tokens=100_000)[1:], "--device", "cpu"
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows = _same_store(tmp_path / "one", tmp_path / "two")
+    assert 0 < rows < 100_000
