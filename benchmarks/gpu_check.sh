@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA path in one prepared run (a few minutes on one GPU): the GPU tests, then harvest
-# throughput against the bare early-stopped forward, on a Gemma 3 270M-shaped model, plus the
-# card's arithmetic floors. Prints a Markdown table to paste into benchmarks/RESULTS.md.
+# The CUDA path in one prepared run (a few minutes on one GPU): the GPU tests, the card's
+# arithmetic floors, harvest throughput against the bare early-stopped forward, then gsp fit
+# (JumpReLU and TopK, width 16k) and gsp evaluate (delta loss included) on CUDA, all on a Gemma 3
+# 270M-shaped model. Prints figures to paste into benchmarks/RESULTS.md.
 #
 # On a GPU box with gsp installed:   bash benchmarks/gpu_check.sh
 # Where the offline model's package is missing (a bare GPU machine), a folder holding the 270M's
@@ -98,3 +99,23 @@ for workers in threads processes; do
   $PY benchmarks/harvest.py --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 \
       --batch-size 32 --workers $workers 2>&1 | grep -E "^\||machine|tokens,|rror"
 done
+
+echo "== fit and evaluate on CUDA, from the store the harvest benchmark left (or a fresh 1M-token one)"
+STORE=$WORK/eval-store
+$PY -m pipeline harvest --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 --batch-size 32 \
+    --tokens 1048576 --store "$STORE" 2>&1 | grep -E "wrote|rror"
+$PY -m pipeline harvest --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 --batch-size 32 \
+    --tokens 65536 --part heldout --store "$STORE-heldout" 2>&1 | grep -E "wrote|rror"
+for arch in "--arch jumprelu --target-l0 60" "--arch topk --k 60"; do
+  rm -rf "$WORK/sae"
+  $PY -m pipeline fit --store "$STORE" --out "$WORK/sae" $arch --width 16384 --batch-size 4096 --tokens 2097152 \
+      --device cuda 2>&1 | grep -E "saved|rror"
+done
+$PY -m pipeline evaluate --sae "$WORK/sae" --store "$STORE-heldout" --device cuda --delta-tokens 65536 \
+    --lm-batch-tokens 8192 --reports "$WORK/reports" 2>&1 | grep -E "tokens measured|FVU|delta loss|recovered|rror"
+$PY - "$WORK/reports" <<'PY'
+import json, pathlib, sys
+r = json.loads(sorted(pathlib.Path(sys.argv[1]).glob("*.json"))[-1].read_text())["timing"]
+print(f"evaluate on {r['device']}: reconstruction {r['reconstruction_tokens_per_s']:,.0f} tok/s, "
+      f"delta loss {r['delta_loss_tokens_per_s']:,.0f} tok/s (three passes)")
+PY
