@@ -143,8 +143,10 @@ command_from_config(app, EvaluateConfig, evaluate, name="evaluate", extra=[TOKEN
 
 
 def features(cfg: FeaturesConfig, *, token: str | None) -> None:
-    """See what features mean: a static HTML feature browser (+ JSON) from a store, one feature in the
-    terminal (--feature N), or the features firing on each token of a prompt (--prompt TEXT).
+    """See what features mean: an HTML feature browser, one feature (--feature N), or a prompt (--prompt).
+
+    From a store: top-activating contexts, activation histograms and the logit lens of every
+    feature, written as a static page (no server) and JSON. --prompt TEXT runs the model instead.
     """
     run_features(cfg, token=token)
 

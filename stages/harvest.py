@@ -180,6 +180,7 @@ def _harvest_ranks(store: ActivationStore, cfg: HarvestConfig, lm, token: str | 
     done = store.rank_record(group.rank, group.world)["shards"]
     shards = range(math.ceil(n_contexts / shard_contexts))
     mine = [s for s in shards if s % group.world == group.rank and str(s) not in done]
+    todo = set(mine)
     commit = functools.partial(store.commit_rank, group.rank, group.world)
     spec = ReaderSpec(
         documents={**{k: getattr(cfg, k) for k in _CORPUS}, "start": 0, "token": hf_token(token)},
@@ -195,7 +196,7 @@ def _harvest_ranks(store: ActivationStore, cfg: HarvestConfig, lm, token: str | 
             task = bar.add_task(f"harvest ({group.world} processes)", total=len(mine) * shard_contexts * C)
             for shard in shards[: mine[-1] + 1] if mine else []:
                 want = min(shard_contexts, n_contexts - shard * shard_contexts)
-                if shard in mine:
+                if shard in todo:
                     got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
                 else:
                     got = len(reader.take(want))  # another process's shard, or one already written
