@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from pipeline.dist import Group
 from pipeline.lm_loss import DeltaLoss
 from pipeline.models import OFFLINE_DEFAULT, load_model, resolve_device
 from pipeline.saes import load_sae
@@ -54,7 +55,7 @@ def main() -> None:
     x = torch.from_numpy(store.read(0, rows)[~np.isin(ids, store.special_ids)]).to(device)
     with torch.no_grad():
         bare_recon = seconds(lambda: [sae(b) for b in x.split(4096)])
-    ours_recon = seconds(lambda: reconstruction(sae, store, rows, 4096, device))
+    ours_recon = seconds(lambda: reconstruction(sae, store, rows, 4096, Group(device=device)))
 
     # delta loss on the first contexts, against three bare forward passes with logits
     lm = load_model(args.model, device=args.device)
