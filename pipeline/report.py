@@ -24,19 +24,19 @@ def write(results: dict, freq_F: torch.Tensor, folder: Path) -> Path:
     """Print the table and write the report files; returns the Markdown path."""
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    stem = _free_stem(folder, f"report_{now:%Y%m%d-%H%M%S}")
+    stem = free_stem(folder, f"report_{now:%Y%m%d-%H%M%S}")
     results = {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION, "created_at": now.isoformat(), **results}
     plots = _plots(results, freq_F, folder, stem)
     results["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
-    _atomic_write(folder / f"{stem}.json", json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
-    _atomic_write(folder / f"{stem}.md", markdown(results))
+    atomic_write(folder / f"{stem}.json", json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
+    atomic_write(folder / f"{stem}.md", markdown(results))
     console.print(table(results))
     console.print(f"report: [bold]{folder / stem}.md[/] (+ .json, {len(plots)} plots)", highlight=False)
     return folder / f"{stem}.md"
 
 
-def _free_stem(folder: Path, stem: str) -> str:
-    """report_<timestamp>, or report_<timestamp>-2 … when one was written in the same second."""
+def free_stem(folder: Path, stem: str) -> str:
+    """<stem>, or <stem>-2 … when a file of that name (a run in the same second) is already there."""
     candidate, n = stem, 1
     while (folder / f"{candidate}.json").exists():
         n += 1
@@ -55,7 +55,7 @@ def _finite(obj):
     return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text)
     os.replace(tmp, path)

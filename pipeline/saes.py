@@ -82,6 +82,11 @@ class LoadedSAE:
     site: str | None  # one of pipeline.hooks.SITES, or None when the files don't say
     config: dict  # the SAE's own config file contents (empty for Gemma Scope 1)
 
+    @property
+    def training_store(self) -> str | None:
+        """The store a gsp fit SAE was trained on (as its config recorded it); None for other formats."""
+        return self.config.get("store") if self.format == "gsp" else None
+
 
 def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
     """An SAE from a local folder (or a file in it) or a Hub path `owner/repo/sub/folder`."""

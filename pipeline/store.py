@@ -253,6 +253,13 @@ class ActivationStore:
         tok = self.attrs.get("tokenizer", {})
         return sorted({tok[k] for k in ("bos_id", "eos_id", "pad_id") if tok.get(k) is not None})
 
+    def rerun_model(self, model: str | None, revision: str | None) -> tuple[str, str | None]:
+        """(spec, revision) of the model to run on this store's tokens: `model` when given, else the
+        one the store was harvested from at its recorded revision (local folders ignore it)."""
+        if model:
+            return model, revision
+        return self.attrs["model"]["spec"], revision or self.attrs["model"]["revision"]
+
     def shard_span(self, shard: int) -> str:
         return f"{shard * self.shard_rows}..{min((shard + 1) * self.shard_rows, self.activations.shape[0]) - 1}"
 

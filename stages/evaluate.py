@@ -102,7 +102,7 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
 
 
 def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
-    path = cfg.store or (loaded.config.get("store") if loaded.format == "gsp" else None)
+    path = cfg.store or loaded.training_store
     if not path:
         layer = loaded.layer if loaded.layer is not None else "L"
         site = loaded.site or "resid_post"
@@ -156,10 +156,7 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, si
     from pipeline.hooks import site_width
     from pipeline.models import load_model
 
-    a = store.attrs
-    spec = cfg.model or a["model"]["spec"]
-    # the store's Hub commit, unless another model is asked for (local folders and the package ignore it)
-    revision = cfg.revision or (a["model"]["revision"] if cfg.model is None else None)
+    spec, revision = store.rerun_model(cfg.model, cfg.revision)
     lm = load_model(spec, device=str(group.device), dtype=cfg.dtype, revision=revision, token=token)
     if site_width(lm.model, layer, site) != store.d_in:
         raise GspError(f"model {spec} has width {site_width(lm.model, layer, site)} at layer {layer} {site}, "

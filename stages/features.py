@@ -222,7 +222,7 @@ def token_strings(tokenizer, ids: list[int]) -> dict[int, str]:
 
 # ------------------------------------------------------------------------------ inputs
 def _store(cfg: FeaturesConfig, loaded: LoadedSAE) -> ActivationStore:
-    path = cfg.store or (loaded.config.get("store") if loaded.format == "gsp" else None)
+    path = cfg.store or loaded.training_store
     if not path:
         raise GspError("--store is required for this SAE (a store harvested at the SAE's layer and site)")
     store = ActivationStore.open(path)
@@ -234,10 +234,12 @@ def _model(cfg: FeaturesConfig, store: ActivationStore | None, token, *, full: b
     """The model (for the logit lens and prompts) with its tokenizer, or just the tokenizer."""
     from pipeline.models import load_model, load_tokenizer
 
-    spec = cfg.model or (store.attrs["model"]["spec"] if store is not None else None)
-    if spec is None:
+    if store is not None:
+        spec, revision = store.rerun_model(cfg.model, cfg.revision)
+    elif cfg.model:
+        spec, revision = cfg.model, cfg.revision
+    else:
         raise GspError("--model is required with --prompt for this SAE (its files name no usable model)")
-    revision = cfg.revision or (store.attrs["model"]["revision"] if store is not None and not cfg.model else None)
     if full:
         return load_model(spec, device=cfg.device, revision=revision, token=token)
     return SimpleNamespace(model=None, tokenizer=load_tokenizer(spec, revision=revision, token=token))
@@ -246,16 +248,13 @@ def _model(cfg: FeaturesConfig, store: ActivationStore | None, token, *, full: b
 # ------------------------------------------------------------------------------ outputs
 def _write(data: dict, loaded: LoadedSAE, folder: Path) -> Path:
     from pipeline.browser import render
+    from pipeline.report import atomic_write, free_stem
 
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"features_{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}"
-    n = 1
-    while (folder / f"{stem}.html").exists():
-        n += 1
-        stem = f"{stem.split('-v')[0]}-v{n}"
-    (folder / f"{stem}.json").write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    stem = free_stem(folder, f"features_{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}")
+    atomic_write(folder / f"{stem}.json", json.dumps(data, separators=(",", ":")) + "\n")
     page = folder / f"{stem}.html"
-    page.write_text(render(data, f"gsp features · {loaded.source}"))
+    atomic_write(page, render(data, f"gsp features · {loaded.source}"))
     m = data["meta"]
     console.print(
         f"{len(data['features']):,} features ({m['dead']:,} dead) over {m['tokens']:,} tokens: "
@@ -308,8 +307,8 @@ def _prompt(cfg: FeaturesConfig, loaded: LoadedSAE, token) -> None:
     from pipeline.hooks import activations
 
     store = ActivationStore.open(cfg.store) if cfg.store else None
-    if store is None and loaded.format == "gsp" and Path(loaded.config.get("store", "")).exists():
-        store = ActivationStore.open(loaded.config["store"])
+    if store is None and loaded.training_store and Path(loaded.training_store).exists():
+        store = ActivationStore.open(loaded.training_store)
     layer = loaded.layer if loaded.layer is not None else (store.attrs["layer"] if store else None)
     site = loaded.site or (store.attrs["site"] if store else None)
     if layer is None or site is None:

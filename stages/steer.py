@@ -103,10 +103,9 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, cfg: SteerConfig) -> tor
 def _model_spec(cfg: SteerConfig, loaded) -> str:
     if cfg.model:
         return cfg.model
-    store = loaded.config.get("store") if loaded.format == "gsp" else None
-    if store:
+    if loaded.training_store:
         try:
-            return ActivationStore.open(store).attrs["model"]["spec"]
+            return ActivationStore.open(loaded.training_store).rerun_model(None, None)[0]
         except GspError:
             pass  # the training store has moved: fall back to the model's name
     if loaded.model_name:
