@@ -76,7 +76,7 @@ def main() -> None:
     store = ActivationStore.open(args.store)
     d, b = store.d_in, args.batch_size
     scale = store.attrs["stats"]["mean_sq_norm"] ** -0.5
-    loader = ShuffledLoader(store, b, seed=0)
+    loader = ShuffledLoader(store, b, seed=0, lanes=FitConfig.lanes)  # as gsp fit reads it
     it = iter(loader)
     x = next(it) * scale
     loader_rows = timed(lambda: next(it), args.steps * 2, b)

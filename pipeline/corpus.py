@@ -123,14 +123,10 @@ def pack(
     tokenize_batch: int = 64,
 ) -> Iterator[tuple[np.ndarray, Cursor]]:
     """Yield (token ids (C,) int32, cursor after this context) for `[BOS] + C-1` stream tokens each."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None:
-        raise GspError("the tokenizer has no BOS token; gsp starts every context with BOS")
+    bos = _bos(tokenizer)
     context = [bos]
     for batch in _batched(docs, tokenize_batch):
-        ids = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
-        for (index, _), tokens in zip(batch, ids, strict=True):
-            tokens = tokens + [eos] if eos is not None else tokens
+        for (index, _), tokens in zip(batch, _tokenize(tokenizer, [text for _, text in batch]), strict=True):
             pos = start.offset if index == start.doc else 0
             while pos < len(tokens):
                 take = min(context_size - len(context), len(tokens) - pos)
@@ -139,6 +135,73 @@ def pack(
                 if len(context) == context_size:
                     yield np.asarray(context, dtype=np.int32), Cursor(index, pos)
                     context = [bos]
+
+
+def pack_shared(
+    docs: Iterator[tuple[int, str]],
+    tokenizer,
+    context_size: int,
+    *,
+    rank: int,
+    world: int,
+    wanted,
+    limit: int,
+    gather,
+    block: int = 512,
+) -> Iterator[tuple[int, np.ndarray, Cursor]]:
+    """(k, ids, cursor) for the contexts k < limit of pack()'s stream with `wanted(k)` true, the
+    tokenizing shared by `world` processes that run this together on the same documents.
+
+    Process `rank` tokenizes documents rank, rank + world, ... of every block of `block` documents,
+    `gather` (an all-gather) shares their token counts, which place every document in the packed
+    stream; a process then tokenizes the other documents only where they fall in contexts it wants.
+    Each process tokenizes about 2/world of the corpus instead of all of it, and all of them stop
+    after the same block.
+    """
+    bos, step = _bos(tokenizer), context_size - 1
+    k, fill = 0, 0  # contexts completed; stream tokens in the current one
+    context = [bos] if wanted(0) else None
+    for batch in _batched(docs, block):
+        mine = list(range(rank, len(batch), world))
+        tokens = dict(zip(mine, _tokenize(tokenizer, [batch[i][1] for i in mine]), strict=True))
+        shares = gather([len(tokens[i]) for i in mine])
+        lengths = [shares[i % world][i // world] for i in range(len(batch))]
+        need, t = [], k * step + fill  # t: the stream position of the block's first token
+        for i, n in enumerate(lengths):
+            last = min((t + n - 1) // step, limit - 1)
+            if i not in tokens and any(wanted(c) for c in range(t // step, last + 1)):
+                need.append(i)
+            t += n
+        tokens.update(zip(need, _tokenize(tokenizer, [batch[i][1] for i in need]), strict=True))
+        for i, (index, _) in enumerate(batch):
+            pos, n, ids = 0, lengths[i], tokens.get(i)
+            while pos < n:
+                take = min(step - fill, n - pos)
+                if context is not None:
+                    context.extend(ids[pos : pos + take])
+                pos, fill = pos + take, fill + take
+                if fill == step:
+                    if context is not None:
+                        yield k, np.asarray(context, dtype=np.int32), Cursor(index, pos)
+                    k, fill = k + 1, 0
+                    if k == limit:
+                        return
+                    context = [bos] if wanted(k) else None
+
+
+def _bos(tokenizer) -> int:
+    if tokenizer.bos_token_id is None:
+        raise GspError("the tokenizer has no BOS token; gsp starts every context with BOS")
+    return tokenizer.bos_token_id
+
+
+def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens, EOS appended (the stream's document separator)."""
+    if not texts:
+        return []
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [tokens + [eos] if eos is not None else tokens for tokens in ids]
 
 
 def _batched(it, n):

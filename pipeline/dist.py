@@ -90,13 +90,20 @@ def mean_differentiable(group: Group, x: torch.Tensor) -> torch.Tensor:
     return all_reduce(x) / group.world
 
 
-def gather(group: Group, obj):
-    """Every process's `obj` (picklable, on the CPU), in rank order, on every process."""
+def gather(group: Group, obj, pg=None):
+    """Every process's `obj` (picklable, on the CPU), in rank order, on every process; `pg`: a
+    process group other than the default (a cpu_group)."""
     if group.world == 1:
         return [obj]
     out = [None] * group.world
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=pg)
     return out
+
+
+def cpu_group(group: Group):
+    """A gloo group of all processes beside the default one, for collectives from a helper thread
+    (NCCL's are for the main thread's device work; one group's collectives must not interleave)."""
+    return dist.new_group(backend="gloo") if group.world > 1 else None
 
 
 def on_main(group: Group, fn):

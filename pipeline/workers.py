@@ -16,11 +16,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.corpus import Cursor, documents, pack
+from pipeline.corpus import Cursor, documents, pack, pack_shared
 from pipeline.errors import GspError
 from pipeline.faults import fault
 
 _CHUNK = 64  # contexts per message from the reader
+
+
+@dataclass(frozen=True)
+class Share:
+    """Under torchrun: the tokenizing is shared and this process's reader keeps only its own contexts."""
+
+    rank: int
+    world: int
+    wanted: object  # context number -> bool
+    limit: int  # contexts in the store
+    gather: object  # an all-gather of a small object across the processes (pipeline.corpus.pack_shared)
 
 
 @dataclass(frozen=True)
@@ -31,6 +42,7 @@ class ReaderSpec:
     context_size: int
     start: Cursor
     tokenizer: object  # a tokenizer, or the folder of one saved for a child process
+    share: Share | None = None  # threads only
 
 
 def _produce(spec: ReaderSpec, put, stopped) -> None:
@@ -41,8 +53,14 @@ def _produce(spec: ReaderSpec, put, stopped) -> None:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(tok)
+        docs, C, share = documents(**spec.documents), spec.context_size, spec.share
+        if share is None:
+            contexts = pack(docs, tok, C, start=spec.start)
+        else:
+            kw = {"rank": share.rank, "world": share.world, "wanted": share.wanted, "limit": share.limit}
+            contexts = ((ids, cursor) for _, ids, cursor in pack_shared(docs, tok, C, gather=share.gather, **kw))
         ids, cursors = [], []
-        for context, cursor in pack(documents(**spec.documents), tok, spec.context_size, start=spec.start):
+        for context, cursor in contexts:
             ids.append(context)
             cursors.append(cursor)
             if len(ids) == _CHUNK:
@@ -78,16 +96,17 @@ class ContextReader:
 
     def __init__(self, spec: ReaderSpec, *, process: bool):
         if process:
+            if spec.share is not None:
+                raise GspError("internal: a shared reader runs on a thread")
             ctx = mp.get_context("spawn")
             self._q, self._stopped = ctx.Queue(maxsize=32), ctx.Event()
             self._worker = ctx.Process(target=_reader_process, args=(spec, self._q, self._stopped), daemon=True)
         else:
-            self._q, self._stopped = queue.Queue(maxsize=32), threading.Event()
-            put = lambda item, s: _put_until_stopped(self._q, item, s)  # noqa: E731
-            self._worker = threading.Thread(target=_produce, args=(spec, put, self._stopped), daemon=True)
+            self._q, self._stopped, self._discard = queue.Queue(maxsize=32), threading.Event(), threading.Event()
+            self._worker = threading.Thread(target=_produce, args=(spec, self._put, self._stopped), daemon=True)
         self._worker.start()
         self._ready: collections.deque = collections.deque()
-        self._ended = False
+        self._ended, self._error = False, None
 
     def take(self, n: int) -> list[tuple[np.ndarray, Cursor]]:
         """Up to n (ids (C,), cursor) pairs; fewer only when the corpus has ended."""
@@ -96,11 +115,28 @@ class ContextReader:
             if item is None:
                 self._ended = True
             elif isinstance(item[0], str):
-                kind, message = item
-                raise GspError(message) if kind == "gsp-error" else RuntimeError(f"corpus reader failed: {message}")
+                _raise(*item)
             else:
                 self._ready.extend(zip(item[0], item[1], strict=True))
         return [self._ready.popleft() for _ in range(min(n, len(self._ready)))]
+
+    def _put(self, item, stopped) -> bool:
+        if item is not None and isinstance(item[0], str):
+            self._error = item  # kept for finish(), which may be discarding
+        while not stopped.is_set() and not self._discard.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return self._discard.is_set()  # discarding: the reader goes on (to share the tokenizing)
+
+    def finish(self) -> None:
+        """Wait for a shared reader to reach the stream's end (the other processes need its share)."""
+        self._discard.set()
+        self._worker.join()
+        if self._error:
+            _raise(*self._error)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -108,6 +144,10 @@ class ContextReader:
             self._worker.join(timeout=5)
             if self._worker.is_alive():
                 self._worker.terminate()
+
+
+def _raise(kind: str, message: str):
+    raise GspError(message) if kind == "gsp-error" else RuntimeError(f"corpus reader failed: {message}")
 
 
 def _writer_process(path: str, conn) -> None:

@@ -65,13 +65,16 @@ class FitConfig:
     dead_tokens: int = opt(50_000, "A latent that has not fired for this many tokens counts as dead.")
     seed: int = opt(0, "Seed of the initialisation and of the shuffle.")
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
-    buffer_mib: float = opt(1024.0, "Memory for the shuffle buffer (two windows of chunks).")
+    buffer_mib: float = opt(1024.0, "Memory for the shuffle buffer (two windows of chunks), shared by the processes.")
+    lanes: int = opt(
+        8, "Loader lanes: each process reads its own lanes' chunks; any process count dividing it trains the same SAE."
+    )
     checkpoint_every: int = opt(500, "Save a checkpoint every N steps (0: never).")
     log_every: int = opt(10, "Refresh the live metrics every N steps.")
     wandb: bool = opt(False, "Log metrics to Weights & Biases (needs the wandb package and a login).")
 
     def __post_init__(self):
-        for name in ("width", "k", "tokens", "batch_size", "aux_k", "dead_tokens", "log_every"):
+        for name in ("width", "k", "tokens", "batch_size", "aux_k", "dead_tokens", "log_every", "lanes"):
             if getattr(self, name) <= 0:
                 raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr is None:  # tuned on the default store at the default budget (benchmarks/RESULTS.md)
@@ -116,7 +119,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
     since_fired = torch.zeros(cfg.width, dtype=torch.int64, device=device)
     # density: share of latents active at the last log step; picks JumpReLU's decoder path
-    start_step, loader_state, density = 0, LoaderState(), 1.0
+    start_step, loader_state, density = 0, None, 1.0
     ckpt = cfg.out_dir / "checkpoints"
     if resume:
         start_step, loader_state, density = _load_checkpoint(ckpt, cfg, sae, opt_, since_fired)
@@ -127,11 +130,14 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
 
     loader = ShuffledLoader(
         store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, pin=device.type == "cuda",
-        state=loader_state, part=(group.rank, group.world),
+        state=loader_state, part=(group.rank, group.world), lanes=cfg.lanes,
     )  # fmt: skip
     if group.world > 1 and group.main:
-        share = cfg.batch_size // group.world
-        info(f"{group.world} processes, {share:,} rows each of every {cfg.batch_size:,}-row batch")
+        share, lanes = cfg.batch_size // group.world, loader.lanes
+        info(
+            f"{group.world} processes, {share:,} rows each of every {cfg.batch_size:,}-row batch, "
+            f"each reading {lanes // group.world} of the store's {lanes} loader lanes"
+        )
     logger = _wandb(cfg) if cfg.wandb and group.main else None
     last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, group, ckpt, logger)
     out = _save(cfg, store, sae, scale, last) if group.main else cfg.out_dir
@@ -263,8 +269,9 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, grou
                 if logger:
                     logger.log(metrics, step=done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n:
+                position = LoaderState.merge(dist.gather(group, loader.state))  # every process's lanes
                 if group.main:
-                    _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, loader.state, density)
+                    _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, position, density)
                     fault("fit-checkpoint-saved")
                 dist.barrier(group)
     return metrics
@@ -343,7 +350,7 @@ def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, Load
             "exp_avg": tensors[f"adam.{k}.exp_avg"].to(p.device),
             "exp_avg_sq": tensors[f"adam.{k}.exp_avg_sq"].to(p.device),
         }
-    return state["step"], LoaderState(**state["loader"]), state["density"]
+    return state["step"], LoaderState.from_json(state["loader"]), state["density"]
 
 
 # ------------------------------------------------------------------------------ the saved SAE

@@ -30,7 +30,7 @@ from pipeline.hooks import SITES, Site, activations, hook_point, site_module, si
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums, is_url, local, path_state
-from pipeline.workers import ContextReader, ReaderSpec, ShardWriter
+from pipeline.workers import ContextReader, ReaderSpec, ShardWriter, Share
 
 # Fields that only say where or how to run, not what the store holds; all others must match on resume.
 _RUN_ONLY = ("store", "device", "dtype", "workers")  # device and dtype are checked as resolved
@@ -172,38 +172,42 @@ def _run_ranks(cfg: HarvestConfig, path: str, token: str | None, overwrite: bool
 
 
 def _harvest_ranks(store: ActivationStore, cfg: HarvestConfig, lm, token: str | None, group: dist.Group) -> None:
-    """This process's shards. Every process reads the whole corpus stream (the packing of shard s
-    depends on every document before it) and runs the model on its own shards only."""
+    """This process's shards. The packing of shard s depends on every document before it, so every
+    process reads the whole document stream; the tokenizing is shared (pipeline.corpus.pack_shared)
+    and each process packs and runs the model on its own shards' contexts only."""
     C = cfg.context_size
     shard_contexts = store.shard_rows // C
     n_contexts = store.activations.shape[0] // C
     done = store.rank_record(group.rank, group.world)["shards"]
     shards = range(math.ceil(n_contexts / shard_contexts))
     mine = [s for s in shards if s % group.world == group.rank and str(s) not in done]
-    todo = set(mine)
+    todo = frozenset(mine)
     commit = functools.partial(store.commit_rank, group.rank, group.world)
+    side = dist.cpu_group(group)  # the reader thread's collectives, apart from the main thread's
     spec = ReaderSpec(
         documents={**{k: getattr(cfg, k) for k in _CORPUS}, "start": 0, "token": hf_token(token)},
         context_size=C,
         start=Cursor(),
         tokenizer=lm.tokenizer,
-    )
+        share=Share(
+            group.rank, group.world, wanted=lambda k: k // shard_contexts in todo, limit=n_contexts,
+            gather=functools.partial(dist.gather, group, pg=side),
+        ),
+    )  # fmt: skip
     workers = 2 if lm.device.type == "cpu" else 4
     with progress("tok", show=group.main) as bar:
         reader = ContextReader(spec, process=False)
         writer = ShardWriter(store, workers=workers, process=False, commit=commit)
         try:
             task = bar.add_task(f"harvest ({group.world} processes)", total=len(mine) * shard_contexts * C)
-            for shard in shards[: mine[-1] + 1] if mine else []:
+            for shard in mine:
                 want = min(shard_contexts, n_contexts - shard * shard_contexts)
-                if shard in todo:
-                    got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
-                else:
-                    got = len(reader.take(want))  # another process's shard, or one already written
-                if got < want:
+                got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
+                if got < want:  # the corpus ended
                     store.end_rank(group.rank, group.world, shard + (got > 0))
                     break
             writer.close()
+            reader.finish()
         finally:
             reader.stop()
             writer.stop()

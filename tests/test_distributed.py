@@ -73,9 +73,12 @@ def test_a_two_process_checkpoint_resumes_in_one_process(store, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=2e-3, atol=2e-4, msg=k)
 
 
-def test_the_batch_must_split_evenly(store, tmp_path):
-    r = torchrun(2, "fit", "--store", store, "--out", tmp_path / "odd", "--batch-size", 255, "--steps", 2)
-    assert r.returncode != 0 and "multiple of the number of processes (2)" in r.stderr
+def test_the_batch_and_the_lanes_must_split_evenly(store, tmp_path):
+    r = torchrun(2, "fit", "--store", store, "--out", tmp_path / "odd", "--batch-size", 252, "--steps", 2)
+    assert r.returncode != 0 and "--batch-size 252 must be a multiple of the loader's lanes (8)" in r.stderr
+    r = torchrun(2, "fit", "--store", store, "--out", tmp_path / "odd", "--lanes", 3, "--steps", 2)
+    assert r.returncode != 0 and "2 processes cannot share 3 loader lanes" in r.stderr
+    assert "loader.py" not in r.stderr  # a one-line error from gsp (torchrun adds its own traceback)
 
 
 def test_two_processes_evaluate_what_one_process_evaluates(tiny_fit, tmp_path):

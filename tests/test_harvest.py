@@ -1,5 +1,6 @@
 """gsp harvest on a tiny random Gemma 3: exact activations, early stop, resume after kills, errors."""
 
+import collections
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ import zarr
 from conftest import gsp_subprocess, tiny_harvest_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.corpus import Cursor, documents, pack
+from pipeline.corpus import Cursor, documents, pack, pack_shared
 from pipeline.hooks import activations
 from pipeline.store import ActivationStore
 
@@ -97,6 +98,67 @@ def test_packing_by_hand():
     # starting from a cursor continues exactly where the earlier run stopped
     resumed = list(pack(iter(docs[2:]), Tok(), 4, start=Cursor(3, 2)))
     assert [c.tolist() for c, _ in resumed] == [[2, 32, 33, 34]]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shared_tokenizing_packs_what_one_process_packs(world):
+    """Processes (threads here) that share the tokenizing each get exactly their contexts of pack()'s
+    stream, and each tokenizes about 2/world of the documents, not all of them."""
+    import threading
+
+    rng = np.random.default_rng(world)
+    docs = [(i, " ".join(str(w) for w in rng.integers(10, 99, rng.integers(1, 40)))) for i in range(0, 600, 2)]
+    counted = collections.Counter()
+
+    class Tok:
+        bos_token_id, eos_token_id = 2, 1
+
+        def __call__(self, texts, add_special_tokens):
+            counted[threading.current_thread().name] += len(texts)
+            return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
+
+    C, S, limit = 8, 5, 700  # contexts of 8, "shards" of 5 contexts, 700 contexts (the corpus has ~780)
+    whole = list(pack(iter(docs), Tok(), C))
+    assert len(whole) > limit
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def gather(rank, obj):
+        slots[rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()
+        return out
+
+    got = {}
+
+    def run(rank):
+        wanted = lambda k: (k // S) % world == rank and k % 3 != 1  # noqa: E731  (any predicate works)
+        got[rank] = list(pack_shared(iter(docs), Tok(), C, rank=rank, world=world, wanted=wanted, limit=limit,
+                                     gather=lambda obj: gather(rank, obj), block=16))  # fmt: skip
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for rank in range(world):
+        want = [k for k in range(limit) if (k // S) % world == rank and k % 3 != 1]
+        assert [k for k, _, _ in got[rank]] == want
+        for k, ids, cursor in got[rank]:
+            assert ids.tolist() == whole[k][0].tolist() and cursor == whole[k][1]
+    # which documents each process had to tokenize, from the stream positions (token counts + EOS)
+    lengths = np.array([len(t.split()) + 1 for _, t in docs])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    last_doc = int(np.searchsorted(starts + lengths, limit * (C - 1), side="left"))  # completes context limit-1
+    blocks_read = (last_doc // 16 + 1) * 16
+    for rank in range(world):
+        need = {j for j in range(min(blocks_read, len(docs))) if (j % 16) % world == rank}
+        for j in range(min(blocks_read, len(docs))):
+            first, last = starts[j] // (C - 1), (starts[j] + lengths[j] - 1) // (C - 1)
+            if any((k // S) % world == rank and k % 3 != 1 for k in range(first, min(last, limit - 1) + 1)):
+                need.add(j)
+        assert counted[f"rank{rank}"] == len(need)
+        assert len(need) < (2 / world if world > 1 else 1) * len(docs)
 
 
 def test_heldout_documents_are_disjoint_and_complete(corpus):

@@ -1,6 +1,8 @@
 """The shuffled loader: every row once per epoch, specials masked, mixing, determinism, exact resume."""
 
+import dataclasses
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -74,7 +76,7 @@ def test_resume_from_state_continues_exactly(store, stop_after):
     expected = _rows(itertools.islice(iter(full), stop_after + 6))
     first = ShuffledLoader(store, 48, seed=5, buffer_mib=0.02)
     _rows(itertools.islice(iter(first), stop_after))
-    state = LoaderState(first.state.epoch, first.state.offset)
+    state = LoaderState(first.state.lanes)
     resumed = _rows(itertools.islice(ShuffledLoader(store, 48, seed=5, buffer_mib=0.02, state=state), 6))
     for x, y in zip(expected[stop_after:], resumed, strict=True):
         np.testing.assert_array_equal(x, y)
@@ -94,18 +96,103 @@ def test_empty_store_is_an_error(tmp_path):
 
 
 def test_process_shares_make_up_the_global_batch(tmp_path):
-    """Under torchrun each process serves a disjoint slice; together they are one process's batch."""
-    import itertools
-
+    """Under torchrun each process serves its lanes' rows; together they are one process's batch."""
     from pipeline.tiny import write_synthetic_store
 
     x = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float32)
     write_synthetic_store(tmp_path / "s", x)
     store = ActivationStore.open(tmp_path / "s")
-    whole = [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3), 50)]
-    parts = [
-        [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3, part=(r, 3)), 50)] for r in range(3)
+    whole = [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3, lanes=6), 50)]
+    for world in (2, 3, 6):
+        parts = [
+            [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3, part=(r, world), lanes=6), 50)]
+            for r in range(world)
+        ]
+        for i in range(50):
+            assert all(len(p[i]) == 96 // world for p in parts)
+            np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), whole[i])
+
+
+def _lane_streams(loader, epochs=2):
+    """Each lane's rows in stream order, computed from the pure per-window functions."""
+    return [
+        np.concatenate(
+            [loader.read_window(e, i, lane) for e in range(epochs) for i in range(len(loader.windows(e, lane)))]
+        )
+        for lane in range(loader.lanes)
     ]
-    for i in range(50):
-        assert all(len(p[i]) == 32 for p in parts)
-        np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), whole[i])
+
+
+def test_lanes_deal_the_chunks_and_batches_take_from_every_lane(store):
+    loader = ShuffledLoader(store, 48, seed=2, buffer_mib=0.02, lanes=4)
+    assert loader.lanes == 4 and len(loader.windows(0, 0)) > 1
+    chunks = [np.concatenate(loader.windows(0, lane)) for lane in range(4)]
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(16))  # each chunk in exactly one lane
+    streams = _lane_streams(loader)
+    expected = sorted(r for r in range(N_CTX * C) if r % C != 0 and r != 37)
+    first_epoch = [np.concatenate([loader.read_window(0, i, lane)[:, 0] for i in range(len(loader.windows(0, lane)))])
+                   for lane in range(4)]  # fmt: skip
+    assert sorted(np.concatenate(first_epoch).astype(int).tolist()) == expected
+    for lane, rows in enumerate(first_epoch):  # a lane holds its own chunks' rows only
+        assert set((rows // 64).astype(int).tolist()) == set(chunks[lane].tolist())
+    batches = [b.numpy() for b in itertools.islice(loader, 30)]  # 30 × 12 rows per lane: into epoch 2
+    for k, batch in enumerate(batches):
+        want = np.concatenate([s[12 * k : 12 * (k + 1)] for s in streams])
+        np.testing.assert_array_equal(batch, want)
+
+
+def test_each_process_reads_only_its_lanes_chunks(store, monkeypatch):
+    read = {}
+    original = ActivationStore.read
+
+    def spy(self, start, stop):
+        read.setdefault(threading.current_thread().name, set()).add(start // 64)
+        return original(self, start, stop)
+
+    import threading
+
+    monkeypatch.setattr(ActivationStore, "read", spy)
+    for rank in range(2):
+        loader = ShuffledLoader(store, 48, seed=2, buffer_mib=0.02, lanes=4, part=(rank, 2))
+        list(itertools.islice(loader, 3))
+
+    def lane_chunks(lane, epochs=(0, 1)):  # the reader may already be one window into epoch 2
+        return {int(c) for e in epochs for w in loader.windows(e, lane) for c in w}
+
+    for epoch in (0, 1):  # the two processes' chunks are disjoint in every epoch
+        mine = [set().union(*(lane_chunks(lane, [epoch]) for lane in (2 * r, 2 * r + 1))) for r in range(2)]
+        assert mine[0].isdisjoint(mine[1]) and len(mine[0] | mine[1]) == 16
+    assert sorted(read) == [f"gsp-loader-{lane}" for lane in range(4)]
+    for name, chunks in read.items():
+        assert chunks <= lane_chunks(int(name.rsplit("-", 1)[1])), name
+
+
+@pytest.mark.parametrize("first_world,then_world", [(2, 1), (1, 4), (4, 2)])
+def test_a_position_saved_at_one_world_size_resumes_at_another(store, first_world, then_world):
+    kw = dict(seed=7, buffer_mib=0.02, lanes=4)
+    whole = [b.numpy() for b in itertools.islice(ShuffledLoader(store, 48, **kw), 26)]
+    loaders = [ShuffledLoader(store, 48, part=(r, first_world), **kw) for r in range(first_world)]
+    for loader in loaders:
+        list(itertools.islice(loader, 20))
+    saved = LoaderState.merge([ld.state for ld in loaders])
+    saved = LoaderState.from_json(json.loads(json.dumps(dataclasses.asdict(saved))))  # as a checkpoint holds it
+    parts = [
+        [b.numpy() for b in itertools.islice(ShuffledLoader(store, 48, part=(r, then_world), state=saved, **kw), 6)]
+        for r in range(then_world)
+    ]
+    for i in range(6):
+        np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), whole[20 + i])
+
+
+def test_lanes_follow_the_store_not_the_processes(tmp_path, store):
+    from pipeline.loader import effective_lanes
+
+    assert [effective_lanes(8, n) for n in (1, 2, 3, 5, 7, 8, 100)] == [1, 2, 2, 4, 4, 8, 8]
+    assert effective_lanes(6, 5) == 3
+    with pytest.raises(GspError, match="3 processes cannot share 4 loader lanes"):
+        ShuffledLoader(store, 48, lanes=4, part=(0, 3))
+    with pytest.raises(GspError, match="multiple of the loader's lanes"):
+        ShuffledLoader(store, 50, lanes=4)
+    with pytest.raises(GspError, match="has 1 lanes"):
+        ShuffledLoader(store, 48, lanes=4, state=LoaderState([[0, 5]]))
+    assert LoaderState.from_json({"epoch": 3, "offset": 9}).lanes == [[3, 9]]  # a checkpoint from before lanes
