@@ -8,10 +8,14 @@ All measured in one process on the same shapes:
 - gsp step: stages.fit.train_step (loss, decoder-gradient projection, Adam, renormalisation,
   dead-latent tracking), the step `gsp fit` runs, on the same in-memory tensor;
 - gsp from the store: the same step fed by the shuffled loader (its cost is the difference);
-- loader alone: rows/s the loader serves with no training.
+- loader alone: rows/s the loader serves with no training, over the first batches (mostly rows
+  already in memory);
+- loader reading the store: rows/s over 60 batches from a fresh loader, window reads included,
+  with one lane and with fit's default lanes (whose reader threads overlap their reads).
 """
 
 import argparse
+import functools
 import itertools
 import platform
 import time
@@ -81,7 +85,10 @@ def main() -> None:
     x = next(it) * scale
     loader_rows = timed(lambda: next(it), args.steps * 2, b)
 
-    rows = [("loader alone", loader_rows, None)]
+    rows = [("loader alone (rows in memory)", loader_rows, None)]
+    for lanes in (1, FitConfig.lanes):
+        fresh = iter(ShuffledLoader(store, b, seed=1, lanes=lanes))
+        rows.append((f"loader reading the store, {lanes} lane(s)", timed(functools.partial(next, fresh), 60, b), None))
     floor = timed(bare_step(d, args.width, x), args.steps, b)
     rows.append(("bare dense JumpReLU step (in memory)", floor, 1.0))
     for arch in ("jumprelu", "topk"):
