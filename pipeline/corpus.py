@@ -123,18 +123,11 @@ def pack(
     tokenize_batch: int = 64,
 ) -> Iterator[tuple[np.ndarray, Cursor]]:
     """Yield (token ids (C,) int32, cursor after this context) for `[BOS] + C-1` stream tokens each."""
-    bos = _bos(tokenizer)
-    context = [bos]
-    for batch in _batched(docs, tokenize_batch):
-        for (index, _), tokens in zip(batch, _tokenize(tokenizer, [text for _, text in batch]), strict=True):
-            pos = start.offset if index == start.doc else 0
-            while pos < len(tokens):
-                take = min(context_size - len(context), len(tokens) - pos)
-                context.extend(tokens[pos : pos + take])
-                pos += take
-                if len(context) == context_size:
-                    yield np.asarray(context, dtype=np.int32), Cursor(index, pos)
-                    context = [bos]
+    one = pack_shared(
+        docs, tokenizer, context_size, rank=0, world=1, wanted=lambda k: True, gather=lambda share: [share],
+        block=tokenize_batch, start=start,
+    )  # fmt: skip
+    return ((ids, cursor) for _, ids, cursor in one)
 
 
 def pack_shared(
@@ -145,12 +138,14 @@ def pack_shared(
     rank: int,
     world: int,
     wanted,
-    limit: int,
     gather,
+    limit: int | None = None,
     block: int = 512,
+    start: Cursor = Cursor(),
 ) -> Iterator[tuple[int, np.ndarray, Cursor]]:
-    """(k, ids, cursor) for the contexts k < limit of pack()'s stream with `wanted(k)` true, the
-    tokenizing shared by `world` processes that run this together on the same documents.
+    """(k, ids, cursor) for the contexts k (< limit, if given) of the packed stream with `wanted(k)`
+    true, the tokenizing shared by `world` processes that run this together on the same documents
+    (pack() is this with one process); the stream starts at `start`.
 
     Process `rank` tokenizes documents rank, rank + world, ... of every block of `block` documents,
     `gather` (an all-gather) shares their token counts, which place every document in the packed
@@ -166,15 +161,18 @@ def pack_shared(
         tokens = dict(zip(mine, _tokenize(tokenizer, [batch[i][1] for i in mine]), strict=True))
         shares = gather([len(tokens[i]) for i in mine])
         lengths = [shares[i % world][i // world] for i in range(len(batch))]
-        need, t = [], k * step + fill  # t: the stream position of the block's first token
+        skips = [start.offset if index == start.doc else 0 for index, _ in batch]  # tokens already packed
+        need, t = [], k * step + fill  # t: the stream position of the document's first token
         for i, n in enumerate(lengths):
-            last = min((t + n - 1) // step, limit - 1)
-            if i not in tokens and any(wanted(c) for c in range(t // step, last + 1)):
-                need.append(i)
+            n -= skips[i]
+            if i not in tokens:
+                last = (t + n - 1) // step if limit is None else min((t + n - 1) // step, limit - 1)
+                if any(wanted(c) for c in range(t // step, last + 1)):
+                    need.append(i)
             t += n
         tokens.update(zip(need, _tokenize(tokenizer, [batch[i][1] for i in need]), strict=True))
         for i, (index, _) in enumerate(batch):
-            pos, n, ids = 0, lengths[i], tokens.get(i)
+            pos, n, ids = skips[i], lengths[i], tokens.get(i)
             while pos < n:
                 take = min(step - fill, n - pos)
                 if context is not None:

@@ -76,14 +76,15 @@ def _produce(spec: ReaderSpec, put, stopped) -> None:
         put(("error", f"{type(e).__name__}: {e}"), stopped)
 
 
-def _put_until_stopped(q, item, stopped) -> bool:
-    while not stopped.is_set():
+def _put_until_stopped(q, item, stopped, discard=None) -> bool:
+    """Put `item`, giving up when `stopped` is set (False) or `discard` is (True: the item is dropped)."""
+    while not stopped.is_set() and not (discard and discard.is_set()):
         try:
             q.put(item, timeout=0.1)
             return True
         except queue.Full:
             pass
-    return False
+    return bool(discard and discard.is_set())
 
 
 def _reader_process(spec: ReaderSpec, q, stopped) -> None:
@@ -123,13 +124,7 @@ class ContextReader:
     def _put(self, item, stopped) -> bool:
         if item is not None and isinstance(item[0], str):
             self._error = item  # kept for finish(), which may be discarding
-        while not stopped.is_set() and not self._discard.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return self._discard.is_set()  # discarding: the reader goes on (to share the tokenizing)
+        return _put_until_stopped(self._q, item, stopped, self._discard)  # discarding: the reader goes on
 
     def finish(self) -> None:
         """Wait for a shared reader to reach the stream's end (the other processes need its share)."""
