@@ -2,7 +2,7 @@
 
     python benchmarks/evaluate.py [--store HELD_OUT_STORE] [--sae SAE] [--contexts 16] [--device auto]
 
-- reconstruction: stages.evaluate.reconstruction (store reads, special-row filter, streaming
+- reconstruction: pipeline.metrics.reconstruction (store reads, special-row filter, streaming
   metrics) against the bare SAE forward on the same rows already in memory;
 - delta loss: pipeline.lm_loss.DeltaLoss (three passes, log-softmax, CE, KL) against three bare
   full forward passes of the model (logits only) on the same contexts.
@@ -18,10 +18,10 @@ import torch
 
 from pipeline.dist import Group
 from pipeline.lm_loss import DeltaLoss
+from pipeline.metrics import reconstruction
 from pipeline.models import OFFLINE_DEFAULT, load_model, resolve_device
 from pipeline.saes import load_sae
 from pipeline.store import ActivationStore
-from stages.evaluate import reconstruction
 
 STORE = "cache/stores/gemma-3-270m_L12_resid_post_heldout_32768"
 SAE_DIR = "cache/saes/gemma-3-270m_L12_resid_post_train_491520_jumprelu_4096"
@@ -47,7 +47,7 @@ def main() -> None:
     device = resolve_device(args.device)
     store = ActivationStore.open(args.store)
     sae = load_sae(args.sae).sae.to(device)
-    a = store.attrs
+    m = store.meta
 
     # reconstruction over the whole store, against the bare SAE forward on the same rows in memory
     rows = store.rows_written
@@ -66,7 +66,7 @@ def main() -> None:
         lm.model(input_ids=batches[0], use_cache=False)  # warm-up
         bare_lm = seconds(lambda: [lm.model(input_ids=b, use_cache=False).logits for b in batches for _ in range(3)])
     acc = DeltaLoss()
-    ours_lm = seconds(lambda: [acc.run(lm.model, sae, b, a["layer"], a["site"], store.special_ids) for b in batches])
+    ours_lm = seconds(lambda: [acc.run(lm.model, sae, b, m.layer, m.site, store.special_ids) for b in batches])
 
     n_lm = ctx.numel()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -74,7 +74,7 @@ def main() -> None:
     print(f"store {args.store} ({len(x):,} ordinary rows), SAE width {sae.width}, model {lm.name} {lm.dtype}")
     print("| work | floor | gsp | floor tok/s | gsp tok/s | gsp / floor |")
     print("|---|---|---|---|---|---|")
-    print(f"| reconstruction metrics | bare SAE forward in memory | stages.evaluate.reconstruction | "
+    print(f"| reconstruction metrics | bare SAE forward in memory | pipeline.metrics.reconstruction | "
           f"{len(x) / bare_recon:,.0f} | {len(x) / ours_recon:,.0f} | {bare_recon / ours_recon:.2f} |")  # fmt: skip
     print(f"| delta loss ({n_lm:,} tokens) | 3 bare forward passes with logits | DeltaLoss (3 passes + CE, KL) | "
           f"{n_lm / bare_lm:,.1f} | {n_lm / ours_lm:,.1f} | {bare_lm / ours_lm:.2f} |")  # fmt: skip

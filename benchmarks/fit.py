@@ -5,7 +5,7 @@
 All measured in one process on the same shapes:
 - bare step: a plain dense PyTorch JumpReLU SAE step (forward, MSE + L0 surrogate, backward, Adam)
   on a tensor already in memory: the floor any trainer pays;
-- gsp step: stages.fit.train_step (loss, decoder-gradient projection, Adam, renormalisation,
+- gsp step: pipeline.train.train_step (loss, decoder-gradient projection, Adam, renormalisation,
   dead-latent tracking), the step `gsp fit` runs, on the same in-memory tensor;
 - gsp from the store: the same step fed by the shuffled loader (its cost is the difference);
 - loader alone: rows/s the loader serves with no training, over the first batches (mostly rows
@@ -25,7 +25,8 @@ import torch
 from pipeline.loader import ShuffledLoader
 from pipeline.sae import SAE, jumprelu, step
 from pipeline.store import ActivationStore
-from stages.fit import FitConfig, train_step
+from pipeline.train import train_step
+from stages.fit import FitConfig
 
 
 def timed(fn, steps: int, batch: int) -> float:
@@ -61,11 +62,12 @@ def gsp_step(cfg: FitConfig, d_in: int, batches):
     with torch.no_grad():  # thresholds of a trained SAE: about 60 latents active per token, as in training
         sample = next(batches)
         sae.threshold.copy_((sample @ sae.w_enc).kthvalue(len(sample) - 60 * len(sample) // cfg.width, dim=0).values)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(0.0, 0.999))
     since = torch.zeros(cfg.width, dtype=torch.int64)
 
     def run():
-        train_step(cfg, sae, opt, next(batches), 1e-3, since, sparse=cfg.arch == "jumprelu")
+        train_step(sae, opt, next(batches), cfg.objective, lam=1e-3, since_fired_F=since, dead_tokens=cfg.dead_tokens,
+                   sparse=cfg.arch == "jumprelu")  # fmt: skip
 
     return run
 
@@ -79,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     store = ActivationStore.open(args.store)
     d, b = store.d_in, args.batch_size
-    scale = store.attrs["stats"]["mean_sq_norm"] ** -0.5
+    scale = store.meta.stats.mean_sq_norm**-0.5
     loader = ShuffledLoader(store, b, seed=0, lanes=FitConfig.lanes)  # as gsp fit reads it
     it = iter(loader)
     x = next(it) * scale

@@ -72,7 +72,8 @@ from concurrent.futures import ThreadPoolExecutor
 from transformers import AutoTokenizer
 from pipeline.corpus import documents, pack
 from pipeline.models import offline_model_dir
-from pipeline.store import ActivationStore, Layout
+from pipeline.store import Layout, StoreWriter
+from pipeline.tiny import synthetic_meta
 model, work = sys.argv[1], sys.argv[2]
 tok = AutoTokenizer.from_pretrained(offline_model_dir() if model.startswith("offline:") else model)
 for ds in ("wiki", f"{work}/wiki4.txt"):
@@ -84,7 +85,7 @@ for ds in ("wiki", f"{work}/wiki4.txt"):
         print(f"reader {ds}: {type(e).__name__}: {e}")
 lay = Layout.plan(1024, 640, 2)
 threads = min(8, max(2, os.cpu_count() // 2))
-st = ActivationStore.create(f"{work}/wbench", n_contexts=16 * lay.shard_rows // 1024, d_in=640, layout=lay, dtype="bfloat16", attrs={})
+st = StoreWriter.create(f"{work}/wbench", synthetic_meta(16 * lay.shard_rows // 1024, 640, lay, dtype="bfloat16"))
 x = np.random.randint(0, 2**16, (lay.shard_rows, 640), dtype=np.uint16); t_ = np.zeros(lay.shard_rows, np.int32)
 t = time.perf_counter()
 with ThreadPoolExecutor(threads) as ex:
@@ -102,16 +103,16 @@ done
 
 echo "== fit and evaluate on CUDA, from the store the harvest benchmark left (or a fresh 1M-token one)"
 STORE=$WORK/eval-store
-$PY -m pipeline harvest --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 --batch-size 32 \
+$PY -m stages harvest --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 --batch-size 32 \
     --tokens 1048576 --store "$STORE" 2>&1 | grep -E "wrote|rror"
-$PY -m pipeline harvest --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 --batch-size 32 \
+$PY -m stages harvest --model "$MODEL" --device cuda --layer 12 $DATA --context-size 1024 --batch-size 32 \
     --tokens 65536 --part heldout --store "$STORE-heldout" 2>&1 | grep -E "wrote|rror"
 for arch in "--arch jumprelu --target-l0 60" "--arch topk --k 60"; do
   rm -rf "$WORK/sae"
-  $PY -m pipeline fit --store "$STORE" --out "$WORK/sae" $arch --width 16384 --batch-size 4096 --tokens 2097152 \
+  $PY -m stages fit --store "$STORE" --out "$WORK/sae" $arch --width 16384 --batch-size 4096 --tokens 2097152 \
       --device cuda 2>&1 | grep -E "saved|rror"
 done
-$PY -m pipeline evaluate --sae "$WORK/sae" --store "$STORE-heldout" --device cuda --delta-tokens 65536 \
+$PY -m stages evaluate --sae "$WORK/sae" --store "$STORE-heldout" --device cuda --delta-tokens 65536 \
     --lm-batch-tokens 8192 --reports "$WORK/reports" 2>&1 | grep -E "tokens measured|FVU|delta loss|recovered|rror"
 $PY - "$WORK/reports" <<'PY'
 import json, pathlib, sys

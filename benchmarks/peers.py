@@ -6,7 +6,7 @@
 Each trainer gets the same unit-scaled rows from the default store (already in memory, so the
 loader is out of the picture), at the same width and batch, with Adam:
 - bare: a plain dense PyTorch JumpReLU step (the floor, as in benchmarks/fit.py);
-- gsp: stages.fit.train_step, JumpReLU (sparse decoder on the CPU once < 5 % fire) and TopK k=60;
+- gsp: pipeline.train.train_step, JumpReLU (sparse decoder on the CPU once < 5 % fire) and TopK k=60;
 - SAELens: JumpReLUTrainingSAE / TopKTrainingSAE (k=60) `training_forward_pass` + backward + Adam,
   as its trainer runs them, with a dead-latent mask so TopK's auxiliary loss is active as in a run.
 SAELens' activation caching is not compared: it needs TransformerLens to load Gemma 3 from the Hub,
@@ -21,20 +21,21 @@ import torch
 from fit import bare_step, timed  # benchmarks/fit.py: the same floor and timer
 
 from pipeline.loader import ShuffledLoader
-from pipeline.sae import SAE
+from pipeline.sae import SAE, Objective
 from pipeline.store import ActivationStore
-from stages.fit import FitConfig, train_step
+from pipeline.train import train_step
 
 
 def gsp_step(arch: str, d_in: int, width: int, x: torch.Tensor, sparse: bool):
-    cfg = FitConfig(store="-", arch=arch, width=width, k=60, batch_size=len(x))
     sae = SAE(d_in, width, arch=arch, k=60).init_gemma_scope(torch.Generator().manual_seed(0))
     with torch.no_grad():  # thresholds of a trained SAE: about 60 latents active per token
         sae.threshold.copy_(_sixty(x @ sae.w_enc))
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.0, 0.999))
     since = torch.zeros(width, dtype=torch.int64)
-    since[: width // 10] = cfg.dead_tokens  # 10 % dead: TopK's auxiliary loss is active
-    return lambda: train_step(cfg, sae, opt, x, 1e-3, since, sparse=sparse)
+    dead_tokens = 50_000  # gsp fit's default window
+    since[: width // 10] = dead_tokens  # 10 % dead: TopK's auxiliary loss is active
+    return lambda: train_step(sae, opt, x, Objective(), lam=1e-3, since_fired_F=since, dead_tokens=dead_tokens,
+                              sparse=sparse)  # fmt: skip
 
 
 def saelens_step(arch: str, d_in: int, width: int, x: torch.Tensor):
@@ -80,7 +81,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     store = ActivationStore.open(args.store)
-    scale = store.attrs["stats"]["mean_sq_norm"] ** -0.5
+    scale = store.meta.stats.mean_sq_norm**-0.5
     x = next(itertools.islice(ShuffledLoader(store, args.batch_size, seed=0), 0, None)) * scale
     d, w, b, n = store.d_in, args.width, args.batch_size, args.steps
     rows = {"bare dense JumpReLU step": timed(bare_step(d, w, x), n, b)}

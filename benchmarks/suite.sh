@@ -20,10 +20,10 @@ echo "== against SAELens (same rows and shapes)";          $PY benchmarks/peers.
 
 echo "== 1 and 2 processes (torchrun, gloo on the CPU; one process per GPU on a GPU box)"
 seconds() { local t0; t0=$(date +%s.%N); "$@" >"$WORK/log" 2>&1 || { tail -3 "$WORK/log"; return 1; }; echo "$(date +%s.%N) - $t0" | bc; }
-TR="$PY -m torch.distributed.run --standalone --nproc-per-node 2 -m pipeline"
+TR="$PY -m torch.distributed.run --standalone --nproc-per-node 2 -m stages"
 H="harvest --tokens 65536 --shard-mib 8 --device cpu"
 F="fit --store $STORE --target-l0 60 --steps 200 --batch-size 1024 --checkpoint-every 0 --device cpu"
 echo "| work | 1 process (s) | 2 processes (s) |"
 echo "|---|---|---|"
-echo "| harvest 65,536 tokens | $(seconds $PY -m pipeline $H --store "$WORK/h1") | $(OMP_NUM_THREADS=1 seconds $TR $H --store "$WORK/h2") |"
-echo "| fit 200 steps × 1,024 rows | $(seconds $PY -m pipeline $F --out "$WORK/f1") | $(OMP_NUM_THREADS=1 seconds $TR $F --out "$WORK/f2") |"
+echo "| harvest 65,536 tokens | $(seconds $PY -m stages $H --store "$WORK/h1") | $(OMP_NUM_THREADS=1 seconds $TR $H --store "$WORK/h2") |"
+echo "| fit 200 steps × 1,024 rows | $(seconds $PY -m stages $F --out "$WORK/f1") | $(OMP_NUM_THREADS=1 seconds $TR $F --out "$WORK/f2") |"

@@ -1,4 +1,6 @@
-"""gsp's library: the store, model and corpus loading, hooks, configs and the CLI.
+"""gsp's library: the store, the SAE and its training step, models, corpora, hooks, metrics, configs.
+
+It never imports `stages/` (the stages and the `gsp` command sit above it).
 
 Shape names used throughout (suffixes on tensor names, as in `acts_BD`):
     B  batch (rows or contexts)    S  sequence position (context length C)

@@ -24,9 +24,49 @@ from pipeline.paths import configs_dir
 STAGE_CONFIGS: dict[str, type] = {}
 
 
-def opt(default: Any, help: str, *, aliases: tuple[str, ...] = ()) -> Any:
-    """A config field: its default, the help text shown by --help, and old names accepted in files."""
-    return dataclasses.field(default=default, metadata={"help": help, "aliases": aliases})
+def opt(default: Any, help: str, *, aliases: tuple[str, ...] = (), run_only: bool = False, path: bool = False) -> Any:
+    """A config field: its default, the help text shown by --help, and old names accepted in files.
+
+    `run_only`: the field steers a run (where to write, logging, device) without deciding what the
+    artifact holds, so it may differ on resume. `path`: a local path, compared resolved (an absolute
+    and a relative spelling of one folder are the same setting).
+    """
+    meta = {"help": help, "aliases": aliases, "run_only": run_only, "path": path}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def content(cfg: Any) -> dict[str, Any]:
+    """The fields of a config that decide its artifact's content (run-only fields left out).
+
+    This is the one definition of "the same settings": harvest resume, fit --resume and gsp run's
+    reuse of a finished SAE all compare these values."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if not f.metadata.get("run_only")}
+
+
+def differences(saved: dict[str, Any], cfg: Any, what: str) -> list[str]:
+    """`key: <what> has X, asked Y` for every content field whose saved value differs from cfg's
+    (a key the saved record lacks counts as its default; path fields are compared resolved)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        if f.metadata.get("run_only"):
+            continue
+        now = getattr(cfg, f.name)
+        was = saved.get(f.name, f.default)
+        if f.metadata.get("path"):
+            same = resolve_path(was) == resolve_path(now)
+        else:
+            same = was == now
+        if not same:
+            show = lambda v: "the default" if v is None else repr(v)  # noqa: E731  (None: resolved where used)
+            out.append(f"{f.name}: {what} has {show(was)}, asked {show(now)}")
+    return out
+
+
+def resolve_path(value: Any) -> Any:
+    """A local path made absolute (URLs other than file:// are left as they are)."""
+    if not isinstance(value, str) or ("://" in value and not value.startswith("file://")):
+        return value
+    return str(Path(value.removeprefix("file://")).expanduser().resolve())
 
 
 def stage_config(section: str):

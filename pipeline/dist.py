@@ -1,7 +1,7 @@
 """torch.distributed for gsp under torchrun: one process per GPU (or CPU slot), any number of nodes.
 
-    torchrun --nproc-per-node 8 -m pipeline fit --store ... --batch-size 8192
-    torchrun --nnodes 2 --node-rank 0 --master-addr HOST --nproc-per-node 8 -m pipeline fit ...
+    torchrun --nproc-per-node 8 -m stages fit --store ... --batch-size 8192
+    torchrun --nnodes 2 --node-rank 0 --master-addr HOST --nproc-per-node 8 -m stages fit ...
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them gsp runs as one process and every
 helper here is a no-op. The backend is NCCL on CUDA and gloo on the CPU (the tests run 2 gloo

@@ -64,6 +64,14 @@ def site_width(model: torch.nn.Module, layer: int, site: str) -> int:
     return config.hidden_size
 
 
+def check_width(model: torch.nn.Module, layer: int, site: str, d_in: int, what: str) -> None:
+    """An SAE (or store) of width `d_in` must fit the model's site: one clear error otherwise."""
+    width = site_width(model, layer, site)
+    if width != d_in:
+        raise GspError(f"{what} has d_in {d_in}, but this model's layer {layer} {site} has width {width}: "
+                       "use the model the SAE was trained on (--model)")  # fmt: skip
+
+
 @contextlib.contextmanager
 def capture(model: torch.nn.Module, layer: int, site: str, *, stop: bool = True) -> Iterator[dict]:
     """Within the block, every forward pass stores the site's activation in `box["acts"]` (B, S, D)."""

@@ -183,3 +183,36 @@ def _trim(counts: list[int]) -> list[int]:
     """A histogram without its trailing empty bins."""
     last = max((i for i, c in enumerate(counts) if c), default=0)
     return counts[: last + 1]
+
+
+# ------------------------------------------------------------------------------ over a store
+@torch.no_grad()
+def reconstruction(sae, store, tokens: int, batch_size: int, group=None) -> dict:
+    """`Running` metrics of an SAE over the first `tokens` ordinary rows of a store (all, if fewer).
+
+    Under torchrun each process reads and measures only its share of the rows (pipeline.store's
+    `ordinary_rows` with a part); the sums are then merged, giving the one-process figures."""
+    from pipeline import dist
+    from pipeline.console import progress
+    from pipeline.errors import GspError
+
+    group = group or dist.Group()
+    C, device = store.context_size, group.device
+    run = Running(store.d_in, sae.width, C, device)
+    with progress("tok", show=group.main) as bar:
+        task = bar.add_task("reconstruction", total=min(tokens, store.rows_written))
+        for x_BD, rows_B in store.ordinary_rows(tokens, batch_size, part=(group.rank, group.world)):
+            x = torch.from_numpy(x_BD).to(device)
+            out = sae(x)
+            run.update(x, out.x_hat_BD, out.f_BF, torch.from_numpy(rows_B % C).to(device))
+            bar.update(task, completed=run.n * group.world)
+    shares = dist.gather(group, run.to("cpu"))
+    run = shares[0]
+    for other in shares[1:]:
+        run.merge(other)
+    if run.n < 2:
+        raise GspError(f"store {store.path} has fewer than 2 ordinary tokens to measure on")
+    result = run.result()
+    result["_frequency"] = run.frequencies()
+    result["dense_threshold"] = DENSE_FREQUENCY
+    return result

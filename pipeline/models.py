@@ -97,6 +97,15 @@ def offline_model_dir() -> Path:
     return target
 
 
+def rerun_model(harvested, model: str | None, revision: str | None) -> tuple[str, str | None]:
+    """(spec, revision) of the model to run on a store's tokens: `model` when given, else the one the
+    store was harvested from (`harvested`, a store's ModelRef) at its recorded revision (local folders
+    ignore it)."""
+    if model:
+        return model, revision
+    return harvested.spec, revision or harvested.revision
+
+
 def model_name(spec: str) -> str:
     """The name a --model spec is recorded under, without loading it (used to name default stores)."""
     return _OFFLINE_HUB_NAME if spec == OFFLINE_DEFAULT else spec

@@ -1,6 +1,6 @@
 """The evaluation report: a rich table in the terminal, and reports/report_<timestamp>.{md,json} + plots.
 
-The JSON keys are stable (documented in the README, section "Reports"); the Markdown says the same
+The JSON keys are stable (documented in docs/evaluate.md); the Markdown says the same
 for people, with the plots a researcher looks at first: feature density, L0 distribution, error by
 position in the context.
 """

@@ -1,27 +1,47 @@
-"""The SAE math, in Gemma Scope 2's parameter layout: JumpReLU (Gemma Scope) and TopK (Llama Scope).
+"""The SAE: JumpReLU (Gemma Scope) and TopK (Llama Scope) in Gemma Scope 2's parameter layout, their
+training objectives, and gsp's own files. Read it against the papers; everything else calls it.
 
 Parameters (float32): w_enc (D, F), b_enc (F,), w_dec (F, D), b_dec (D,), threshold (F,).
     pre_BF = x_BD @ w_enc + b_enc
-    jumprelu: f_BF = pre_BF · H(pre_BF − θ)            topk: f_BF = the k largest of ReLU(pre_BF)
+    jumprelu: f_BF = ReLU(pre_BF) · H(pre_BF − θ)      topk: f_BF = the k largest of ReLU(pre_BF)
     x̂_BD = f_BF @ w_dec + b_dec
-on raw activations, no normalisation, no b_dec subtraction: exactly how a Gemma Scope 2 SAE is used.
+on raw activations, no normalisation, no b_dec subtraction: exactly how a Gemma Scope 2 SAE is used
+(the ReLU matters only for a loaded file with θ < 0; training keeps θ ≥ 0).
 
 JumpReLU training follows the Gemma Scope report (arXiv 2408.05147): θ is learned through
 straight-through pseudo-derivatives with a rectangle kernel K(u) = 1{|u| < ½} of bandwidth ε,
     ∂/∂θ JumpReLU_θ(z) = −(θ/ε)·K((z−θ)/ε)        ∂/∂θ H(z−θ) = −(1/ε)·K((z−θ)/ε)
 while z gets the ordinary derivative H(z−θ) through JumpReLU and none through the step H.
+Objectives (`SAE.loss`), on inputs scaled so that E‖x‖² = 1:
+    jumprelu: ‖x − x̂‖² + λ·L0,  or Gemma Scope 2's  ‖x − x̂‖² + λ·(2/T)·(L0 − T)²  towards a target L0 T
+    topk:     ‖x − x̂‖² + α·AuxK, AuxK = ‖e − ê‖² / ‖e‖² with e = x − x̂ and ê decoded from the aux_k
+              largest pre-activations of dead latents (OpenAI's "Scaling and evaluating sparse autoencoders")
+gsp's files: `params.safetensors` + `config.json` (an `SAEConfig`), Gemma Scope 2's format.
 """
 
+import contextlib
+import dataclasses
+import json
 import warnings
-from typing import NamedTuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
-# torch's sparse CSR kernels work and are tested here (tests/test_sae.py); their "beta" notices are noise
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+from pipeline import dist
+from pipeline.errors import GspError
+from pipeline.faults import fault
+from pipeline.files import atomic_write_text, save_tensors
+
+PARAMS = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+ARCHS = ("jumprelu", "topk")
+FILE_ARCH = {"jumprelu": "jump_relu", "topk": "topk"}  # gsp's name -> Gemma Scope 2's "architecture"
 
 
+# ------------------------------------------------------------------------------ activation functions
 def rectangle(u: torch.Tensor) -> torch.Tensor:
     return (u.abs() < 0.5).to(u.dtype)
 
@@ -58,7 +78,7 @@ class _Step(torch.autograd.Function):
 
 
 def jumprelu(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """z·H(z−θ) with the straight-through gradient for θ."""
+    """z·H(z−θ) with the straight-through gradient for θ (training, where θ ≥ 0)."""
     return _JumpReLU.apply(z_BF, theta_F, bandwidth)
 
 
@@ -67,25 +87,52 @@ def step(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.T
     return _Step.apply(z_BF, theta_F, bandwidth)
 
 
+def jumprelu_inference(pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Gemma Scope 2's JumpReLU: ReLU(pre)·1[pre > θ]."""
+    return pre.relu() * (pre > theta)
+
+
 def topk(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest pre-activations of each row, ReLU'd; zeros elsewhere."""
     values, indices = pre_BF.topk(k, dim=-1)
     return torch.zeros_like(pre_BF).scatter_(-1, indices, values.relu())
 
 
+# ------------------------------------------------------------------------------ results and settings
 class Output(NamedTuple):
     x_hat_BD: torch.Tensor
     f_BF: torch.Tensor
     pre_BF: torch.Tensor
 
 
+class Loss(NamedTuple):
+    total: torch.Tensor  # what is minimised
+    recon: torch.Tensor  # mean ‖x − x̂‖²
+    penalty: torch.Tensor  # the sparsity penalty (jumprelu) or α·AuxK (topk)
+    x_hat_BD: torch.Tensor
+    f_BF: torch.Tensor  # for logs and dead-latent counts (no gradient path is needed through it)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The training objective's settings beyond the SAE itself (see the module docstring)."""
+
+    bandwidth: float = 0.001  # JumpReLU: ε of the rectangle kernel
+    target_l0: float | None = None  # JumpReLU: T of the target-L0 penalty; None: λ·L0
+    aux_k: int = 512  # TopK: dead latents in the auxiliary loss
+    aux_coeff: float = 0.125  # TopK: α
+
+
+# ------------------------------------------------------------------------------ the model
 class SAE(torch.nn.Module):
     """A JumpReLU or TopK SAE with Gemma Scope 2's parameter names, shapes and inference."""
 
     def __init__(self, d_in: int, width: int, *, arch: str = "jumprelu", k: int | None = None):
         super().__init__()
-        if arch not in ("jumprelu", "topk"):
+        if arch not in ARCHS:
             raise ValueError(f"unknown SAE architecture {arch!r}")
+        if d_in <= 0 or width <= 0:
+            raise ValueError(f"an SAE needs d_in > 0 and width > 0, got d_in={d_in}, width={width}")
         if arch == "topk" and not (k and 0 < k <= width):
             raise ValueError(f"topk needs 0 < k <= width, got k={k}")
         self.d_in, self.width, self.arch, self.k = d_in, width, arch, k
@@ -100,7 +147,7 @@ class SAE(torch.nn.Module):
         pre = x_BD @ self.w_enc + self.b_enc
         if self.arch == "topk":
             return topk(pre, self.k), pre
-        return pre * (pre > self.threshold), pre
+        return jumprelu_inference(pre, self.threshold), pre
 
     def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
         return f_BF @ self.w_dec + self.b_dec
@@ -108,6 +155,15 @@ class SAE(torch.nn.Module):
     def forward(self, x_BD: torch.Tensor) -> Output:
         f, pre = self.encode(x_BD)
         return Output(self.decode(f), f, pre)
+
+    def activation_at(self, x_RD: torch.Tensor, rows_P: torch.Tensor, feats_P: torch.Tensor) -> torch.Tensor:
+        """f[rows_P[i], feats_P[i]] for each pair: one feature's activation on one row of x_RD.
+
+        JumpReLU needs one dot product per pair; TopK needs every latent of the row (its k-th value)."""
+        if self.arch == "topk":
+            return self.encode(x_RD)[0][rows_P, feats_P]
+        pre = (x_RD[rows_P] * self.w_enc[:, feats_P].T).sum(-1) + self.b_enc[feats_P]
+        return jumprelu_inference(pre, self.threshold[feats_P])
 
     @torch.no_grad()
     def init_gemma_scope(self, generator: torch.Generator | None = None, theta: float = 0.001) -> "SAE":
@@ -134,7 +190,214 @@ class SAE(torch.nn.Module):
         self.b_dec /= scale
         return self
 
+    # -------------------------------------------------------------------------- training
+    def loss(
+        self, x_BD: torch.Tensor, objective: Objective, *, lam: float = 0.0, dead_F: torch.Tensor | None = None,
+        sparse: bool = False, group: dist.Group = dist.Group(),
+    ) -> Loss:  # fmt: skip
+        """The training loss on a batch of unit-scaled inputs. `lam`: JumpReLU's λ at this step;
+        `dead_F`: TopK's dead latents (bool, F); `sparse`: JumpReLU's sparse decoder path.
 
+        Under torchrun `x_BD` is this process's share of the global batch; terms that are not plain
+        means over rows (the target-L0 penalty, the AuxK normaliser) use the global batch's values,
+        so that the averaged gradients equal one process's on the whole batch.
+        """
+        if self.arch == "jumprelu":
+            return self._jumprelu_loss(x_BD, objective, lam, sparse, group)
+        return self._topk_loss(x_BD, objective, dead_F, group)
+
+    def _jumprelu_loss(self, x_BD, obj: Objective, lam: float, sparse: bool, group) -> Loss:
+        eps = obj.bandwidth
+        if sparse:
+            x_hat, pre, active = sparse_jumprelu_sae(x_BD, self.w_enc, self.b_enc, self.threshold, self.w_dec, eps)
+            x_hat, f = x_hat + self.b_dec, pre * active  # f only for metrics: no gradient through it
+        else:
+            pre = x_BD @ self.w_enc + self.b_enc
+            f = jumprelu(pre, self.threshold, eps)
+            x_hat = f @ self.w_dec + self.b_dec
+        recon = (x_hat - x_BD).square().sum(-1).mean()
+        l0_ = step(pre, self.threshold, eps).sum(-1).mean()
+        if obj.target_l0 is None:
+            penalty = lam * l0_
+        else:
+            l0_ = dist.mean_differentiable(group, l0_)  # the penalty is on the global batch's L0
+            penalty = lam * (2 / obj.target_l0) * (l0_ - obj.target_l0).square()
+        return Loss(recon + penalty, recon, penalty, x_hat, f)
+
+    def _topk_loss(self, x_BD, obj: Objective, dead_F, group) -> Loss:
+        # decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
+        pre = x_BD @ self.w_enc + self.b_enc
+        values, idx = pre.topk(self.k, dim=-1)
+        values = values.relu()
+        x_hat = torch.nn.functional.embedding_bag(idx, self.w_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        f = torch.zeros_like(pre).scatter_(-1, idx, values)
+        recon = (x_hat - x_BD).square().sum(-1).mean()
+        n_dead = int(dead_F.sum()) if dead_F is not None else 0
+        if n_dead == 0:
+            return Loss(recon, recon, torch.zeros_like(recon), x_hat, f)
+        err = (x_BD - x_hat).detach()
+        aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(min(obj.aux_k, n_dead), dim=-1)
+        err_hat = torch.nn.functional.embedding_bag(aux_idx, self.w_dec, per_sample_weights=aux_vals.relu(), mode="sum")
+        norm = err.square().sum(-1).mean()
+        dist.mean_(group, [norm])  # the global batch's error, so that the ratio is the global one
+        aux = (err_hat - err).square().sum(-1).mean() / norm.clamp_min(1e-12)
+        penalty = obj.aux_coeff * aux
+        return Loss(recon + penalty, recon, penalty, x_hat, f)
+
+    # -------------------------------------------------------------------------- files
+    @classmethod
+    def from_params(cls, params: dict[str, torch.Tensor], arch: str, k, source: str | Path) -> "SAE":
+        """An SAE (eval mode, no gradients) from Gemma Scope 2-layout tensors, after checking names,
+        shapes and values; every problem is a GspError naming `source`."""
+        w_enc = params.get("w_enc")
+        if w_enc is None or w_enc.ndim != 2:
+            raise GspError(f"{source} has no 2-D w_enc/W_enc (keys: {', '.join(sorted(params)) or 'none'})")
+        d, n = w_enc.shape
+        if d == 0 or n == 0:
+            raise GspError(f"{source} holds an SAE with d_in {d} and width {n}: it is empty")
+        shapes = {"w_enc": (d, n), "b_enc": (n,), "w_dec": (n, d), "b_dec": (d,), "threshold": (n,)}
+        if arch == "topk":
+            params = {"threshold": torch.zeros(n), **params}
+            if not isinstance(k, int) or isinstance(k, bool):
+                raise GspError(f"{source}: a topk SAE needs an integer k in its config, got {k!r}")
+        check_tensors(params, shapes, source)
+        try:
+            with torch.device("meta"):  # no placeholder weights: a 1M-wide SAE is held in memory once
+                sae = cls(d, n, arch=arch, k=k if arch == "topk" else None)
+        except ValueError as e:
+            raise GspError(f"{source}: {e}") from None
+        for name in shapes:
+            setattr(sae, name, torch.nn.Parameter(params[name].float().contiguous(), requires_grad=False))
+        return sae.eval()
+
+    def save(self, folder: Path, config: "SAEConfig") -> None:
+        """params.safetensors (float32) then config.json into `folder`, each written atomically; the
+        config last, so a folder with a config.json holds a whole SAE."""
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors({k: getattr(self, k).detach().float().cpu().contiguous() for k in PARAMS},
+                     folder / "params.safetensors")  # fmt: skip
+        fault("sae-params-written")
+        atomic_write_text(folder / "config.json", json.dumps(config.to_json(), indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> tuple["SAE", "SAEConfig"]:
+        """A gsp or Gemma Scope 2 folder: config.json + params.safetensors."""
+        config = SAEConfig.from_json(read_json(folder / "config.json"), folder)
+        if config.is_transcoder:
+            raise GspError(f"{folder} is a transcoder ({config.type}, {config.hf_hook_point_in} → "
+                           f"{config.hf_hook_point_out}), not an SAE: gsp loads SAEs only")  # fmt: skip
+        sae = cls.from_params(read_safetensors(folder / "params.safetensors"), config.arch, config.k,
+                              folder / "params.safetensors")  # fmt: skip
+        for key, size in (("d_in", sae.d_in), ("width", sae.width)):
+            if getattr(config, key) not in (None, size):
+                raise GspError(f"{folder}: config.json says {key}={getattr(config, key)} but the weights have {size}")
+        return sae, config
+
+
+# ------------------------------------------------------------------------------ config.json
+@dataclass(frozen=True)
+class SAEConfig:
+    """config.json of a Gemma Scope 2 folder, which gsp fit also writes, with gsp's own keys beside.
+
+    Gemma Scope 2 files carry only the first group; every gsp key is optional when reading."""
+
+    # Gemma Scope 2's keys
+    architecture: str = "jump_relu"
+    model_name: str | None = None
+    hf_hook_point_in: str | None = None
+    hf_hook_point_out: str | None = None
+    width: int | None = None
+    l0: float | None = None
+    affine_connection: bool = False
+    type: str = "sae"
+    # gsp's keys
+    k: int | None = None
+    d_in: int | None = None
+    layer: int | None = None
+    site: str | None = None
+    store: str | None = None  # the training store
+    model_revision: str | None = None
+    input_scale_folded: float | None = None
+    steps: int | None = None
+    tokens_seen: int | None = None
+    final_train_metrics: dict | None = None
+    fit_config: dict | None = None
+    gsp_version: str | None = None
+
+    @property
+    def arch(self) -> str:
+        """gsp's name of the architecture."""
+        return {"jump_relu": "jumprelu", "jumprelu": "jumprelu", "topk": "topk"}[self.architecture]
+
+    @property
+    def is_transcoder(self) -> bool:
+        out = self.hf_hook_point_out
+        return self.type != "sae" or self.affine_connection or bool(out and out != self.hf_hook_point_in)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_json(d: dict, folder: Path) -> "SAEConfig":
+        kinds = {"architecture": str, "model_name": str, "hf_hook_point_in": str, "hf_hook_point_out": str,
+                 "width": int, "l0": (int, float), "affine_connection": bool, "type": str, "k": int, "d_in": int,
+                 "layer": int, "site": str, "store": str, "model_revision": str, "input_scale_folded": (int, float),
+                 "steps": int, "tokens_seen": int, "final_train_metrics": dict, "fit_config": dict,
+                 "gsp_version": str}  # fmt: skip
+        values: dict[str, Any] = {}
+        for key, kind in kinds.items():
+            if d.get(key) is None:
+                continue
+            v = d[key]
+            if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+                raise GspError(f"{folder / 'config.json'}: '{key}' should be "
+                               f"{getattr(kind, '__name__', 'a number')}, not {v!r}")  # fmt: skip
+            values[key] = v
+        config = SAEConfig(**values)
+        if config.architecture not in ("jump_relu", "jumprelu", "topk"):
+            raise GspError(f"{folder}: unknown architecture {config.architecture!r}: gsp loads jump_relu and topk SAEs")
+        return config
+
+
+# ------------------------------------------------------------------------------ reading files safely
+def check_tensors(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], file) -> None:
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise GspError(f"{file} lacks {', '.join(missing)} (it has {', '.join(sorted(params)) or 'nothing'})")
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise GspError(f"{file}: {name} has shape {tuple(params[name].shape)}, expected {shape}")
+        if not torch.isfinite(params[name]).all():
+            raise GspError(f"{file}: {name} holds NaN or infinite values: the file is damaged, fetch it again")
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Float tensors from a safetensors file (never a pickle), as float32."""
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise GspError(f"{file} is not a readable safetensors file ({first_line(e)}): fetch it again") from None
+    bad = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if bad:
+        raise GspError(f"{file}: {', '.join(bad)} are not floating-point tensors")
+    return {k: v.float() for k, v in tensors.items()}
+
+
+def read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GspError(f"{file} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise GspError(f"{file} should hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+# ------------------------------------------------------------------------------ JumpReLU's sparse decoder path
 class _SparseJumpReLUSAE(torch.autograd.Function):
     """x̂ − b_dec = JumpReLU_θ(x·W_enc + b_enc)·W_dec with every GEMM but the encoder's made sparse.
 
@@ -147,8 +410,8 @@ class _SparseJumpReLUSAE(torch.autograd.Function):
     def forward(ctx, x_BD, w_enc, b_enc, theta, w_dec, bandwidth: float):
         pre = torch.addmm(b_enc, x_BD, w_enc)  # (B, F): the one dense GEMM
         active = pre > theta
-        f_csr = _csr(active, pre)
-        x_hat = f_csr @ w_dec
+        with _quiet_sparse():
+            x_hat = _csr(active, pre) @ w_dec
         # entries whose gradient matters: active ones (for z) and those in θ's kernel window
         need = active | ((pre - theta).abs() < bandwidth / 2)
         ctx.save_for_backward(x_BD, w_dec, theta, pre, active, need)
@@ -161,10 +424,11 @@ class _SparseJumpReLUSAE(torch.autograd.Function):
         x_BD, w_dec, theta, pre, active, need = ctx.saved_tensors
         eps = ctx.bandwidth
         rows, cols = need.nonzero(as_tuple=True)
-        pattern = torch.sparse_csr_tensor(
-            _crow(need), cols, torch.zeros(len(cols), dtype=g_BD.dtype, device=g_BD.device), need.shape
-        )
-        g_f = torch.sparse.sampled_addmm(pattern, g_BD, w_dec.T).values()  # ∂L/∂f at `need` entries
+        with _quiet_sparse():
+            pattern = torch.sparse_csr_tensor(
+                _crow(need), cols, torch.zeros(len(cols), dtype=g_BD.dtype, device=g_BD.device), need.shape
+            )
+            g_f = torch.sparse.sampled_addmm(pattern, g_BD, w_dec.T).values()  # ∂L/∂f at `need` entries
         z, th = pre[rows, cols], theta[cols]
         on = active[rows, cols]
         g_z = torch.where(on, g_f, 0.0)  # ∂JumpReLU/∂z = H(z − θ)
@@ -172,12 +436,23 @@ class _SparseJumpReLUSAE(torch.autograd.Function):
             0, cols, g_f * -(th / eps) * ((z - th).abs() < eps / 2).to(g_f.dtype)
         )
         shape_t = (need.shape[1], need.shape[0])
-        f_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), torch.where(on, z, 0.0), shape_t)
-        g_w_dec = torch.sparse.mm(f_t, g_BD)  # fᵀ·g, (F, D)
-        gz_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), g_z, shape_t)
-        g_w_enc = torch.sparse.mm(gz_t, x_BD).T  # xᵀ·∂L/∂pre, (D, F)
+        with _quiet_sparse():
+            f_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), torch.where(on, z, 0.0), shape_t)
+            g_w_dec = torch.sparse.mm(f_t, g_BD)  # fᵀ·g, (F, D)
+            gz_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), g_z, shape_t)
+            g_w_enc = torch.sparse.mm(gz_t, x_BD).T  # xᵀ·∂L/∂pre, (D, F)
         g_b_enc = torch.zeros_like(theta).index_add_(0, cols, g_z)
         return None, g_w_enc, g_b_enc, g_theta, g_w_dec, None
+
+
+@contextlib.contextmanager
+def _quiet_sparse():
+    """torch's sparse CSR kernels are tested here (tests/test_sae.py); their "beta" notices are noise.
+    Silenced around these calls only, never process-wide."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        yield
 
 
 def _crow(mask_BF: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ The format is told by the folder's files, never by its name:
 - **gsp** and **Gemma Scope 2** (`google/gemma-scope-2-*`): `config.json` + `params.safetensors` (gsp's own
   config also holds "gsp_version"). Keys w_enc (D, F), b_enc (F,), w_dec (F, D), b_dec (D,), threshold (F,)
   (threshold optional for topk). config "architecture": "jump_relu" (the default) or "topk" with "k".
-      pre = x @ w_enc + b_enc;  f = pre·1[pre > threshold]  (topk: the k largest of ReLU(pre));  x̂ = f @ w_dec + b_dec
+      pre = x @ w_enc + b_enc;  f = ReLU(pre)·1[pre > threshold]  (topk: the k largest of ReLU(pre))
+      x̂ = f @ w_dec + b_dec
   Layer and site come from "hf_hook_point_in" (`model.layers.L.output` → resid_post,
   `….post_feedforward_layernorm.output` → mlp_out, `….self_attn.o_proj.input` → attn_out), else from gsp's
   "layer"/"site", else from the path (`<site>[_all]/layer_L_width_…`). Transcoders and CLTs are refused.
@@ -26,7 +27,6 @@ The format is told by the folder's files, never by its name:
 Pickles are never read: npz with allow_pickle=False, everything else safetensors or JSON.
 """
 
-import json
 import math
 import re
 import zipfile
@@ -36,14 +36,12 @@ from pathlib import Path
 import huggingface_hub
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from pipeline.console import warn
 from pipeline.errors import GspError
 from pipeline.hooks import SITES
 from pipeline.models import hf_token, hub_errors
-from pipeline.sae import SAE
+from pipeline.sae import SAE, check_tensors, first_line, read_json, read_safetensors
 
 # Every file an SAE of any supported format may need, relative to its folder: all a Hub fetch downloads
 SAE_FILES = (
@@ -68,7 +66,6 @@ _HF_SITE = {
 }
 _GS1_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)\b")
 _GS1_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
-_ARCH = {"jump_relu": "jumprelu", "jumprelu": "jumprelu", "topk": "topk"}
 
 
 @dataclass
@@ -81,11 +78,7 @@ class LoadedSAE:
     layer: int | None
     site: str | None  # one of pipeline.hooks.SITES, or None when the files don't say
     config: dict  # the SAE's own config file contents (empty for Gemma Scope 1)
-
-    @property
-    def training_store(self) -> str | None:
-        """The store a gsp fit SAE was trained on (as its config recorded it); None for other formats."""
-        return self.config.get("store") if self.format == "gsp" else None
+    training_store: str | None = None  # the store a gsp fit SAE was trained on, as its config recorded it
 
 
 def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
@@ -145,31 +138,27 @@ def fetch_sae(
     return folder
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def check_against_store(loaded: LoadedSAE, store) -> tuple[int, str]:
     """The SAE must read what the store holds: same d_in, layer and site (when the SAE says).
 
     Returns the store's (layer, site); warns when the SAE names no site or another model."""
-    a = store.attrs
-    if loaded.sae.d_in != store.d_in:
+    m = store.meta
+    if loaded.sae.d_in != m.d_in:
         raise GspError(
-            f"the SAE takes d_in={loaded.sae.d_in} but store {store.path} holds d_in={store.d_in} "
-            f"({a['hook_point']}); pick the store harvested at the SAE's hook point"
+            f"the SAE takes d_in={loaded.sae.d_in} but store {store.path} holds d_in={m.d_in} "
+            f"({m.hook_point}); pick the store harvested at the SAE's hook point"
         )
-    for what, mine in (("layer", loaded.layer), ("site", loaded.site)):
-        if mine is not None and mine != a[what]:
+    for what, mine, theirs in (("layer", loaded.layer, m.layer), ("site", loaded.site, m.site)):
+        if mine is not None and mine != theirs:
             raise GspError(
-                f"the SAE was trained at {what} {mine} but store {store.path} holds {what} {a[what]}; "
+                f"the SAE was trained at {what} {mine} but store {store.path} holds {what} {theirs}; "
                 f"harvest a store with --{what} {mine}"
             )
     if loaded.site is None:
-        warn(f"the SAE's files do not name its site; assuming the store's ({a['site']})")
-    if loaded.model_name and _base_name(loaded.model_name) != _base_name(a["model"]["name"]):
-        warn(f"the SAE was trained on {loaded.model_name}, the store comes from {a['model']['name']}")
-    return a["layer"], a["site"]
+        warn(f"the SAE's files do not name its site; assuming the store's ({m.site})")
+    if loaded.model_name and _base_name(loaded.model_name) != _base_name(m.model.name):
+        warn(f"the SAE was trained on {loaded.model_name}, the store comes from {m.model.name}")
+    return m.layer, m.site
 
 
 def _base_name(name: str) -> str:
@@ -180,27 +169,16 @@ def _base_name(name: str) -> str:
 
 # ------------------------------------------------------------------------------ formats
 def _read_gemma_scope_2(path: Path) -> LoadedSAE:
-    config = _read_json(path / "config.json")
-    kind = config.get("type", "sae")
-    hook_in, hook_out = config.get("hf_hook_point_in"), config.get("hf_hook_point_out")
-    if kind != "sae" or config.get("affine_connection") or (hook_out and hook_out != hook_in):
-        raise GspError(f"{path} is a transcoder ({kind}, {hook_in} → {hook_out}), not an SAE: gsp loads SAEs only")
-    arch = _ARCH.get(config.get("architecture", "jump_relu"))
-    if arch is None:
-        raise GspError(f"{path}: unknown architecture {config['architecture']!r}: gsp loads jump_relu and topk SAEs")
-    params = _read_safetensors(path / "params.safetensors")
-    sae = _build(params, arch, config.get("k"), path / "params.safetensors")
-    for key, size in (("d_in", sae.d_in), ("width", sae.width)):
-        if config.get(key) not in (None, size):
-            raise GspError(f"{path}: config.json says {key}={config[key]} but the weights have {size}")
-    if hook_in:
-        layer, site = _parse_hf_hook(hook_in, path)
-    elif "layer" in config and config.get("site") in SITES:
-        layer, site = int(config["layer"]), config["site"]
+    sae, config = SAE.load(path)
+    if config.hf_hook_point_in:
+        layer, site = _parse_hf_hook(config.hf_hook_point_in, path)
+    elif config.layer is not None and config.site in SITES:
+        layer, site = config.layer, config.site
     else:
         layer, site = _layer_from_path(path), _site_from_path(path)
-    fmt = "gsp" if "gsp_version" in config else "gemma-scope-2"
-    return LoadedSAE(sae, str(path), path, fmt, config.get("model_name"), layer, site, config)
+    fmt = "gsp" if config.gsp_version else "gemma-scope-2"
+    store = config.store if fmt == "gsp" else None
+    return LoadedSAE(sae, str(path), path, fmt, config.model_name, layer, site, config.to_json(), store)
 
 
 def _read_gemma_scope_1(path: Path) -> LoadedSAE:
@@ -208,14 +186,14 @@ def _read_gemma_scope_1(path: Path) -> LoadedSAE:
     if repo and repo.group(3) == "transcoders":
         raise GspError(f"{path} is a Gemma Scope transcoder, not an SAE: gsp loads SAEs only")
     params = {k.lower(): v for k, v in _read_npz(path / "params.npz").items()}
-    sae = _build(params, "jumprelu", None, path / "params.npz")
+    sae = SAE.from_params(params, "jumprelu", None, path / "params.npz")
     site = _GS1_SITE[repo.group(3)] if repo else _site_from_path(path)
     model = f"google/gemma-2-{repo.group(1)}" + ("-it" if repo.group(2) == "it" else "") if repo else None
     return LoadedSAE(sae, str(path), path, "gemma-scope", model, _layer_from_path(path), site, {})
 
 
 def _read_llama_scope(path: Path) -> LoadedSAE:
-    hp = _read_json(path / "hyperparams.json")
+    hp = read_json(path / "hyperparams.json")
     missing = [k for k in ("d_model", "d_sae", "hook_point_in", "act_fn") if k not in hp]
     if missing:
         raise GspError(f"{path / 'hyperparams.json'} lacks {', '.join(missing)}: is it a Llama Scope (lm-saes) SAE?")
@@ -231,11 +209,11 @@ def _read_llama_scope(path: Path) -> LoadedSAE:
     act = str(hp["act_fn"]).lower()
     if act not in ("jumprelu", "topk", "relu"):
         raise GspError(f"{path}: unknown act_fn {hp['act_fn']!r}: gsp loads jumprelu and topk Llama Scope SAEs")
-    t = {k: v.double() for k, v in _read_safetensors(path / "checkpoints" / "final.safetensors").items()}
+    t = {k: v.double() for k, v in read_safetensors(path / "checkpoints" / "final.safetensors").items()}
     d, n = _positive_int(hp, "d_model", path), _positive_int(hp, "d_sae", path)
     shapes = {"encoder.weight": (n, d), "encoder.bias": (n,), "decoder.weight": (d, n), "decoder.bias": (d,)}
     t.setdefault("decoder.bias", torch.zeros(d, dtype=torch.float64))  # use_decoder_bias false
-    _check(t, shapes, path / "checkpoints" / "final.safetensors")
+    check_tensors(t, shapes, path / "checkpoints" / "final.safetensors")
     enc, b_e, dec, b_d = (t[k] for k in shapes)
     s_in, s_out = _llama_scales(hp, d, path)
     if hp.get("apply_decoder_bias_to_pre_encoder"):
@@ -253,8 +231,8 @@ def _read_llama_scope(path: Path) -> LoadedSAE:
         "threshold": torch.full((n,), theta / s_out, dtype=torch.float64),
     }
     arch = "topk" if act == "topk" else "jumprelu"
-    sae = _build({k: v.float() for k, v in params.items()}, arch, hp.get("top_k"), path / "checkpoints")
-    lm = _read_json(path / "lm_config.json") if (path / "lm_config.json").is_file() else {}
+    sae = SAE.from_params({k: v.float() for k, v in params.items()}, arch, hp.get("top_k"), path / "checkpoints")
+    lm = read_json(path / "lm_config.json") if (path / "lm_config.json").is_file() else {}
     model = lm.get("model_name") or "meta-llama/Llama-3.1-8B"
     return LoadedSAE(sae, str(path), path, "llama-scope", model, int(m.group(1)), m.group(2), hp)
 
@@ -274,66 +252,12 @@ def _llama_scales(hp: dict, d: int, path: Path) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _build(params: dict[str, torch.Tensor], arch: str, k, file: Path) -> SAE:
-    """gsp's SAE from Gemma Scope 2-layout float tensors, after checking names, shapes and values."""
-    w_enc = params.get("w_enc")
-    if w_enc is None or w_enc.ndim != 2:
-        raise GspError(f"{file} has no 2-D w_enc/W_enc (keys: {', '.join(sorted(params)) or 'none'})")
-    d, n = w_enc.shape
-    shapes = {"w_enc": (d, n), "b_enc": (n,), "w_dec": (n, d), "b_dec": (d,), "threshold": (n,)}
-    if arch == "topk":
-        params = {"threshold": torch.zeros(n), **params}
-        if not isinstance(k, int) or isinstance(k, bool):
-            raise GspError(f"{file}: a topk SAE needs an integer k in its config, got {k!r}")
-    _check(params, shapes, file)
-    try:
-        with torch.device("meta"):  # no placeholder weights: a 1M-wide SAE is held in memory once
-            sae = SAE(d, n, arch=arch, k=k if arch == "topk" else None)
-    except ValueError as e:
-        raise GspError(f"{file}: {e}") from None
-    for name in shapes:
-        setattr(sae, name, torch.nn.Parameter(params[name].float().contiguous(), requires_grad=False))
-    return sae.eval()
-
-
-def _check(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], file: Path) -> None:
-    missing = [k for k in shapes if k not in params]
-    if missing:
-        raise GspError(f"{file} lacks {', '.join(missing)} (it has {', '.join(sorted(params)) or 'nothing'})")
-    for name, shape in shapes.items():
-        if tuple(params[name].shape) != shape:
-            raise GspError(f"{file}: {name} has shape {tuple(params[name].shape)}, expected {shape}")
-        if not torch.isfinite(params[name]).all():
-            raise GspError(f"{file}: {name} holds NaN or infinite values: the file is damaged, fetch it again")
-
-
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_file(file)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise GspError(f"{file} is not a readable safetensors file ({_first_line(e)}): fetch it again") from None
-    bad = [k for k, v in tensors.items() if not v.is_floating_point()]
-    if bad:
-        raise GspError(f"{file}: {', '.join(bad)} are not floating-point tensors")
-    return {k: v.float() for k, v in tensors.items()}
-
-
 def _read_npz(file: Path) -> dict[str, torch.Tensor]:
     try:
         with np.load(file, allow_pickle=False) as data:
             return {k: torch.from_numpy(np.asarray(data[k], dtype=np.float32)) for k in data.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
-        raise GspError(f"{file} is not a readable .npz of arrays ({_first_line(e)}): fetch it again") from None
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GspError(f"{file} is not valid JSON ({_first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise GspError(f"{file} should hold a JSON object, not {type(data).__name__}")
-    return data
+        raise GspError(f"{file} is not a readable .npz of arrays ({first_line(e)}): fetch it again") from None
 
 
 def _positive_int(hp: dict, key: str, path: Path) -> int:

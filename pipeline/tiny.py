@@ -80,13 +80,37 @@ def make_tiny_model(path: Path, *, seed: int = 0, layers: int = 4) -> Path:
     return path
 
 
+def synthetic_meta(n_contexts: int, d_in: int, layout, *, dtype: str = "float32") -> "StoreMeta":  # noqa: F821
+    """The attributes of a store that no model wrote: every field filled, named "synthetic"."""
+    from pipeline.store import CorpusRef, ModelRef, StoreMeta, TokenizerRef
+    from pipeline.store.meta import Compute
+
+    return StoreMeta(
+        model=ModelRef("synthetic", "synthetic", "none", "none"),
+        layer=0,
+        site="resid_post",
+        hook_point="model.layers.0.output",
+        d_in=d_in,
+        context_size=layout.context_size,
+        dataset=CorpusRef("synthetic", "train", None, "text", "train", 0.05, 0),
+        tokenizer=TokenizerRef("synthetic", "none", 8, 2, 1, 0),
+        compute=Compute("cpu", "float32"),
+        dtype=dtype,
+        n_contexts_planned=n_contexts,
+        chunk_rows=layout.chunk_rows,
+        shard_rows=layout.shard_rows,
+        spec={"synthetic": True},
+    )
+
+
 def write_synthetic_store(path: Path, x_ND: np.ndarray, *, context_size: int = 16, bos_every_context: bool = True):
     """A real store holding given activations (no model): for `gsp fit --smoke-test` and tests.
 
     Rows are grouped in contexts of `context_size`; the first row of each is marked BOS (id 2) and
     its activation replaced by a huge vector, so readers that forget to mask BOS are caught.
     """
-    from pipeline.store import ActivationStore, Layout, RowSums
+    from pipeline.corpus import Cursor
+    from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter
 
     n, d = x_ND.shape
     n_contexts = n // context_size
@@ -96,18 +120,11 @@ def write_synthetic_store(path: Path, x_ND: np.ndarray, *, context_size: int = 1
         tokens[::context_size] = 2
         x[::context_size] = 1e4
     layout = Layout.plan(context_size, d, 4, chunk_rows=256, shard_mib=max(len(x) * d * 4 / 4 / 2**20, 0.001))
-    attrs = {
-        "model": {"spec": "synthetic", "name": "synthetic", "revision": "none", "class": "none"},
-        "layer": 0,
-        "site": "resid_post",
-        "hook_point": "model.layers.0.output",
-        "tokenizer": {"bos_id": 2, "eos_id": 1, "pad_id": 0},
-    }
-    store = ActivationStore.create(path, n_contexts=n_contexts, d_in=d, layout=layout, dtype="float32", attrs=attrs)
+    store = StoreWriter.create(path, synthetic_meta(n_contexts, d, layout))
     for shard, start in enumerate(range(0, len(x), layout.shard_rows)):
         rows = slice(start, start + layout.shard_rows)
         keep = x[rows][tokens[rows] != 2].astype(np.float64)
         sums = RowSums(keep.sum(0), float((keep * keep).sum()), len(keep))
-        store.write_shard(shard, x[rows], tokens[rows], {"doc": 0, "offset": 0}, sums)
+        store.write_shard(shard, x[rows], tokens[rows], Cursor(), sums)
     store.finish(len(x))
     return ActivationStore.open(path)

@@ -147,9 +147,9 @@ def _raise(kind: str, message: str):
 
 def _writer_process(path: str, conn) -> None:
     """Receive shards over a pipe and write their files; answer None or the error."""
-    from pipeline.store import ActivationStore
+    from pipeline.store import StoreWriter
 
-    store = ActivationStore.open(path, mode="r+")
+    store = StoreWriter.open(path)
     while (header := conn.recv()) is not None:
         shard, rows, dtype, d_in = header
         acts = np.empty((rows, d_in), dtype=dtype)
@@ -164,17 +164,20 @@ def _writer_process(path: str, conn) -> None:
 
 
 class ShardWriter:
-    """Writes shard files several at once and commits them to the store strictly in order.
+    """Writes shard files several at once and claims each as soon as its files are complete, in order.
 
-    A shard's rows are claimed (rows_written, cursor, statistics) only after its files and those of
-    every earlier shard are complete, so a kill never leaves a claim on a missing or partial shard.
+    A shard's rows are claimed (`commit`: rows_written, cursor and statistics, or a process's own
+    record under torchrun) by one committer thread, right after its files and those of every earlier
+    shard are written: a kill loses at most the shards still being written, and never leaves a claim
+    on a missing or partial shard.
     """
 
-    def __init__(self, store, *, workers: int, process: bool, commit=None):
-        self.store, self.workers = store, workers
-        self.commit = commit or store.commit  # under torchrun: this process's own record
+    def __init__(self, store, commit, *, workers: int, process: bool):
+        self.store, self.commit, self.workers = store, commit, workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gsp-writer")
-        self.pending: collections.deque = collections.deque()
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gsp-commit")  # in submission order
+        self.pending: collections.deque = collections.deque()  # claims not yet known to be done
+        self.failed = threading.Event()
         self.procs, self.conns = [], queue.Queue()
         if process:
             ctx = mp.get_context("spawn")
@@ -188,12 +191,23 @@ class ShardWriter:
     def put(self, shard: int, acts: np.ndarray, tokens: np.ndarray, cursor: Cursor, sums) -> None:
         # bounded memory: at most `workers` shards in flight besides the one being filled
         while len(self.pending) >= self.workers:
-            self._commit_oldest()
+            self.pending.popleft().result()  # re-raises a write or claim error in the main thread
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()
         write = self._write_in_process if self.procs else self.store.write_shard_data
-        future = self.pool.submit(write, shard, acts, tokens)
-        self.pending.append((future, shard, len(tokens), {"doc": cursor.doc, "offset": cursor.offset}, sums))
-        while self.pending and self.pending[0][0].done():
-            self._commit_oldest()
+        written = self.pool.submit(write, shard, acts, tokens)
+        self.pending.append(self.committer.submit(self._claim, written, shard, len(tokens), cursor, sums))
+
+    def _claim(self, written, shard: int, rows: int, cursor: Cursor, sums) -> None:
+        try:
+            written.result()
+            if self.failed.is_set():
+                return  # an earlier shard failed: later ones are never claimed
+            self.commit(shard, rows, cursor, sums)
+        except BaseException:
+            self.failed.set()
+            raise
+        fault("shard-committed")
 
     def _write_in_process(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:
         conn = self.conns.get()
@@ -208,20 +222,16 @@ class ShardWriter:
         if error is not None:
             raise error
 
-    def _commit_oldest(self) -> None:
-        future, shard, rows, cursor, sums = self.pending.popleft()
-        future.result()  # re-raises a write error (a full disk, say) in the main thread
-        self.commit(shard, rows, cursor, sums)
-        fault("shard-committed")
-
     def close(self) -> None:
-        """Commit everything in flight, raising the first write error."""
+        """Wait until everything in flight is written and claimed, raising the first error."""
         while self.pending:
-            self._commit_oldest()
+            self.pending.popleft().result()
 
     def stop(self) -> None:
-        """Stop the workers (after close(), or after an error: uncommitted shards are simply not claimed)."""
+        """Stop the workers (after close(), or after an error: unclaimed shards are simply not claimed)."""
+        self.failed.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.committer.shutdown(wait=True, cancel_futures=True)
         while not self.conns.empty():
             try:
                 self.conns.get_nowait().send(None)

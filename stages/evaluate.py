@@ -23,7 +23,9 @@ from pipeline.config import opt, stage_config
 from pipeline.console import info, progress, warn
 from pipeline.errors import GspError
 from pipeline.lm_loss import DeltaLoss
-from pipeline.metrics import DENSE_FREQUENCY, Running
+from pipeline.metrics import reconstruction
+from pipeline.models import rerun_model
+from pipeline.paths import cache_dir
 from pipeline.saes import LoadedSAE, check_against_store, load_sae
 from pipeline.store import ActivationStore
 
@@ -47,14 +49,28 @@ class EvaluateConfig:
     lm_batch_tokens: int = opt(1024, "Tokens per forward pass of the rerun (memory ≈ 4 × this × vocab × 4 bytes).")
     model: str | None = opt(None, "Model for the rerun (default: the one the store was harvested from).")
     revision: str | None = opt(None, "Hub revision of --model (default: the store's).")
-    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.", run_only=True)
     dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "Model dtype for the rerun (auto: bf16 on CUDA).")
-    reports: str = opt("reports", "Folder for report_<timestamp>.md, .json and the plots.")
+    reports: str = opt("reports", "Folder for report_<timestamp>.md, .json and the plots.", run_only=True)
 
     def __post_init__(self):
         for name in ("tokens", "batch_size", "delta_tokens", "lm_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+def smoke_config(cfg: EvaluateConfig) -> EvaluateConfig:
+    """--smoke-test: a tiny random Gemma 3, a store harvested from it and an SAE fitted on it in a few
+    steps (under cache/smoke, kept and reused like any harvest and fit with the same settings)."""
+    from stages.fit import FitConfig, fit_or_reuse
+    from stages.harvest import HarvestConfig, run_harvest
+    from stages.harvest import smoke_config as smoke_harvest
+
+    root = cache_dir() / "smoke"
+    store = run_harvest(smoke_harvest(HarvestConfig(store=str(root / "eval-store"))))
+    sae = fit_or_reuse(FitConfig(store=store, out=str(root / "eval-sae"), width=128, steps=60, batch_size=256,
+                                 target_l0=16))  # fmt: skip
+    return dataclasses.replace(cfg, sae=str(sae), store=store, delta_tokens=1024, model=None)
 
 
 def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
@@ -72,6 +88,8 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
 
     t0 = time.perf_counter()
     recon = reconstruction(sae, store, cfg.tokens, cfg.batch_size, group)
+    if recon["tokens"] < cfg.tokens and group.main:
+        info(f"the store holds {recon['tokens']:,} ordinary tokens; all were used (asked for {cfg.tokens:,})")
     t_recon = time.perf_counter() - t0
     delta, lm_info, t_delta = None, None, 0.0
     if cfg.delta_loss:
@@ -120,43 +138,12 @@ def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
     return store
 
 
-# ------------------------------------------------------------------------------ reconstruction
-@torch.no_grad()
-def reconstruction(sae, store: ActivationStore, tokens: int, batch_size: int, group: dist.Group) -> dict:
-    """Running metrics over the first `tokens` ordinary rows of the store (whole store if fewer).
-
-    Under torchrun process r takes batches r, r + world, ...; the sums are then merged."""
-    C, device = store.context_size, group.device
-    run = Running(store.d_in, sae.width, C, device)
-    with progress("tok", show=group.main) as bar:
-        task = bar.add_task("reconstruction", total=min(tokens, store.rows_written))
-        for i, (x_BD, rows_B) in enumerate(store.ordinary_rows(tokens, batch_size)):
-            if i % group.world != group.rank:
-                continue
-            x = torch.from_numpy(x_BD).to(device)
-            out = sae(x)
-            run.update(x, out.x_hat_BD, out.f_BF, torch.from_numpy(rows_B % C).to(device))
-            bar.update(task, completed=run.n * group.world)
-    shares = dist.gather(group, run.to("cpu"))
-    run = shares[0]
-    for other in shares[1:]:
-        run.merge(other)
-    if run.n < 2:
-        raise GspError(f"store {store.path} has fewer than 2 ordinary tokens to measure on")
-    if run.n < tokens and group.main:
-        info(f"the store holds {run.n:,} ordinary tokens; all were used (asked for {tokens:,})")
-    result = run.result()
-    result["_frequency"] = run.frequencies()
-    result["dense_threshold"] = DENSE_FREQUENCY
-    return result
-
-
 # ------------------------------------------------------------------------------ delta loss
 def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, site: str, token, group) -> tuple:
     from pipeline.hooks import site_width
     from pipeline.models import load_model
 
-    spec, revision = store.rerun_model(cfg.model, cfg.revision)
+    spec, revision = rerun_model(store.meta.model, cfg.model, cfg.revision)
     lm = load_model(spec, device=str(group.device), dtype=cfg.dtype, revision=revision, token=token)
     if site_width(lm.model, layer, site) != store.d_in:
         raise GspError(f"model {spec} has width {site_width(lm.model, layer, site)} at layer {layer} {site}, "
@@ -223,16 +210,16 @@ def _sae_info(loaded: LoadedSAE) -> dict:
 
 
 def _store_info(store: ActivationStore) -> dict:
-    a = store.attrs
+    m = store.meta
     return {
         "path": store.path,
-        "model": a["model"]["name"],
-        "model_revision": a["model"]["revision"],
-        "hook_point": a["hook_point"],
-        "layer": a["layer"],
-        "site": a["site"],
+        "model": m.model.name,
+        "model_revision": m.model.revision,
+        "hook_point": m.hook_point,
+        "layer": m.layer,
+        "site": m.site,
         "rows_written": store.rows_written,
         "context_size": store.context_size,
-        "dtype": a["dtype"],
-        "dataset": a["dataset"],
+        "dtype": m.dtype,
+        "dataset": m.dataset.to_json(),
     }

@@ -24,7 +24,7 @@ from pipeline.config import opt, stage_config
 from pipeline.console import console, err_console, progress
 from pipeline.errors import GspError
 from pipeline.features import HIST_LOW, HIST_STEP, TopActivations, logit_lens
-from pipeline.models import resolve_device
+from pipeline.models import rerun_model, resolve_device
 from pipeline.saes import LoadedSAE, check_against_store, load_sae
 from pipeline.store import ActivationStore
 
@@ -54,6 +54,8 @@ class FeaturesConfig:
                 raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.before < 0 or self.after < 0:
             raise GspError("--before and --after must not be negative")
+        if self.prompt is not None and not self.prompt.strip():
+            raise GspError("--prompt is empty: give the text whose features you want to see")
 
 
 def run_features(cfg: FeaturesConfig, *, token: str | None = None) -> Path | None:
@@ -104,10 +106,7 @@ def _chosen(top: TopActivations, limit: int) -> list[int]:
 
 @torch.no_grad()
 def window_activations(sae, store: ActivationStore, pairs_rows: np.ndarray, pairs_feats: np.ndarray) -> np.ndarray:
-    """The activation of feature pairs_feats[i] at store row pairs_rows[i], reading each chunk once.
-
-    JumpReLU needs one dot product per pair; TopK needs every latent of the row (its k-th value).
-    """
+    """The activation of feature pairs_feats[i] at store row pairs_rows[i], reading each chunk once."""
     out = np.zeros(len(pairs_rows), dtype=np.float32)
     order = np.argsort(pairs_rows, kind="stable")
     rows, feats = pairs_rows[order], pairs_feats[order]
@@ -118,14 +117,8 @@ def window_activations(sae, store: ActivationStore, pairs_rows: np.ndarray, pair
         if lo == hi:
             continue
         x = torch.from_numpy(store.read(start, min(start + span, store.rows_written))).to(device)
-        r = torch.from_numpy(rows[lo:hi] - start).to(device)
-        f = torch.from_numpy(feats[lo:hi]).to(device)
-        if sae.arch == "jumprelu":
-            pre = (x[r] * sae.w_enc[:, f].T).sum(-1) + sae.b_enc[f]
-            acts = pre * (pre > sae.threshold[f])
-        else:
-            uniq, inv = torch.unique(r, return_inverse=True)
-            acts = sae.encode(x[uniq])[0][inv, f]
+        uniq, inv = torch.unique(torch.from_numpy(rows[lo:hi] - start).to(device), return_inverse=True)
+        acts = sae.activation_at(x[uniq], inv, torch.from_numpy(feats[lo:hi]).to(device))
         out[order[lo:hi]] = acts.cpu().numpy()
     return out
 
@@ -170,15 +163,15 @@ def collect(loaded: LoadedSAE, store: ActivationStore, top: TopActivations, feat
         features.append({"id": f, "frequency": freq[f].item(), "mean": mean[f].item(), "max": maxes[f].item(),
                          "hist_start": nz[0], "hist": hist[f, nz[0] : nz[-1] + 1].tolist(),
                          "contexts": by_feature[f], "logits": logits})  # fmt: skip
-    a = store.attrs
+    m = store.meta
     return {
         "meta": {
             "sae": loaded.source,
             "sae_format": loaded.format,
             "store": store.path,
-            "model": a["model"]["name"],
-            "layer": a["layer"],
-            "site": a["site"],
+            "model": m.model.name,
+            "layer": m.layer,
+            "site": m.site,
             "tokens": top.n,
             "width": loaded.sae.width,
             "dead": int((top.count_F == 0).sum()),
@@ -235,7 +228,7 @@ def _model(cfg: FeaturesConfig, store: ActivationStore | None, token, *, full: b
     from pipeline.models import load_model, load_tokenizer
 
     if store is not None:
-        spec, revision = store.rerun_model(cfg.model, cfg.revision)
+        spec, revision = rerun_model(store.meta.model, cfg.model, cfg.revision)
     elif cfg.model:
         spec, revision = cfg.model, cfg.revision
     else:
@@ -304,18 +297,19 @@ def _prompt(cfg: FeaturesConfig, loaded: LoadedSAE, token) -> None:
     """Token by token, the features that fire on a prompt and how strongly."""
     from rich.table import Table
 
-    from pipeline.hooks import activations
+    from pipeline.hooks import activations, check_width
 
     store = ActivationStore.open(cfg.store) if cfg.store else None
     if store is None and loaded.training_store and Path(loaded.training_store).exists():
         store = ActivationStore.open(loaded.training_store)
-    layer = loaded.layer if loaded.layer is not None else (store.attrs["layer"] if store else None)
-    site = loaded.site or (store.attrs["site"] if store else None)
+    layer = loaded.layer if loaded.layer is not None else (store.meta.layer if store else None)
+    site = loaded.site or (store.meta.site if store else None)
     if layer is None or site is None:
         raise GspError("this SAE's files name no layer or site: pass --store harvested at its hook point")
     if cfg.model is None and store is None and loaded.model_name:
         cfg.model = loaded.model_name
     lm = _model(cfg, store, token, full=True)
+    check_width(lm.model, layer, site, loaded.sae.d_in, f"the SAE {loaded.source}")
     ids = lm.tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(lm.device)
     x = activations(lm.model, ids, layer, site)[0].float()
     sae = loaded.sae.to(lm.device)

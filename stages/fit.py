@@ -1,14 +1,20 @@
 """gsp fit: train a JumpReLU or TopK SAE from an activation store, never loading the language model.
 
 The loop, once per step: set lr and sparsity coefficient (warm-ups) → read a shuffled batch (already
-prefetched) → forward, loss, backward → remove the decoder-gradient component parallel to each
-decoder row, Adam step, renormalise decoder rows → track dead latents → log / checkpoint.
+prefetched) → pipeline.train.train_step (loss, backward, decoder-gradient projection, Adam,
+renormalisation, dead latents) → log / check the loss stayed finite / checkpoint.
 
 Inputs are scaled by one constant s so that E‖x‖² = 1 (from the store's statistics); the saved SAE
 has s folded in (pipeline.sae.SAE.fold_input_scale) and takes raw activations, like Gemma Scope 2's.
+
+The output folder appears whole or not at all: training works in `<out>.partial/` (its checkpoints
+there), the SAE's files are written into it, and it is renamed to `<out>` at the end. A lock file
+`<out>.lock` keeps two fits from writing one output.
 """
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -19,27 +25,30 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 
 from pipeline import __version__, dist
-from pipeline.config import opt, stage_config
+from pipeline.config import differences, opt, resolve_path, stage_config
 from pipeline.console import console, err_console, info
 from pipeline.errors import GspError
 from pipeline.faults import fault
+from pipeline.files import OutputLock, atomic_write_text, is_disk_full, save_tensors
 from pipeline.loader import LoaderState, ShuffledLoader
 from pipeline.metrics import dead_fraction, fvu, l0
 from pipeline.paths import cache_dir
-from pipeline.sae import SAE, jumprelu, sparse_jumprelu_sae, step
+from pipeline.sae import FILE_ARCH, PARAMS, SAE, Objective, SAEConfig, read_json
 from pipeline.store import ActivationStore
+from pipeline.train import NonFinite, train_step
 
-_PARAMS = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+DEFAULT_LR = {"jumprelu": 1.75e-3, "topk": 1e-3}  # tuned on the default store at the default budget (RESULTS.md)
 
 
 @stage_config("fit")
 @dataclass
 class FitConfig:
-    store: str | None = opt(None, "Store written by gsp harvest.")
-    out: str | None = opt(None, "Output folder (default: cache/saes/<store>_<arch>_<width>).")
+    store: str | None = opt(None, "Store written by gsp harvest.", path=True)
+    out: str | None = opt(None, "Output folder (default: cache/saes/<store>_<arch>_<width>).", run_only=True)
     arch: Literal["jumprelu", "topk"] = opt("jumprelu", "jumprelu (Gemma Scope) or topk (Llama Scope).")
     width: int = opt(4096, "Number of latents F.", aliases=("d_sae",))
     k: int = opt(60, "TopK: latents kept per token.")
@@ -64,31 +73,49 @@ class FitConfig:
     aux_coeff: float = opt(0.125, "TopK: weight of the auxiliary loss.")
     dead_tokens: int = opt(50_000, "A latent that has not fired for this many tokens counts as dead.")
     seed: int = opt(0, "Seed of the initialisation and of the shuffle.")
-    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.", run_only=True)
     buffer_mib: float = opt(1024.0, "Memory for the shuffle buffer (two windows of chunks), shared by the processes.")
     lanes: int = opt(
         8, "Loader lanes: each process reads its own lanes' chunks; any process count dividing it trains the same SAE."
     )
-    checkpoint_every: int = opt(500, "Save a checkpoint every N steps (0: never).")
-    log_every: int = opt(10, "Refresh the live metrics every N steps.")
-    wandb: bool = opt(False, "Log metrics to Weights & Biases (needs the wandb package and a login).")
+    checkpoint_every: int = opt(500, "Save a checkpoint every N steps (0: never).", run_only=True)
+    log_every: int = opt(10, "Refresh the live metrics every N steps.", run_only=True)
+    wandb: bool = opt(False, "Log metrics to Weights & Biases (needs the wandb package and a login).", run_only=True)
 
     def __post_init__(self):
-        for name in ("width", "k", "tokens", "batch_size", "aux_k", "dead_tokens", "log_every", "lanes"):
+        positive = ("width", "k", "tokens", "batch_size", "aux_k", "dead_tokens", "log_every", "lanes")
+        for name in positive + ("steps",) * (self.steps is not None):
             if getattr(self, name) <= 0:
                 raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.lr is None:  # tuned on the default store at the default budget (benchmarks/RESULTS.md)
-            self.lr = 1.75e-3 if self.arch == "jumprelu" else 1e-3
-        if self.lr <= 0 or self.bandwidth <= 0 or self.sparsity_coeff < 0:
+        for name in ("lr_warmup_steps", "lr_decay_steps", "sparsity_warmup_steps", "checkpoint_every"):
+            if (getattr(self, name) or 0) < 0:
+                raise GspError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        finite = {"lr": self.lr, "bandwidth": self.bandwidth, "sparsity-coeff": self.sparsity_coeff,
+                  "buffer-mib": self.buffer_mib, "aux-coeff": self.aux_coeff}  # fmt: skip
+        for name, v in finite.items():
+            if v is not None and not math.isfinite(v):
+                raise GspError(f"--{name} must be a finite number, got {v}")
+        if (self.lr is not None and self.lr <= 0) or self.bandwidth <= 0 or self.sparsity_coeff < 0:
             raise GspError("--lr and --bandwidth must be positive and --sparsity-coeff not negative")
+        if self.buffer_mib <= 0 or self.aux_coeff < 0:
+            raise GspError("--buffer-mib must be positive and --aux-coeff not negative")
         if self.arch == "topk" and self.k > self.width:
             raise GspError(f"--k {self.k} is more than --width {self.width}")
-        if self.target_l0 is not None and self.target_l0 <= 0:
-            raise GspError(f"--target-l0 must be positive, got {self.target_l0}")
+        if self.target_l0 is not None and not 0 < self.target_l0 <= self.width:
+            raise GspError(f"--target-l0 must be above 0 and at most --width {self.width}, got {self.target_l0}")
+
+    @property
+    def learning_rate(self) -> float:
+        """--lr, or the architecture's default (resolved here, where it is used)."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.arch]
 
     @property
     def total_steps(self) -> int:
-        return self.steps or max(1, self.tokens // self.batch_size)
+        return self.steps if self.steps is not None else max(1, self.tokens // self.batch_size)
+
+    @property
+    def objective(self) -> Objective:
+        return Objective(self.bandwidth, self.target_l0, self.aux_k, self.aux_coeff)
 
     @property
     def out_dir(self) -> Path:
@@ -97,36 +124,141 @@ class FitConfig:
         return cache_dir() / "saes" / f"{Path(self.store).name}_{self.arch}_{self.width}"
 
 
+def smoke_config(cfg: FitConfig) -> FitConfig:
+    """--smoke-test: a few steps on a synthetic store of random rows (made once under cache/smoke).
+    The SAE goes to cfg.out, or to cache/smoke/fit-sae, replacing only an SAE an earlier smoke test wrote there."""
+    import numpy as np
+
+    from pipeline.tiny import write_synthetic_store
+
+    root = cache_dir() / "smoke"
+    store = root / "fit-store"
+    try:
+        ActivationStore.open(store)
+    except GspError:
+        _remove_smoke_output(store, "zarr.json")
+        x = np.random.default_rng(0).standard_normal((8192, 32)).astype(np.float32) * 50
+        write_synthetic_store(store, x)
+    out = Path(cfg.out) if cfg.out else root / "fit-sae"
+    if not cfg.out:  # the default smoke output: an earlier smoke test's SAE and work folder are gsp's own
+        _remove_smoke_output(out, "config.json")
+        shutil.rmtree(_work_dir(out), ignore_errors=True)
+    target = min(cfg.target_l0, 16) if cfg.target_l0 is not None else None
+    return dataclasses.replace(cfg, store=str(store), out=str(out), width=128, k=min(cfg.k, 16), steps=40,
+                               batch_size=256, target_l0=target)  # fmt: skip
+
+
+def _remove_smoke_output(path: Path, marker: str) -> None:
+    """Remove an earlier smoke test's output under cache/smoke, and only if gsp wrote it."""
+    if not path.exists():
+        return
+    text = (path / marker).read_text(errors="replace") if (path / marker).is_file() else ""
+    if "gsp" not in text:
+        raise GspError(f"{path} holds files gsp did not write; move them away to run the smoke test")
+    shutil.rmtree(path)
+
+
+# ------------------------------------------------------------------------------ the stage
 def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     """Train, checkpoint, and write the SAE in Gemma Scope 2's format to cfg.out_dir."""
     if not cfg.store:
         raise GspError("--store is required: the path of a store written by gsp harvest")
     store = ActivationStore.open(cfg.store)
-    group = dist.setup(cfg.device)  # one process, or this process's share under torchrun
-    device = group.device
-    stats = store.attrs["stats"]
-    if stats["count"] == 0:
+    if store.meta.stats.count == 0:
         raise GspError(f"store {cfg.store} has no statistics over non-special rows; is it empty?")
-    scale = 1.0 / math.sqrt(stats["mean_sq_norm"])  # unit-scaled inputs: E‖x·s‖² = 1
+    group = dist.setup(cfg.device)  # one process, or this process's share under torchrun
+    out = cfg.out_dir
+    work = _work_dir(out)
+    with OutputLock(out, "gsp fit") if group.main else contextlib.nullcontext():
+        if dist.on_main(group, lambda: _check_output(out, work, resume)) == "saved":
+            dist.teardown(group)
+            return out
+        _fit(cfg, store, group, work, resume)
+        if group.main:
+            _publish(work, out)
+    dist.teardown(group)
+    return out
 
+
+def fit_or_reuse(cfg: FitConfig) -> Path:
+    """Fit; or resume an interrupted fit; or keep an SAE already fitted with these settings (gsp run)."""
+    out = cfg.out_dir
+    if (out / "config.json").is_file():
+        saved = SAEConfig.from_json(read_json(out / "config.json"), out).fit_config
+        diffs = differences(saved, cfg, "the SAE") if saved is not None else ["it was not written by gsp fit"]
+        if not diffs:
+            info(f"{out} already holds an SAE fitted with these settings; keeping it")
+            return out
+        raise GspError(f"{out} holds an SAE fitted with other settings ({'; '.join(diffs)}); "
+                       "move it away or set fit.out in the config")  # fmt: skip
+    return run_fit(cfg, resume=(_work_dir(out) / "checkpoints" / "latest.json").is_file())
+
+
+def _work_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _record(cfg: FitConfig) -> dict:
+    """The settings as checkpoints and config.json keep them, the store's local path made absolute: a
+    relative one would name another folder when resumed, reused or evaluated from another directory."""
+    return {**dataclasses.asdict(cfg), "store": resolve_path(cfg.store)}
+
+
+def _check_output(out: Path, work: Path, resume: bool) -> str:
+    """Rank 0: "train", or "saved" when an interrupted final save only needed its last rename."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if (out / "config.json").is_file() and (out / "params.safetensors").is_file():
+            raise GspError(f"{out} already holds an SAE; choose another --out (or move it away to fit again)")
+        raise GspError(f"{out} exists and is not a gsp SAE folder; choose another --out (nothing was changed)")
+    if (work / "config.json").is_file() and not (work / "checkpoints").exists():
+        _publish(work, out)  # killed between the SAE's files and the rename: they are whole
+        info(f"finished saving the SAE of an interrupted fit to {out}")
+        return "saved"
+    resumable = (work / "checkpoints" / "latest.json").is_file()
+    if resume and not resumable:
+        raise GspError(f"no checkpoint in {work} to resume from; run without --resume to start")
+    if not resume and resumable:
+        raise GspError(f"{work} holds an interrupted fit of this output: add --resume to continue it, "
+                       "or move it away to start over")  # fmt: skip
+    if not resume and work.exists():
+        _clear_work(work)
+    return "train"
+
+
+def _clear_work(work: Path) -> None:
+    """A work folder with nothing to resume (a fit stopped before its first checkpoint): gsp's own
+    files only are removed; anything else in it is a reason to stop."""
+    ours = {"checkpoints", "params.safetensors", "params.safetensors.partial", "config.json.partial"}
+    if not work.is_dir() or any(p.name not in ours for p in work.iterdir()):
+        raise GspError(f"{work} is in the way of this fit's work folder and holds files gsp did not write; "
+                       "move it away")  # fmt: skip
+    shutil.rmtree(work)
+
+
+def _publish(work: Path, out: Path) -> None:
+    """The finished folder appears at `out` in one rename (over an empty folder, if one is there)."""
+    os.replace(work, out)
+    fault("fit-published")
+
+
+def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, resume: bool) -> None:
+    device = group.device
+    scale = 1.0 / math.sqrt(store.meta.stats.mean_sq_norm)  # unit-scaled inputs: E‖x·s‖² = 1
     sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k).init_gemma_scope(
         torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
     )
     if cfg.b_dec_init == "mean":
         with torch.no_grad():
-            sae.b_dec.copy_(torch.tensor(stats["mean"]) * scale)
+            sae.b_dec.copy_(torch.tensor(store.meta.stats.mean) * scale)
     sae.to(device)
-    opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.0, 0.999))
+    opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(0.0, 0.999))
     since_fired = torch.zeros(cfg.width, dtype=torch.int64, device=device)
     # density: share of latents active at the last log step; picks JumpReLU's decoder path
     start_step, loader_state, density = 0, None, 1.0
-    ckpt = cfg.out_dir / "checkpoints"
+    ckpt = work / "checkpoints"
     if resume:
         start_step, loader_state, density = _load_checkpoint(ckpt, cfg, sae, opt_, since_fired)
         info(f"resuming from step {start_step:,} of {cfg.total_steps:,}")
-    elif (cfg.out_dir / "params.safetensors").exists() or ckpt.exists():
-        raise GspError(f"{cfg.out_dir} already holds an SAE; use --resume to continue it, or another --out")
-    dist.barrier(group)  # every process has checked the output folder before rank 0 writes to it
 
     loader = ShuffledLoader(
         store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, pin=device.type == "cuda",
@@ -140,94 +272,20 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
         )
     logger = _wandb(cfg) if cfg.wandb and group.main else None
     last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, group, ckpt, logger)
-    out = _save(cfg, store, sae, scale, last) if group.main else cfg.out_dir
-    dist.teardown(group)
-    return out
+    if group.main:
+        _save(cfg, store, sae, scale, last, work)
 
 
 def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
     """(lr, λ) at this step: linear warm-ups, lr constant, then decaying linearly to 0 at the end."""
-    n = cfg.total_steps
+    n, lr_max = cfg.total_steps, cfg.learning_rate
     lr_warm = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else min(1000, n // 20)
     decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else n // 5
     sp_warm = cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None else min(10_000, n // 5)
-    lr = cfg.lr * min(1.0, (step_ + 1) / lr_warm) if lr_warm else cfg.lr
+    lr = lr_max * min(1.0, (step_ + 1) / lr_warm) if lr_warm else lr_max
     lr *= min(1.0, (n - step_) / decay) if decay else 1.0
     lam = cfg.sparsity_coeff * min(1.0, (step_ + 1) / sp_warm) if sp_warm else cfg.sparsity_coeff
     return lr, lam
-
-
-def loss_terms(
-    cfg: FitConfig, sae: SAE, x_BD: torch.Tensor, lam: float, dead_F: torch.Tensor, sparse: bool = False,
-    group: dist.Group = dist.Group(),
-):  # fmt: skip
-    """(loss, x̂, f) for one batch of unit-scaled inputs; `sparse`: JumpReLU's sparse decoder path.
-
-    Under torchrun `x_BD` is this process's share of the global batch; terms that are not plain
-    means over rows (the target-L0 penalty, the AuxK normaliser) use the global batch's values, so
-    that the averaged gradients equal one process's on the whole batch.
-    """
-    if cfg.arch == "jumprelu":
-        if sparse:
-            x_hat, pre, active = sparse_jumprelu_sae(
-                x_BD, sae.w_enc, sae.b_enc, sae.threshold, sae.w_dec, cfg.bandwidth
-            )
-            x_hat, f = x_hat + sae.b_dec, pre * active  # f only for metrics: no gradient through it
-        else:
-            pre = x_BD @ sae.w_enc + sae.b_enc
-            f = jumprelu(pre, sae.threshold, cfg.bandwidth)
-            x_hat = f @ sae.w_dec + sae.b_dec
-        recon = (x_hat - x_BD).square().sum(-1).mean()
-        l0_ = step(pre, sae.threshold, cfg.bandwidth).sum(-1).mean()
-        if cfg.target_l0 is None:
-            sparsity = lam * l0_
-        else:
-            l0_ = dist.mean_differentiable(group, l0_)  # the penalty is on the global batch's L0
-            sparsity = lam * (2 / cfg.target_l0) * (l0_ - cfg.target_l0).square()
-        return recon + sparsity, x_hat, f
-    # TopK: decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
-    pre = x_BD @ sae.w_enc + sae.b_enc
-    values, idx = pre.topk(cfg.k, dim=-1)
-    values = values.relu()
-    x_hat = torch.nn.functional.embedding_bag(idx, sae.w_dec, per_sample_weights=values, mode="sum") + sae.b_dec
-    f = torch.zeros_like(pre).scatter_(-1, idx, values)
-    recon = (x_hat - x_BD).square().sum(-1).mean()
-    n_dead = int(dead_F.sum())
-    if n_dead == 0:
-        return recon, x_hat, f
-    err = (x_BD - x_hat).detach()
-    aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(min(cfg.aux_k, n_dead), dim=-1)
-    err_hat = torch.nn.functional.embedding_bag(aux_idx, sae.w_dec, per_sample_weights=aux_vals.relu(), mode="sum")
-    norm = err.square().sum(-1).mean()
-    dist.mean_(group, [norm])  # the global batch's error, so that the ratio is the global one
-    aux = (err_hat - err).square().sum(-1).mean() / norm.clamp_min(1e-12)
-    return recon + cfg.aux_coeff * aux, x_hat, f
-
-
-def train_step(
-    cfg: FitConfig, sae: SAE, opt_, x_BD: torch.Tensor, lam: float, since_fired: torch.Tensor, sparse: bool,
-    group: dist.Group = dist.Group(),
-):  # fmt: skip
-    """One optimisation step on a unit-scaled batch; returns (loss, x̂, f) for the logs.
-
-    Under torchrun: gradients are averaged across processes (one flat all-reduce) before the
-    optimiser step, and latents count as fired when they fired in any process's share, so every
-    process holds the same weights and dead-latent counters after every step.
-    """
-    loss, x_hat, f = loss_terms(cfg, sae, x_BD, lam, since_fired >= cfg.dead_tokens, sparse, group)
-    opt_.zero_grad(set_to_none=True)
-    loss.backward()
-    dist.mean_(group, [p.grad for p in sae.parameters() if p.grad is not None])
-    with torch.no_grad():
-        w, g = sae.w_dec, sae.w_dec.grad  # keep rows on the unit sphere: drop the radial part
-        g -= (g * w).sum(-1, keepdim=True) * w
-    opt_.step()
-    with torch.no_grad():
-        sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
-        sae.threshold.clamp_(min=0.0)  # a negative θ would let negative pre-activations through
-        since_fired += len(x_BD) * group.world
-        since_fired[dist.any_(group, (f != 0).any(0))] = 0
-    return loss, x_hat, f
 
 
 def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, group, ckpt, logger) -> dict:
@@ -235,6 +293,7 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, grou
     metrics: dict = {}
     t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
     batches = iter(loader)
+    finite = NonFinite(group.device)
     with _display(group.main) as live:
         task = live.add_task("fit", total=n, completed=start_step, metrics="")
         for step_ in range(start_step, n):
@@ -246,35 +305,44 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, grou
             # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
             cpu = group.device.type == "cpu"
             sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and density < 0.05)
-            loss, x_hat, f = train_step(cfg, sae, opt_, x, lam, since_fired, sparse, group)
-
+            loss = train_step(sae, opt_, x, cfg.objective, lam=lam, since_fired_F=since_fired,
+                              dead_tokens=cfg.dead_tokens, sparse=sparse, group=group)  # fmt: skip
             done = step_ + 1
+            finite.update(done, loss.total)
+
             if done % cfg.log_every == 0 or done == n:
+                _stop_if_not_finite(finite, cfg, ckpt)
                 tok_s = (done * cfg.batch_size - tokens_at_t0) / (time.perf_counter() - t0)
                 # averaged over processes (FVU as the mean of the shares' FVUs): the same on every process
-                logged = torch.stack([loss.detach(), l0(f), fvu(x, x_hat.detach()).float(), (f != 0).float().mean()])
+                f, x_hat = loss.f_BF, loss.x_hat_BD.detach()
+                logged = torch.stack([loss.total.detach(), l0(f), fvu(x, x_hat).float(), (f != 0).float().mean()])
                 dist.mean_(group, [logged])
                 loss_, l0_, fvu_, density = logged.tolist()
-                metrics = {
-                    "step": done,
-                    "loss": loss_,
-                    "l0": l0_,
-                    "fvu": fvu_,
-                    "dead": dead_fraction(since_fired, cfg.dead_tokens),
-                    "lr": lr,
-                    "lambda": lam,
-                    "tok_s": tok_s,
-                }
+                metrics = {"step": done, "loss": loss_, "l0": l0_, "fvu": fvu_,
+                           "dead": dead_fraction(since_fired, cfg.dead_tokens), "lr": lr, "lambda": lam,
+                           "tok_s": tok_s}  # fmt: skip
                 live.update(task, completed=done, metrics=_line(metrics))
                 if logger:
                     logger.log(metrics, step=done)
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n:
+                _stop_if_not_finite(finite, cfg, ckpt)
                 position = LoaderState.merge(dist.gather(group, loader.state))  # every process's lanes
                 if group.main:
                     _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, position, density)
                     fault("fit-checkpoint-saved")
                 dist.barrier(group)
+    _stop_if_not_finite(finite, cfg, ckpt)
     return metrics
+
+
+def _stop_if_not_finite(finite: NonFinite, cfg: FitConfig, ckpt: Path) -> None:
+    bad = finite.step()
+    if bad is None:
+        return
+    kept = _latest_step(ckpt)
+    then = f"; the checkpoint at step {kept:,} is kept (--resume continues from it)" if kept else ""
+    raise GspError(f"the loss became NaN or infinite at step {bad:,} (lr {cfg.learning_rate:g}): lower --lr "
+                   f"(or check the store's values); nothing was saved{then}")  # fmt: skip
 
 
 def _line(m: dict) -> str:
@@ -300,6 +368,13 @@ def _display(show: bool = True):
 
 
 # ------------------------------------------------------------------------------ checkpoints
+# <work>/checkpoints/step-N/{state.safetensors, state.json} and latest.json naming the newest. The
+# sha256 of state.safetensors is in state.json and the sha256 of state.json is in latest.json, so a
+# damaged or incomplete checkpoint is an error on --resume, never a silently different run.
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_state: LoaderState, density) -> None:
     """Training-scale weights, Adam moments and dead-latent counters (safetensors) + JSON state.
 
@@ -307,90 +382,122 @@ def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_
     only then are older folders removed. A kill at any moment leaves a complete checkpoint.
     """
     folder = root / f"step-{done}"
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{k}": getattr(sae, k).detach().cpu().contiguous() for k in _PARAMS}
+    tensors = {f"param.{k}": getattr(sae, k).detach().cpu().contiguous() for k in PARAMS}
     adam_steps = {}
-    for k in _PARAMS:
+    for k in PARAMS:
         st = opt_.state.get(getattr(sae, k), {})
         if st:
             tensors[f"adam.{k}.exp_avg"] = st["exp_avg"].cpu().contiguous()
             tensors[f"adam.{k}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
             adam_steps[k] = float(st["step"])
     tensors["since_fired"] = since_fired.cpu().contiguous()
-    save_file(tensors, folder / "state.safetensors")
-    state = {"step": done, "loader": dataclasses.asdict(loader_state), "adam_steps": adam_steps,
-             "density": density, "config": dataclasses.asdict(cfg)}  # fmt: skip
-    (folder / "state.json").write_text(json.dumps(state, indent=1))
-    (root / "latest.json.partial").write_text(json.dumps({"folder": folder.name}))
-    os.replace(root / "latest.json.partial", root / "latest.json")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(tensors, folder / "state.safetensors")
+        state = {"step": done, "loader": dataclasses.asdict(loader_state), "adam_steps": adam_steps,
+                 "density": density, "config": _record(cfg),
+                 "state_sha256": _sha256((folder / "state.safetensors").read_bytes())}  # fmt: skip
+        text = json.dumps(state, indent=1)
+        atomic_write_text(folder / "state.json", text)
+        latest = {"folder": folder.name, "json_sha256": _sha256(text.encode())}
+        atomic_write_text(root / "latest.json", json.dumps(latest))
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)  # this step's folder only: the previous checkpoint stays
+        if not is_disk_full(e):
+            raise
+        kept = _latest_step(root)
+        then = f"with --resume, it continues from step {kept:,}" if kept else "no checkpoint was kept"
+        raise GspError(f"disk full while writing the checkpoint at step {done:,}: free some space and rerun "
+                       f"({then})") from None  # fmt: skip
     for old in root.glob("step-*"):
         if old != folder:
             shutil.rmtree(old)
 
 
+def _latest_step(root: Path) -> int | None:
+    try:
+        return int(json.loads((root / "latest.json").read_text())["folder"].removeprefix("step-"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, LoaderState, float]:
-    if not (root / "latest.json").is_file():
-        raise GspError(f"no checkpoint in {root} to resume from; run without --resume to start")
-    path = root / json.loads((root / "latest.json").read_text())["folder"]
-    state = json.loads((path / "state.json").read_text())
-    saved = {k: v for k, v in state["config"].items() if k not in ("checkpoint_every", "log_every", "device")}
-    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
-    if saved != now:
-        diffs = "; ".join(f"{k}: checkpoint has {saved[k]!r}, asked {now[k]!r}" for k in saved if saved[k] != now[k])
-        raise GspError(f"the checkpoint in {path} was trained with other parameters ({diffs})")
-    tensors = load_file(path / "state.safetensors")
-    with torch.no_grad():
-        for k in _PARAMS:
-            getattr(sae, k).copy_(tensors[f"param.{k}"])
-        since_fired.copy_(tensors["since_fired"])
-    for k, n in state["adam_steps"].items():
-        p = getattr(sae, k)
-        opt_.state[p] = {
-            "step": torch.tensor(n),
-            "exp_avg": tensors[f"adam.{k}.exp_avg"].to(p.device),
-            "exp_avg_sq": tensors[f"adam.{k}.exp_avg_sq"].to(p.device),
-        }
-    return state["step"], LoaderState.from_json(state["loader"]), state["density"]
+    def damaged(why: str) -> GspError:
+        return GspError(f"the checkpoint in {root} is damaged ({why}); it cannot be resumed: move "
+                        f"{root.parent} away and fit again")  # fmt: skip
+
+    try:
+        latest = json.loads((root / "latest.json").read_text())
+        path = root / latest["folder"]
+        text = (path / "state.json").read_text()
+        if _sha256(text.encode()) != latest["json_sha256"]:
+            raise damaged("state.json does not match its checksum")
+        state = json.loads(text)
+        data = (path / "state.safetensors").read_bytes()
+        if _sha256(data) != state["state_sha256"]:
+            raise damaged("state.safetensors does not match its checksum")
+        tensors = load_safetensors_bytes(data)
+        step_, loader, adam_steps, density = state["step"], state["loader"], state["adam_steps"], state["density"]
+        saved_config = state["config"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, SafetensorError) as e:
+        raise damaged(f"{type(e).__name__}: {e}") from None
+    diffs = differences(saved_config, cfg, "checkpoint")
+    if diffs:
+        raise GspError(f"the checkpoint in {path} was trained with other parameters ({'; '.join(diffs)})")
+    try:
+        with torch.no_grad():
+            for k in PARAMS:
+                getattr(sae, k).copy_(tensors[f"param.{k}"])
+            since_fired.copy_(tensors["since_fired"])
+        for k, n in adam_steps.items():
+            p = getattr(sae, k)
+            opt_.state[p] = {
+                "step": torch.tensor(n),
+                "exp_avg": tensors[f"adam.{k}.exp_avg"].to(p.device),
+                "exp_avg_sq": tensors[f"adam.{k}.exp_avg_sq"].to(p.device),
+            }
+        return step_, LoaderState.from_json(loader), density
+    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
+        raise damaged(f"incomplete state: {type(e).__name__}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ the saved SAE
-def _save(cfg: FitConfig, store: ActivationStore, sae: SAE, scale: float, final: dict) -> Path:
-    """params.safetensors + config.json in Gemma Scope 2's format, the input scale folded in."""
-    out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+def _save(cfg: FitConfig, store: ActivationStore, sae: SAE, scale: float, final: dict, work: Path) -> None:
+    """params.safetensors + config.json in Gemma Scope 2's format, the input scale folded in, into the
+    work folder; then its checkpoints go (the caller renames the folder to the output)."""
+    m, record = store.meta, _record(cfg)
     sae = sae.cpu().fold_input_scale(scale)
-    tensors = {k: getattr(sae, k).detach().float().contiguous() for k in _PARAMS}
-    a = store.attrs
-    config = {
-        # Gemma Scope 2's keys
-        "model_name": a["model"]["name"],
-        "architecture": "jump_relu" if cfg.arch == "jumprelu" else "topk",
-        "hf_hook_point_in": a["hook_point"],
-        "hf_hook_point_out": a["hook_point"],
-        "width": cfg.width,
-        "l0": cfg.target_l0 if cfg.target_l0 is not None else (cfg.k if cfg.arch == "topk" else final.get("l0")),
-        "affine_connection": False,
-        "type": "sae",
-        # gsp's own
-        "k": cfg.k if cfg.arch == "topk" else None,
-        "d_in": store.d_in,
-        "layer": a["layer"],
-        "site": a["site"],
-        "store": str(cfg.store),
-        "model_revision": a["model"]["revision"],
-        "input_scale_folded": scale,
-        "steps": cfg.total_steps,
-        "tokens_seen": cfg.total_steps * cfg.batch_size,
-        "final_train_metrics": final,
-        "fit_config": dataclasses.asdict(cfg),
-        "gsp_version": __version__,
-    }
-    save_file(tensors, out / "params.safetensors.partial")
-    os.replace(out / "params.safetensors.partial", out / "params.safetensors")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the SAE is complete: checkpoints are done with
-    console.print(f"saved the SAE to [bold]{out}[/] ({_line(final)})", highlight=False)
-    return out
+    config = SAEConfig(
+        architecture=FILE_ARCH[cfg.arch],
+        model_name=m.model.name,
+        hf_hook_point_in=m.hook_point,
+        hf_hook_point_out=m.hook_point,
+        width=cfg.width,
+        l0=cfg.target_l0 if cfg.target_l0 is not None else (cfg.k if cfg.arch == "topk" else final.get("l0")),
+        k=cfg.k if cfg.arch == "topk" else None,
+        d_in=store.d_in,
+        layer=m.layer,
+        site=m.site,
+        store=record["store"],
+        model_revision=m.model.revision,
+        input_scale_folded=scale,
+        steps=cfg.total_steps,
+        tokens_seen=cfg.total_steps * cfg.batch_size,
+        final_train_metrics=final,
+        fit_config=record,
+        gsp_version=__version__,
+    )
+    try:
+        sae.save(work, config)
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        kept = _latest_step(work / "checkpoints")
+        then = f"with --resume, it continues from step {kept:,}" if kept else "no checkpoint was kept"
+        raise GspError(f"disk full while saving the SAE to {work}: free some space and rerun ({then})") from None
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the SAE is complete: checkpoints are done with
+    fault("fit-saved")
+    console.print(f"saved the SAE to [bold]{cfg.out_dir}[/] ({_line(final)})", highlight=False)
 
 
 def _wandb(cfg: FitConfig):

@@ -1,14 +1,17 @@
 """gsp harvest: run a model up to one hook point and write its activations into a Zarr store.
 
-Work overlaps: a reader tokenizes and packs the corpus ahead of the model, the main thread runs the
-early-stopped forward pass, and writers checksum and write whole shards behind it, committed in
-order (pipeline/workers.py). Batches never straddle a shard, so a resumed run feeds the model
-exactly the batches an uninterrupted run would, and ends with exactly the same store.
+One path for one process and for many (torchrun): process r of W fills shards r, r + W, ... of one
+store; with W = 1 that is every shard, claimed straight into the store in order (StoreClaims), and
+with W > 1 each process claims its shards in its own record, merged by rank 0 at the end
+(RankLedger). Work overlaps: a reader tokenizes and packs the corpus ahead of the model, the main
+thread runs the early-stopped forward pass, and writers checksum and write whole shards behind it,
+each claimed as soon as its files are complete (pipeline/workers.py). Batches never straddle a
+shard, so a resumed run feeds the model exactly the batches an uninterrupted run would, and ends
+with exactly the same store.
 """
 
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import math
 import os
@@ -22,19 +25,20 @@ import numpy as np
 import torch
 
 from pipeline import dist
-from pipeline.config import opt, stage_config
+from pipeline.config import content, differences, opt, stage_config
 from pipeline.console import console, info, progress, warn
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
+from pipeline.files import OutputLock
 from pipeline.hooks import SITES, Site, activations, hook_point, site_module, site_width
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
-from pipeline.store import ActivationStore, Layout, RowSums, is_url, local, path_state
+from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter, is_url, local, path_state
+from pipeline.store.ledger import RankLedger, StoreClaims, other_worlds
+from pipeline.store.meta import Compute, CorpusRef, ModelRef, StoreMeta, TokenizerRef
 from pipeline.workers import ContextReader, ReaderSpec, ShardWriter, Share
 
-# Fields that only say where or how to run, not what the store holds; all others must match on resume.
-_RUN_ONLY = ("store", "device", "dtype", "workers")  # device and dtype are checked as resolved
-_CORPUS = ("dataset", "split", "dataset_config", "text_column", "part", "heldout_fraction", "seed")
+_CORPUS = tuple(f.name for f in dataclasses.fields(CorpusRef))  # harvest options that pick the documents
 
 
 @stage_config("harvest")
@@ -42,9 +46,11 @@ _CORPUS = ("dataset", "split", "dataset_config", "text_column", "part", "heldout
 class HarvestConfig:
     model: str = opt(OFFLINE_DEFAULT, "Model: offline:gemma-3-270m, a Hugging Face id, or a local folder.")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
-    device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N.")
+    device: str = opt("auto", "auto (CUDA if present, else CPU), cpu, cuda or cuda:N.", run_only=True)
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "Compute dtype: auto is bfloat16 on CUDA, float32 on CPU (float16 overflows Gemma's residual)."
+        "auto",
+        "Compute dtype: auto is bfloat16 on CUDA, float32 on CPU (float16 overflows Gemma's residual).",
+        run_only=True,  # checked as resolved: the store records the device type and dtype it was computed in
     )
     layer: int = opt(12, "Block index L of model.model.layers[L] to hook.", aliases=("hook_layer",))
     site: Site = opt("resid_post", "Hook point: resid_post, mlp_out or attn_out (Gemma Scope 2's sites).")
@@ -60,14 +66,17 @@ class HarvestConfig:
     context_size: int = opt(128, "Tokens per context, the first being BOS.")
     batch_size: int = opt(32, "Contexts per forward pass.")
     seed: int = opt(0, "Seed of the document order.")
-    store: str | None = opt(None, "Store folder; by default cache/stores/ MODEL_LLAYER_SITE_PART_TOKENS.")
+    store: str | None = opt(
+        None, "Store folder; by default cache/stores/ MODEL_LLAYER_SITE_PART_TOKENS.", run_only=True
+    )
     store_dtype: Literal["bfloat16", "float32"] = opt(
         "bfloat16", "Stored dtype: bfloat16 (bit patterns in uint16, half the disk) or float32."
     )
     shard_mib: float = opt(128.0, "Target size of one shard file in MiB (the unit of writing and of resume).")
     workers: Literal["threads", "processes"] = opt(
-        "threads", "Run the corpus reader and shard writers on threads, or in processes (experimental, for GPUs)."
-    )
+        "threads", "Run the corpus reader and shard writers on threads, or in processes (experimental, for GPUs; "
+        "one process only, not under torchrun).", run_only=True,
+    )  # fmt: skip
 
     def __post_init__(self):
         for name in ("tokens", "context_size", "batch_size", "shard_mib"):
@@ -89,9 +98,27 @@ class HarvestConfig:
         name = Path(model_name(self.model).rstrip("/")).name
         return str(cache_dir() / "stores" / f"{name}_L{self.layer}_{self.site}_{self.part}_{self.tokens}")
 
-    def content_spec(self) -> dict:
-        """The parameters that decide the store's content; a resume must match them exactly."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUN_ONLY}
+    def corpus(self) -> CorpusRef:
+        return CorpusRef(**{k: getattr(self, k) for k in _CORPUS})
+
+
+def smoke_config(cfg: HarvestConfig) -> HarvestConfig:
+    """--smoke-test: a tiny random Gemma 3 and a synthetic corpus (made under cache/smoke once), seconds.
+    The store is cfg.store or cache/stores/smoke; like any harvest it resumes or keeps a store
+    written with these settings and never replaces anything else."""
+    from pipeline.tiny import make_tiny_model, write_corpus
+
+    root = cache_dir() / "smoke"
+    model = root / "tiny-gemma3"
+    if not (model / "config.json").is_file():
+        make_tiny_model(model)
+    corpus = root / "corpus.txt"
+    if not corpus.is_file():
+        write_corpus(corpus)
+    return dataclasses.replace(
+        cfg, model=str(model), dataset=str(corpus), layer=1, tokens=8192, context_size=64, batch_size=16,
+        shard_mib=0.25, store=cfg.store or str(cache_dir() / "stores" / "smoke"),
+    )  # fmt: skip
 
 
 def run_harvest(
@@ -99,147 +126,64 @@ def run_harvest(
 ) -> str:
     """Harvest activations into cfg.store_path, resuming a partial store written with the same parameters.
 
-    `model` may be a model already loaded from cfg.model (notebooks, benchmarks); by default it is loaded here.
+    Under torchrun every process runs this; rank 0 checks, creates and finally claims the store.
+    `model` may be a model already loaded from cfg.model (notebooks, benchmarks).
     """
     path = cfg.store_path
     group = dist.setup(cfg.device)
-    if group.world > 1:
-        return _run_ranks(cfg, path, token, overwrite, group)
-    with _store_lock(path):
-        store = _existing_store(cfg, path, overwrite)
-        if store is not None and store.complete:
-            info(f"store {path} is already complete ({store.rows_written:,} rows); nothing to do")
-            return path
-        lm = model or load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
-        site_module(lm.model, cfg.layer, cfg.site)  # layer/site errors before anything is written
-        d_in = site_width(lm.model, cfg.layer, cfg.site)
-        compute = {"device": lm.device.type, "dtype": str(lm.dtype).removeprefix("torch.")}
-        if store is None:
-            store = _create_store(cfg, path, lm, d_in, compute)
-        elif store.attrs["compute"] != compute:
-            raise GspError(
-                f"store {path} was started with {store.attrs['compute']} but this run computes with {compute}; "
-                "resume on the same kind of device (--device/--dtype) or start over with --overwrite"
-            )
-        _harvest_into(store, cfg, lm, token)
-    return path
-
-
-def _run_ranks(cfg: HarvestConfig, path: str, token: str | None, overwrite: bool, group: dist.Group) -> str:
-    """Under torchrun: rank 0 checks or creates the store (holding its lock throughout); then every
-    process fills its own shards, s % world == rank; rank 0 claims them all at the end."""
-    lm = load_model(cfg.model, device=str(group.device), dtype=cfg.dtype, revision=cfg.revision, token=token)
-    site_module(lm.model, cfg.layer, cfg.site)
-    d_in = site_width(lm.model, cfg.layer, cfg.site)
-    compute = {"device": lm.device.type, "dtype": str(lm.dtype).removeprefix("torch.")}
-
-    def prepare() -> bool:  # rank 0 only; True when there is nothing to do
-        store = _existing_store(cfg, path, overwrite)
-        if store is None:
-            store = _create_store(cfg, path, lm, d_in, compute)
-        elif store.complete:
-            return True
-        elif store.attrs["compute"] != compute:
-            raise GspError(f"store {path} was started with {store.attrs['compute']}, this run computes with {compute}")
-        elif store.rows_written:
-            raise GspError(f"store {path} was started by one process; resume it with one process, not torchrun")
-        others = store.other_worlds(group.world)
-        if others:
-            raise GspError(
-                f"store {path} was started by {others[0]} processes; resume with --nproc-per-node {others[0]}"
-            )
-        return False
-
-    with _store_lock(path) if group.main else contextlib.nullcontext():
-        if dist.on_main(group, prepare):
+    if cfg.workers == "processes" and group.world > 1:
+        raise GspError("--workers processes runs one process only; under torchrun use --workers threads "
+                       "(each torchrun process has its own reader and writers)")  # fmt: skip
+    lock = OutputLock(None if is_url(path) else local(path), "gsp harvest") if group.main else contextlib.nullcontext()
+    with lock:
+        state = dist.on_main(group, lambda: _existing(cfg, path, overwrite))
+        if state == "complete":
             if group.main:
                 info(f"store {path} is already complete; nothing to do")
             dist.teardown(group)
             return path
-        store = ActivationStore.open(path, mode="r+")
-        t0 = time.perf_counter()
-        _harvest_ranks(store, cfg, lm, token, group)
-        dist.barrier(group)  # every process has committed its shards
+        lm = model or load_model(cfg.model, device=str(group.device), dtype=cfg.dtype, revision=cfg.revision,
+                                 token=token)  # fmt: skip
+        site_module(lm.model, cfg.layer, cfg.site)  # layer/site errors before anything is written
+        d_in = site_width(lm.model, cfg.layer, cfg.site)
+        compute = Compute(lm.device.type, str(lm.dtype).removeprefix("torch."))
+        dist.on_main(group, lambda: _prepare(cfg, path, lm, d_in, compute, state, group.world))
+        writer = StoreWriter.open(path)
+        claims = StoreClaims(writer) if group.world == 1 else RankLedger(writer, group.rank, group.world)
+        start_rows, t0 = writer.meta.rows_written, time.perf_counter()
+        _harvest_shards(writer, claims, cfg, lm, token, group)
+        dist.barrier(group)  # every process has claimed its shards
         if group.main:
-            rows, seconds = store.finish_ranks(group.world), time.perf_counter() - t0
-            console.print(
-                f"{group.world} processes wrote {rows:,} rows to [bold]{path}[/] in {seconds:.1f} s "
-                f"({rows / seconds:,.0f} tok/s, resumed shards included)",
-                highlight=False,
-            )
+            _finish(writer, claims, state == "new", start_rows, time.perf_counter() - t0, group.world)
     dist.teardown(group)
     return path
 
 
-def _harvest_ranks(store: ActivationStore, cfg: HarvestConfig, lm, token: str | None, group: dist.Group) -> None:
-    """This process's shards. The packing of shard s depends on every document before it, so every
-    process reads the whole document stream; the tokenizing is shared (pipeline.corpus.pack_shared)
-    and each process packs and runs the model on its own shards' contexts only."""
-    C = cfg.context_size
-    shard_contexts = store.shard_rows // C
-    n_contexts = store.activations.shape[0] // C
-    done = store.rank_record(group.rank, group.world)["shards"]
-    shards = range(math.ceil(n_contexts / shard_contexts))
-    mine = [s for s in shards if s % group.world == group.rank and str(s) not in done]
-    todo = frozenset(mine)
-    commit = functools.partial(store.commit_rank, group.rank, group.world)
-    side = dist.cpu_group(group)  # the reader thread's collectives, apart from the main thread's
-    spec = ReaderSpec(
-        documents={**{k: getattr(cfg, k) for k in _CORPUS}, "start": 0, "token": hf_token(token)},
-        context_size=C,
-        start=Cursor(),
-        tokenizer=lm.tokenizer,
-        share=Share(
-            group.rank, group.world, wanted=lambda k: k // shard_contexts in todo, limit=n_contexts,
-            gather=functools.partial(dist.gather, group, pg=side),
-        ),
-    )  # fmt: skip
-    workers = 2 if lm.device.type == "cpu" else 4
-    with progress("tok", show=group.main) as bar:
-        reader = ContextReader(spec, process=False)
-        writer = ShardWriter(store, workers=workers, process=False, commit=commit)
-        try:
-            task = bar.add_task(f"harvest ({group.world} processes)", total=len(mine) * shard_contexts * C)
-            for shard in mine:
-                want = min(shard_contexts, n_contexts - shard * shard_contexts)
-                got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
-                if got < want:  # the corpus ended
-                    store.end_rank(group.rank, group.world, shard + (got > 0))
-                    break
-            writer.close()
-            reader.finish()
-        finally:
-            reader.stop()
-            writer.stop()
-
-
 # ------------------------------------------------------------------------------------- store setup
-def _existing_store(cfg: HarvestConfig, path: str, overwrite: bool) -> ActivationStore | None:
-    """The store to resume, or None to start a new one (after checks that nothing foreign is replaced)."""
+def _existing(cfg: HarvestConfig, path: str, overwrite: bool) -> str:
+    """ "new" (nothing there, or a gsp store to replace), "resume" or "complete"; never touches a
+    folder that is not a gsp store."""
     state = path_state(path)
     if state == "file":
         raise GspError(f"--store {path} is a file; give a folder path for the store")
     if state in ("missing", "empty"):
-        return None
+        return "new"
     if state != "zarr":
         raise GspError(f"{path} exists and is not a gsp store; choose another --store (nothing was changed)")
     if overwrite:
-        _open_for_overwrite(path)
-        return None
-    store = ActivationStore.open(path, mode="r+")
-    spec = store.attrs.get("spec", {})
-    diffs = [f"{k}: store has {spec.get(k)!r}, asked {v!r}" for k, v in cfg.content_spec().items() if spec.get(k) != v]
+        _check_replaceable(path)
+        return "new"
+    store = ActivationStore.open(path)
+    diffs = differences(store.meta.spec, cfg, "store")
     if diffs:
         raise GspError(
             f"store {path} was harvested with other parameters ({'; '.join(diffs)}); "
             "use the same parameters to resume, another --store, or --overwrite to replace it"
         )
-    if not store.complete:
-        info(f"resuming {path} at row {store.rows_written:,} of {store.activations.shape[0]:,}")
-    return store
+    return "complete" if store.complete else "resume"
 
 
-def _open_for_overwrite(path: str) -> None:
+def _check_replaceable(path: str) -> None:
     """--overwrite replaces only a gsp store: never a folder of someone else's data."""
     try:
         ActivationStore.open(path)
@@ -249,109 +193,153 @@ def _open_for_overwrite(path: str) -> None:
         # a damaged gsp store may be replaced
 
 
-def _create_store(cfg: HarvestConfig, path: str, lm, d_in: int, compute: dict) -> ActivationStore:
+def _prepare(cfg: HarvestConfig, path: str, lm: LoadedModel, d_in: int, compute: Compute, state: str, world: int):
+    """Rank 0: create the store, or check that this run may resume it."""
+    if state == "new":
+        _create_store(cfg, path, lm, d_in, compute)
+        return
+    writer = StoreWriter.open(path)
+    if writer.meta.compute != compute:
+        raise GspError(
+            f"store {path} was started with {writer.meta.compute.to_json()} but this run computes with "
+            f"{compute.to_json()}; resume on the same kind of device (--device/--dtype) or start over with --overwrite"
+        )
+    others = other_worlds(writer, world)
+    if others:
+        how = "one process (no torchrun)" if others[0] == 1 else f"torchrun --nproc-per-node {others[0]}"
+        raise GspError(f"store {path} was started by {others[0]} processes; resume it with {how}")
+    if world > 1 and writer.meta.rows_written:
+        raise GspError(f"store {path} was started by one process; resume it with one process, not torchrun")
+    info(f"resuming {path} at row {writer.meta.rows_written:,} of {writer.activations.shape[0]:,}")
+
+
+def _create_store(cfg: HarvestConfig, path: str, lm: LoadedModel, d_in: int, compute: Compute) -> None:
     tok = lm.tokenizer
-    n_contexts = math.ceil(cfg.tokens / cfg.context_size)
-    itemsize = 2 if cfg.store_dtype == "bfloat16" else 4
-    layout = Layout.plan(cfg.context_size, d_in, itemsize, shard_mib=cfg.shard_mib)
-    attrs = {
-        "spec": cfg.content_spec(),
-        "model": {"spec": cfg.model, "name": lm.name, "revision": lm.revision, "class": type(lm.model).__name__},
-        "layer": cfg.layer,
-        "site": cfg.site,
-        "hook_point": hook_point(cfg.layer, cfg.site),
-        "dataset": {k: getattr(cfg, k) for k in _CORPUS},
-        "seed": cfg.seed,
-        "tokenizer": {
-            "name": lm.name,
-            "class": type(tok).__name__,
-            "vocab_size": len(tok),
-            "bos_id": tok.bos_token_id,
-            "eos_id": tok.eos_token_id,
-            "pad_id": tok.pad_token_id,
-        },
-        "compute": compute,
-        "packing": "[BOS] + C-1 tokens of doc1 EOS doc2 EOS ...",
-    }
-    return ActivationStore.create(
-        path, n_contexts=n_contexts, d_in=d_in, layout=layout, dtype=cfg.store_dtype, attrs=attrs
+    layout = Layout.plan(cfg.context_size, d_in, 2 if cfg.store_dtype == "bfloat16" else 4, shard_mib=cfg.shard_mib)
+    meta = StoreMeta(
+        model=ModelRef(cfg.model, lm.name, lm.revision, type(lm.model).__name__),
+        layer=cfg.layer,
+        site=cfg.site,
+        hook_point=hook_point(cfg.layer, cfg.site),
+        d_in=d_in,
+        context_size=cfg.context_size,
+        dataset=cfg.corpus(),
+        tokenizer=TokenizerRef(
+            lm.name, type(tok).__name__, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        ),  # fmt: skip
+        compute=compute,
+        dtype=cfg.store_dtype,
+        n_contexts_planned=math.ceil(cfg.tokens / cfg.context_size),
+        chunk_rows=layout.chunk_rows,
+        shard_rows=layout.shard_rows,
+        spec=content(cfg),
     )
+    StoreWriter.create(path, meta)
 
 
-class _store_lock:
-    """An exclusive lock next to a local store, so two harvests never write one store at once.
-
-    The `<store>.lock` file stays: unlinking it would let a third run lock a fresh file while a
-    second still holds the old one. Object stores (s3://, gs://) offer no such lock: there, one
-    harvest per store is the user's to keep."""
-
-    def __init__(self, path: str):
-        self.lock_path = None if is_url(path) else Path(f"{local(path).rstrip('/')}.lock")
-
-    def __enter__(self):
-        if self.lock_path is None:
-            return self
-        try:
-            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR)
-        except OSError as e:
-            raise GspError(f"cannot create the store at {self.lock_path.parent}: {e.strerror}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise GspError(f"another gsp harvest is writing {self.lock_path.with_suffix('')}; wait for it") from None
-        return self
-
-    def __exit__(self, *exc):
-        if self.lock_path is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-
-
-# ------------------------------------------------------------------------------------- the loop
-def _harvest_into(store: ActivationStore, cfg: HarvestConfig, lm, token: str | None) -> None:
-    C = cfg.context_size
-    shard_contexts = store.shard_rows // C
-    n_contexts = store.activations.shape[0] // C
-    first_shard = store.rows_written // store.shard_rows
-    process = cfg.workers == "processes"
-    # on a GPU shards fill fast: checksum and write several at once; on a CPU two writers keep up
-    workers = min(8, max(2, (os.cpu_count() or 2) // 2)) if lm.device.type == "cuda" else 2
-    start_rows, t0 = store.rows_written, time.perf_counter()
-    done_contexts = first_shard * shard_contexts
-    with tempfile.TemporaryDirectory(prefix="gsp-tokenizer-") as tok_dir, progress("tok") as bar:
-        reader = ContextReader(_reader_spec(cfg, store, lm, token, tok_dir if process else None), process=process)
-        writer = ShardWriter(store, workers=workers, process=process)
-        try:
-            task = bar.add_task("harvest", total=n_contexts * C, completed=done_contexts * C)
-            for shard in range(first_shard, math.ceil(n_contexts / shard_contexts)):
-                want = min(shard_contexts, n_contexts - shard * shard_contexts)
-                got = _fill_shard(store, cfg, lm, reader, writer, shard, want, lambda n: bar.advance(task, n * C))
-                done_contexts += got
-                if got < want:
-                    break
-            writer.close()
-        finally:
-            reader.stop()
-            writer.stop()
-    if done_contexts < n_contexts:
-        warn(f"the corpus ran out after {done_contexts * C:,} of {n_contexts * C:,} tokens; the store holds those")
-    store.finish(done_contexts * C)
-    seconds = time.perf_counter() - t0
+def _finish(writer: StoreWriter, claims, created: bool, start_rows: int, seconds: float, world: int) -> None:
+    """Rank 0, after every process has claimed its shards: mark the store complete and say what was written."""
+    planned = writer.activations.shape[0]
+    rows = claims.total_rows()
+    if rows == 0:
+        if created:
+            _remove_new_store(writer.path)
+        d = writer.meta.dataset
+        raise GspError(f"the corpus gave no text for this store (dataset {d.dataset}, part {d.part}, text "
+                       f"column '{d.text_column}'): check --dataset, --text-column and --part; nothing was "
+                       "harvested")  # fmt: skip
+    claims.finish()
+    if rows < planned:
+        warn(f"the corpus ran out after {rows:,} of {planned:,} tokens; the store holds those")
+    m = writer.meta
+    who = f"{world} processes wrote" if world > 1 else "wrote"
+    new = rows - start_rows
     console.print(
-        f"wrote {store.rows_written - start_rows:,} rows in {seconds:.1f} s "
-        f"({(store.rows_written - start_rows) / seconds:,.0f} tok/s) to [bold]{store.path}[/] "
-        f"({store.rows_written:,} rows, d_in {store.d_in}, {store.attrs['dtype']})",
+        f"{who} {new:,} rows in {seconds:.1f} s ({new / seconds:,.0f} tok/s) to [bold]{writer.path}[/] "
+        f"({rows:,} rows, d_in {m.d_in}, {m.dtype})",
         highlight=False,
     )
 
 
-def _reader_spec(cfg: HarvestConfig, store, lm, token: str | None, tok_dir: str | None) -> ReaderSpec:
-    """What the corpus reader needs, from the store's cursor on; `tok_dir` given: for a child process."""
+def _remove_new_store(path: str) -> None:
+    """Delete the entries of a store this run created and left empty (nothing else at the path)."""
+    import shutil
+
+    if is_url(path):
+        from pipeline.store.location import filesystem
+
+        fs, p = filesystem(path)
+        for name in ("activations", "token_ids", "progress", "zarr.json"):
+            if fs.exists(f"{p}/{name}"):
+                fs.rm(f"{p}/{name}", recursive=True)
+        return
+    for name in ("activations", "token_ids", "progress"):
+        shutil.rmtree(Path(local(path)) / name, ignore_errors=True)
+    (Path(local(path)) / "zarr.json").unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------- the shard loop
+def _harvest_shards(writer: StoreWriter, claims, cfg: HarvestConfig, lm: LoadedModel, token, group) -> None:
+    """This process's shards (s % world == rank, not yet claimed), in order, each filled by the
+    model and handed to the writers; the corpus reader starts where `claims` says."""
+    C = cfg.context_size
+    shard_contexts = writer.meta.shard_rows // C
+    n_contexts = writer.activations.shape[0] // C
+    done = claims.done()
+    # lazily: a store planned far beyond its corpus (--tokens 1e12) has millions of shards it never fills
+    ours = range(group.rank, math.ceil(n_contexts / shard_contexts), group.world)
+    mine = (s for s in ours if s not in done)
+    n_mine = len(ours) - sum(1 for s in done if s % group.world == group.rank)
+    cursor, first = claims.start()
+    process = cfg.workers == "processes"
+    with tempfile.TemporaryDirectory(prefix="gsp-tokenizer-") as tok_dir, progress("tok", show=group.main) as bar:
+        spec = _reader_spec(cfg, lm, token, cursor, tok_dir if process else None)
+        if group.world > 1:  # shared tokenizing: each process keeps only its own shards' contexts
+
+            def wanted(k: int) -> bool:
+                shard = k // shard_contexts
+                return shard % group.world == group.rank and shard not in done
+
+            spec = dataclasses.replace(spec, share=Share(
+                group.rank, group.world, wanted=wanted, limit=n_contexts,
+                gather=functools.partial(dist.gather, group, pg=dist.cpu_group(group)),
+            ))  # fmt: skip
+        reader = ContextReader(spec, process=process)
+        writers = ShardWriter(writer, claims.commit, workers=_writer_count(lm.device), process=process)
+        ended = None
+        try:
+            name = f"harvest ({group.world} processes)" if group.world > 1 else "harvest"
+            total = n_contexts * C if group.world == 1 else n_mine * shard_contexts * C
+            task = bar.add_task(name, total=total, completed=first * C if group.world == 1 else 0)
+            for shard in mine:
+                want = min(shard_contexts, n_contexts - shard * shard_contexts)
+                got = _fill_shard(writer, cfg, lm, reader, writers, shard, want, lambda n: bar.advance(task, n * C))
+                if got < want:  # the corpus ended
+                    ended = shard + (got > 0)
+                    break
+            writers.close()
+            if ended is not None:
+                claims.end(ended)
+            if group.world > 1:
+                reader.finish()  # the other processes need this one's share of the tokenizing to the end
+        finally:
+            reader.stop()
+            writers.stop()
+
+
+def _writer_count(device: torch.device) -> int:
+    """On a GPU shards fill fast: checksum and write several at once (the node's cores shared by its
+    processes); on a CPU two writers keep up."""
+    if device.type != "cuda":
+        return 2
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(2, (os.cpu_count() or 2) // (2 * per_node)))
+
+
+def _reader_spec(cfg: HarvestConfig, lm, token: str | None, cursor: Cursor, tok_dir: str | None) -> ReaderSpec:
+    """What the corpus reader needs, from `cursor` on; `tok_dir` given: for a child process."""
     if tok_dir:
         lm.tokenizer.save_pretrained(tok_dir)  # the child loads its own copy
-    cursor = Cursor(**store.attrs["cursor"])
     return ReaderSpec(
         documents={**{k: getattr(cfg, k) for k in _CORPUS}, "start": cursor.doc, "token": hf_token(token)},
         context_size=cfg.context_size,
@@ -360,18 +348,18 @@ def _reader_spec(cfg: HarvestConfig, store, lm, token: str | None, tok_dir: str 
     )
 
 
-def _fill_shard(store, cfg, lm, reader, writer, shard: int, want: int, advance) -> int:
-    """Run the model over up to `want` contexts into one shard buffer and hand it to the writer.
+def _fill_shard(writer: StoreWriter, cfg, lm, reader, writers, shard: int, want: int, advance) -> int:
+    """Run the model over up to `want` contexts into one shard buffer and hand it to the writers.
 
     Nothing here waits for the device until the shard is full: activations are copied into a
     pinned buffer asynchronously and the statistics stay on the device, so the GPU always has the
     next batch queued, as in a bare loop over the model.
     """
-    C, D, dev = cfg.context_size, store.d_in, lm.device
-    bf16 = store.attrs["dtype"] == "bfloat16"
+    C, D, dev = cfg.context_size, writer.meta.d_in, lm.device
+    bf16 = writer.meta.dtype == "bfloat16"
     acts = torch.empty((want * C, D), dtype=torch.int16 if bf16 else torch.float32, pin_memory=dev.type == "cuda")
     tokens = np.empty((want, C), dtype=np.int32)
-    special = torch.tensor(store.special_ids, device=dev)
+    special = torch.tensor(writer.meta.special_ids, device=dev)
     sum_D = torch.zeros(D, dtype=torch.float64, device=dev)
     sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
     kept = torch.zeros((), dtype=torch.int64, device=dev)
@@ -401,5 +389,5 @@ def _fill_shard(store, cfg, lm, reader, writer, shard: int, want: int, advance) 
             torch.cuda.current_stream(dev).synchronize()  # the pinned buffer is complete
         out = acts[: got * C].numpy()  # keeps `acts` alive until the writer is done with it
         sums = RowSums(sum_D.cpu().numpy(), float(sum_sq), int(kept))
-        writer.put(shard, out.view(np.uint16) if bf16 else out, tokens[:got].reshape(-1), cursor, sums)
+        writers.put(shard, out.view(np.uint16) if bf16 else out, tokens[:got].reshape(-1), cursor, sums)
     return got

@@ -10,7 +10,6 @@ already fitted with the same settings is reused. Rerunning after a crash finishe
 """
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from pipeline.config import build_config, opt, stage_config
 from pipeline.console import info
 from pipeline.errors import GspError
 from stages.evaluate import EvaluateConfig, run_evaluate
-from stages.fit import FitConfig, run_fit
+from stages.fit import FitConfig, fit_or_reuse
 from stages.harvest import HarvestConfig, run_harvest
 
 
@@ -46,22 +45,10 @@ def run_all(cfg: RunConfig, config: str | None, *, token: str | None = None) -> 
     fit = build_config(FitConfig, config, {})
     fit.store = fit.store or harvest.store_path
     info(f"[bold]3/4[/] SAE {fit.out_dir}")
-    _fit_once(fit)
+    fit_or_reuse(fit)
 
     evaluate = build_config(EvaluateConfig, config, {})
     evaluate.sae = evaluate.sae or str(fit.out_dir)
     evaluate.store = evaluate.store or heldout.store_path
     info(f"[bold]4/4[/] evaluate on {evaluate.store}")
     return run_evaluate(evaluate, token=token)
-
-
-def _fit_once(fit: FitConfig) -> None:
-    """Fit, resume an interrupted fit, or keep an SAE fitted with exactly these settings."""
-    out = fit.out_dir
-    if (out / "params.safetensors").is_file():
-        saved = json.loads((out / "config.json").read_text()).get("fit_config")
-        if saved == dataclasses.asdict(fit):
-            info(f"{out} already holds an SAE fitted with these settings; keeping it")
-            return
-        raise GspError(f"{out} holds an SAE fitted with other settings; move it away or set fit.out in the config")
-    run_fit(fit, resume=(out / "checkpoints" / "latest.json").is_file())

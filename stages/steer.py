@@ -1,6 +1,7 @@
 """gsp steer: generate with SAE features added (or clamped) at the SAE's hook point, beside the
 unsteered continuation from the same seed (pipeline/steering.py holds the edit)."""
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,7 +10,7 @@ import torch
 from pipeline.config import opt, stage_config
 from pipeline.console import console
 from pipeline.errors import GspError
-from pipeline.hooks import splice
+from pipeline.hooks import check_width, splice
 from pipeline.saes import load_sae
 from pipeline.steering import steer_fn
 from pipeline.store import ActivationStore
@@ -50,6 +51,10 @@ class SteerConfig:
             raise GspError(f"give one --strength, or one per --feature ({len(self.feature)}), not {len(self.strength)}")
         if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise GspError("--max-new-tokens must be positive, --temperature ≥ 0, 0 < --top-p ≤ 1, --top-k ≥ 0")
+        if not all(math.isfinite(v) for v in self.strength) or not math.isfinite(self.temperature):
+            raise GspError(f"--strength and --temperature must be finite numbers, got {self.strength}")
+        if not self.prompt.strip():
+            raise GspError("--prompt is empty: give the text to continue")
 
     @property
     def values(self) -> list[float]:
@@ -73,6 +78,7 @@ def run_steer(cfg: SteerConfig, *, token: str | None = None) -> tuple[str, str]:
     if layer is None or site is None:
         raise GspError("this SAE's files name no layer or site: pass --layer and --site")
     lm = load_model(_model_spec(cfg, loaded), device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
+    check_width(lm.model, layer, site, loaded.sae.d_in, f"the SAE {cfg.sae}")
     sae = loaded.sae.to(lm.device)
     ids = lm.tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(lm.device)
     plain = generate(lm.model, ids, cfg)
@@ -105,7 +111,7 @@ def _model_spec(cfg: SteerConfig, loaded) -> str:
         return cfg.model
     if loaded.training_store:
         try:
-            return ActivationStore.open(loaded.training_store).rerun_model(None, None)[0]
+            return ActivationStore.open(loaded.training_store).meta.model.spec
         except GspError:
             pass  # the training store has moved: fall back to the model's name
     if loaded.model_name:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pipeline.tiny import make_tiny_model, write_corpus
@@ -26,7 +27,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture
 def gsp():
     """Run `gsp ARGS...` in-process; returns the click Result (exit_code, output)."""
-    from pipeline.cli import app
+    from stages.cli import app
 
     runner = CliRunner()
 
@@ -37,9 +38,9 @@ def gsp():
 
 
 def gsp_subprocess(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline ARGS...` as a separate process (for kill tests)."""
+    """Run `python -m stages ARGS...` (the gsp command) as a separate process (for kill tests)."""
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)],
+        [sys.executable, "-m", "stages", *map(str, args)],
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
@@ -71,7 +72,7 @@ def tiny_harvest_args(model: Path, corpus: Path, store: Path, /, **over) -> list
 @pytest.fixture(scope="session")
 def tiny_fit(tiny_model, corpus, tmp_path_factory) -> Path:
     """A folder with `store` (the tiny model's layer 1, float32) and `sae` (a small JumpReLU fitted on it)."""
-    from pipeline.cli import app
+    from stages.cli import app
 
     root = tmp_path_factory.mktemp("fit")
     run = CliRunner()
@@ -81,3 +82,67 @@ def tiny_fit(tiny_model, corpus, tmp_path_factory) -> Path:
                          "--steps", "40", "--batch-size", "128", "--target-l0", "12"])  # fmt: skip
     assert r.exit_code == 0, r.output
     return root
+
+
+def error_line(output: str, *words: str) -> str:
+    """The one `error:` line of a failed command, which holds `words`, with no traceback anywhere."""
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert all(w in errors[0] for w in words), (words, errors[0])
+    return errors[0]
+
+
+def one_line_error(r, *words: str) -> str:
+    """A bad input through the CLI: exit 1 and one `error:` line, the last thing printed, holding `words`."""
+    assert r.exit_code == 1, r.output
+    line = error_line(r.output, *words)
+    assert [x for x in r.output.splitlines() if x.strip()][-1] == line, r.output
+    return line
+
+
+def direct_site(model, ids, layer, site):
+    """Independent reference for a hook point: a full forward pass (LM head included) with a hook
+    written here, not gsp's."""
+    block = model.model.layers[layer]
+    got = {}
+    if site == "resid_post":
+        h = block.register_forward_hook(lambda m, a, o: got.setdefault("x", o[0] if isinstance(o, tuple) else o))
+    elif site == "mlp_out":
+        h = block.post_feedforward_layernorm.register_forward_hook(lambda m, a, o: got.setdefault("x", o))
+    else:
+        h = block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(input_ids=torch.as_tensor(ids))
+    h.remove()
+    return got["x"]
+
+
+class SmallDisk:
+    """A real filesystem of a few hundred KiB (tmpfs), so that writes past it fail with ENOSPC as on a
+    full disk; `resize` frees space, as a user would."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def resize(self, kib: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={kib}k", str(self.path)], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(kib)` mounts a tmpfs of that size (needs root, as in CI; skipped elsewhere)."""
+    mounted = []
+
+    def make(kib: int) -> SmallDisk:
+        path = tmp_path / f"disk{len(mounted)}"
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.decode().strip()}); run as root")
+        mounted.append(path)
+        return SmallDisk(path)
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", str(path)], capture_output=True)

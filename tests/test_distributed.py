@@ -14,7 +14,7 @@ from pipeline.tiny import write_synthetic_store
 
 
 def torchrun(n: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "pipeline"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "stages"]
     return subprocess.run(
         [*cmd, *map(str, args)],
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
@@ -114,8 +114,8 @@ def _same_store(a_path, b_path):
     assert a.complete and b.complete and a.rows_written == b.rows_written > 0
     np.testing.assert_array_equal(a.read(0, a.rows_written), b.read(0, b.rows_written))
     np.testing.assert_array_equal(a.read_tokens(0, a.rows_written), b.read_tokens(0, b.rows_written))
-    assert a.attrs["stats"]["count"] == b.attrs["stats"]["count"]
-    np.testing.assert_allclose(a.attrs["stats"]["sum"], b.attrs["stats"]["sum"], rtol=1e-12)
+    assert a.meta.stats.count == b.meta.stats.count
+    np.testing.assert_allclose(a.meta.stats.sum, b.meta.stats.sum, rtol=1e-12)
     return a.rows_written
 
 
@@ -133,6 +133,10 @@ def test_two_processes_harvest_the_store_one_process_harvests(tiny_model, corpus
     args = tiny_harvest_args(tiny_model, corpus, tmp_path / "killed")[1:]
     killed = torchrun(2, "harvest", *args, "--device", "cpu", env={"GSP_FAULT": "shard-committed:1"})
     assert killed.returncode != 0
+    alone = gsp_subprocess("harvest", *args)  # one process would redo the others' shards: refused
+    assert (
+        alone.returncode == 1 and "started by 2 processes; resume it with torchrun --nproc-per-node 2" in alone.stderr
+    )
     resumed = torchrun(2, "harvest", *args, "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _same_store(tmp_path / "one", tmp_path / "killed")
@@ -153,3 +157,12 @@ def test_two_processes_stop_where_the_corpus_ends(tiny_model, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     rows = _same_store(tmp_path / "one", tmp_path / "two")
     assert 0 < rows < 100_000
+
+
+def test_process_workers_are_refused_under_torchrun(tiny_model, corpus, tmp_path):
+    from conftest import tiny_harvest_args
+
+    args = tiny_harvest_args(tiny_model, corpus, tmp_path / "s")[1:]
+    r = torchrun(2, "harvest", *args, "--device", "cpu", "--workers", "processes")
+    assert r.returncode != 0 and "--workers processes runs one process only" in r.stderr
+    assert not (tmp_path / "s").exists()

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
 
@@ -35,7 +36,7 @@ def _numpy_figures(store_path, params) -> dict:
         params[k].astype(np.float64) for k in ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
     )
     pre = x @ w_enc + b_enc
-    f = pre * (pre > th)
+    f = np.maximum(pre, 0) * (pre > th)  # Gemma Scope 2's JumpReLU: ReLU(pre)·1[pre > θ]
     x_hat = f @ w_dec + b_dec
     return {
         "tokens": len(x),
@@ -205,7 +206,7 @@ def test_run_chains_the_stages_and_reuses_its_work(gsp, tiny_model, corpus, tmp_
     (report,) = (tmp_path / "reports").glob("report_*.json")
     result = json.loads(report.read_text())
     held = ActivationStore.open(result["store"]["path"])
-    assert held.attrs["dataset"]["part"] == "heldout" and held.rows_written == 512
+    assert held.meta.dataset.part == "heldout" and held.rows_written == 512
     assert result["sae"]["path"].endswith("_train_2048_jumprelu_64")
     assert str(report.with_suffix(".md").name) in " ".join(r.output.split()).replace(" ", "")
     r = gsp("run", "-c", cfg)  # everything is there: nothing is redone but the evaluation
@@ -242,3 +243,135 @@ def test_download_fetches_the_model_and_only_one_saes_files(gsp, tmp_path, monke
     assert "hf_secret" not in r.output and sub in r.output
     r = gsp("download")
     assert r.exit_code == 1 and "nothing to download" in r.output
+
+
+def test_evaluate_an_sae_from_the_fit_smoke_test(gsp, tmp_path, monkeypatch):
+    """fit --smoke-test trains on a synthetic store (no model): evaluate measures it there with the
+    store's full attributes (the store used to lack them: KeyError 'dataset')."""
+    monkeypatch.setenv("GSP_CACHE", str(tmp_path / "cache"))
+    r = gsp("fit", "--smoke-test")
+    assert r.exit_code == 0, r.output
+    sae = tmp_path / "cache" / "smoke" / "fit-sae"
+    r = gsp("evaluate", "--sae", sae, "--no-delta-loss", "--reports", tmp_path / "reports")
+    assert r.exit_code == 0, r.output
+    (path,) = (tmp_path / "reports").glob("report_*.json")
+    report = json.loads(path.read_text())
+    store = report["store"]["path"]
+    assert store == str(tmp_path / "cache" / "smoke" / "fit-store") and report["store"]["model"] == "synthetic"
+    assert report["store"]["dataset"]["dataset"] == "synthetic" and report["delta_loss"] is None
+    params = {k: v.numpy() for k, v in load_file(sae / "params.safetensors").items()}
+    want = _numpy_figures(store, params)
+    rec = report["reconstruction"]
+    assert rec["tokens"] == want["tokens"] == 8192 - 8192 // 16  # every row but each context's BOS
+    assert rec["l0"] == pytest.approx(want["l0"], rel=1e-6) and 0 < rec["l0"] < 128
+    assert rec["fvu"] == pytest.approx(want["fvu"], rel=1e-4) and 0 < rec["fvu"] < 2
+    assert rec["dead_features"] == want["dead_features"]
+
+
+def test_an_sae_of_width_zero_is_one_line(gsp, setup, tmp_path):
+    folder = tmp_path / "resid_post" / "layer_1_width_0"
+    folder.mkdir(parents=True)
+    save_file({"w_enc": np.zeros((64, 0), np.float32), "w_dec": np.zeros((0, 64), np.float32),
+               "b_enc": np.zeros(0, np.float32), "b_dec": np.zeros(64, np.float32),
+               "threshold": np.zeros(0, np.float32)}, folder / "params.safetensors")  # fmt: skip
+    hook = "model.layers.1.output"
+    (folder / "config.json").write_text(json.dumps({"architecture": "jump_relu", "hf_hook_point_in": hook,
+                                                    "hf_hook_point_out": hook, "width": 0}))  # fmt: skip
+    r = gsp("evaluate", "--sae", folder, "--store", setup / "store", "--no-delta-loss", "--reports", tmp_path / "r")
+    one_line_error(r, "width 0", "empty", "params.safetensors")
+    assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------ under torchrun: shares of a store
+@pytest.fixture
+def split_store(tmp_path):
+    """A synthetic store of 2048 rows (contexts of 16, BOS first) in spans of 256 rows, and its raw rows."""
+    from pipeline.tiny import write_synthetic_store
+
+    x = np.random.default_rng(11).standard_normal((2048, 8)).astype(np.float32)
+    store = write_synthetic_store(tmp_path / "store", x)
+    assert (store.chunk_rows, store.rows_written) == (256, 2048)
+    raw = x.copy()
+    raw[::16] = 1e4  # BOS rows, as write_synthetic_store marks them
+    return store, raw
+
+
+def _spy_reads(monkeypatch) -> list:
+    """Every ActivationStore.read(start, stop) from now on, in order."""
+    calls = []
+    read = ActivationStore.read
+
+    def spy(self, start, stop):
+        calls.append((start, stop))
+        return read(self, start, stop)
+
+    monkeypatch.setattr(ActivationStore, "read", spy)
+    return calls
+
+
+def _rows(spans) -> set:
+    return {r for start, stop in spans for r in range(start, stop)}
+
+
+@pytest.mark.parametrize("limit", [1500, 10**6])  # stops inside the 7th span; all 1920 ordinary rows
+def test_each_process_reads_only_its_share_of_the_activations(split_store, monkeypatch, limit):
+    store, raw = split_store
+    calls = _spy_reads(monkeypatch)
+    served, reads = {}, {}
+    for part in [(0, 1), (0, 2), (1, 2)]:
+        calls.clear()
+        served[part] = list(store.ordinary_rows(limit, 100, part=part))
+        reads[part] = list(calls)
+    one, r0, r1 = reads[(0, 1)], reads[(0, 2)], reads[(1, 2)]
+    assert one == [(s, min(s + 256, 2048)) for s in range(0, 256 * (7 if limit == 1500 else 8), 256)]
+    assert r0 == one[0::2] and r1 == one[1::2]  # spans 0, 2, 4… and 1, 3, 5…
+    assert not _rows(r0) & _rows(r1) and _rows(r0) | _rows(r1) == _rows(one)
+
+    def rows_and_x(batches):
+        rows = np.concatenate([rows for _, rows in batches])
+        return rows, np.concatenate([x for x, _ in batches])
+
+    rows_one, x_one = rows_and_x(served[(0, 1)])
+    rows_0, x_0 = rows_and_x(served[(0, 2)])
+    rows_1, x_1 = rows_and_x(served[(1, 2)])
+    ordinary = np.flatnonzero(np.arange(2048) % 16 != 0)[:limit]
+    np.testing.assert_array_equal(rows_one, ordinary)  # the first `limit` ordinary rows, in order, BOS left out
+    assert not set(rows_0) & set(rows_1) and set(rows_0) | set(rows_1) == set(rows_one)
+    assert len(rows_0) + len(rows_1) == len(rows_one)  # each row served once
+    np.testing.assert_array_equal(x_one, raw[rows_one])
+    np.testing.assert_array_equal(x_0, raw[rows_0])
+    np.testing.assert_array_equal(x_1, raw[rows_1])
+    assert all(len(x) <= 100 for x, _ in served[(0, 2)] + served[(1, 2)])
+
+
+def test_the_shares_of_two_processes_merge_to_the_one_process_figures(split_store, monkeypatch):
+    """evaluate's reconstruction with world 2: each rank reads only its spans; the gathered sums give
+    world 1's figures. all_gather is replaced by handing rank 1's share to rank 0 here."""
+    from pipeline import dist
+    from pipeline.metrics import reconstruction
+    from pipeline.sae import SAE
+
+    store, _ = split_store
+    sae = SAE(8, 24).init_gemma_scope(torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    whole = reconstruction(sae, store, 1500, 100, dist.Group(0, 1))
+    shares = {}
+
+    def gather(group, obj, pg=None):
+        shares[group.rank] = obj
+        return [shares[r] for r in range(group.world)] if group.rank == 0 else [obj]
+
+    monkeypatch.setattr(dist, "gather", gather)
+    calls = _spy_reads(monkeypatch)
+    reconstruction(sae, store, 1500, 100, dist.Group(1, 2))
+    assert calls == [(256, 512), (768, 1024), (1280, 1536)]
+    calls.clear()
+    merged = reconstruction(sae, store, 1500, 100, dist.Group(0, 2))
+    assert calls == [(0, 256), (512, 768), (1024, 1280), (1536, 1792)]
+    assert merged["tokens"] == whole["tokens"] == 1500 and shares[1].n == 3 * 240
+    for key in ("l0", "fvu", "mse", "cosine", "relative_norm"):
+        assert merged[key] == pytest.approx(whole[key], rel=1e-9), key
+    for key in ("dead_features", "dense_features", "l0_histogram", "frequency_histogram"):
+        assert merged[key] == whole[key], key
+    assert 0 < whole["l0"] < 24 and 0 < whole["fvu"]

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
+from conftest import one_line_error
 from safetensors.torch import load_file
 
 from pipeline.features import HIST_BINS, HIST_LOW, HIST_STEP, TopActivations
@@ -47,7 +48,7 @@ def _reference(store_path, sae_dir):
     x = s.read(0, s.rows_written).astype(np.float64)
     ids = s.read_tokens(0, s.rows_written)
     pre = x @ p["w_enc"] + p["b_enc"]
-    f = pre * (pre > p["threshold"])
+    f = np.maximum(pre, 0) * (pre > p["threshold"])  # Gemma Scope 2's JumpReLU: ReLU(pre)·1[pre > θ]
     f[np.isin(ids, s.special_ids)] = 0  # special rows are not SAE data
     return s, ids, f, p
 
@@ -56,7 +57,7 @@ def _reference(store_path, sae_dir):
 def browser_json(tiny_fit, tmp_path_factory):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from stages.cli import app
 
     out = tmp_path_factory.mktemp("features")
     r = CliRunner().invoke(app, ["features", "--sae", str(tiny_fit / "sae"), "--store", str(tiny_fit / "store"),
@@ -153,7 +154,7 @@ def test_features_on_a_prompt(gsp, tiny_fit, tiny_model):
         h = lm(input_ids=ids, output_hidden_states=True).hidden_states[2][0].double().numpy()  # layers[1] output
     p = {k: v.numpy().astype(np.float64) for k, v in load_file(tiny_fit / "sae" / "params.safetensors").items()}
     pre = h @ p["w_enc"] + p["b_enc"]
-    f = pre * (pre > p["threshold"])
+    f = np.maximum(pre, 0) * (pre > p["threshold"])  # Gemma Scope 2's JumpReLU: ReLU(pre)·1[pre > θ]
     lines = r.output.splitlines()
     last = ids.shape[1] - 1
     row = next(line for line in lines if line.strip("│ ").startswith(f"{last} "))
@@ -178,3 +179,46 @@ def test_window_activations_equal_a_full_encode(tiny_fit, arch):
         full = sae.encode(torch.from_numpy(s.read(0, s.rows_written)))[0].numpy()
     np.testing.assert_allclose(got, full[rows, feats], rtol=1e-5, atol=1e-6)
     assert (got > 0).any() and (got == 0).any()
+
+
+def _gemma_scope_2(folder, d, n, hook="model.layers.1.output"):
+    """A Gemma Scope 2 folder of d_in d and width n (small random weights) reading `hook`."""
+    from safetensors.numpy import save_file
+
+    g = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    params = {
+        "w_enc": g.standard_normal((d, n)),
+        "w_dec": g.standard_normal((n, d)),
+        "b_enc": np.zeros(n),
+        "b_dec": np.zeros(d),
+        "threshold": np.ones(n),
+    }
+    save_file({k: v.astype(np.float32) for k, v in params.items()}, folder / "params.safetensors")
+    (folder / "config.json").write_text(json.dumps({"architecture": "jump_relu", "hf_hook_point_in": hook,
+                                                    "hf_hook_point_out": hook, "width": n}))  # fmt: skip
+    return folder
+
+
+@pytest.mark.parametrize("prompt", ["", "  \n"])
+def test_an_empty_prompt_is_one_line(gsp, tiny_fit, tmp_path, prompt):
+    r = gsp("features", "--sae", tiny_fit / "sae", "--prompt", prompt, "--out", tmp_path / "out")
+    one_line_error(r, "--prompt is empty")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_sae_of_width_zero_is_one_line(gsp, tiny_fit, tmp_path):
+    folder = _gemma_scope_2(tmp_path / "resid_post" / "layer_1_width_0", 64, 0)
+    r = gsp("features", "--sae", folder, "--store", tiny_fit / "store", "--out", tmp_path / "out")
+    one_line_error(r, "width 0", "empty", "params.safetensors")
+    r = gsp("features", "--sae", folder, "--prompt", "alpha beta")
+    one_line_error(r, "width 0", "empty")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_through_an_sae_of_another_width_is_one_line(gsp, tiny_model, tmp_path):
+    """d_in 48 at layer 1's residual stream, whose width is 64: said before any matrix product fails."""
+    folder = _gemma_scope_2(tmp_path / "sae", 48, 8)
+    r = gsp("features", "--sae", folder, "--prompt", "alpha beta", "--model", tiny_model, "--out", tmp_path / "out")
+    one_line_error(r, "d_in 48", "width 64", "layer 1 resid_post")
+    assert not (tmp_path / "out").exists()

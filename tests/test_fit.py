@@ -1,16 +1,25 @@
 """gsp fit: recovers known features, writes Gemma Scope 2's format, resumes exactly, never loads the LM."""
 
+import dataclasses
+import fcntl
+import hashlib
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import gsp_subprocess
-from safetensors.torch import load_file
+from conftest import error_line, gsp_subprocess
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
 
 from pipeline.tiny import write_synthetic_store
-from stages.fit import FitConfig, run_fit
+from stages.fit import FitConfig, fit_or_reuse, run_fit
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +100,18 @@ def test_resume_after_kill_gives_the_same_weights(synthetic, tmp_path, decoder):
     args = ["--decoder", decoder, "--log-every", "5"]
     assert gsp_subprocess(*_fit_args(store, tmp_path / "ref", *args)).returncode == 0
     r = gsp_subprocess(*_fit_args(store, tmp_path / "run", *args), env={"GSP_FAULT": "fit-checkpoint-saved:2"})
-    ckpt = tmp_path / "run" / "checkpoints"
-    assert r.returncode == -9 and json.loads((ckpt / "latest.json").read_text()) == {"folder": "step-40"}
+    ckpt = tmp_path / "run.partial" / "checkpoints"  # training works beside the output, which appears at the end
+    assert r.returncode == -9 and json.loads((ckpt / "latest.json").read_text())["folder"] == "step-40"
     assert json.loads((ckpt / "step-40" / "state.json").read_text())["step"] == 40
     assert not (ckpt / "step-20").exists()  # the older checkpoint is gone once the newer is in place
+    assert not (tmp_path / "run").exists()
     r = gsp_subprocess(*_fit_args(store, tmp_path / "run", *args, "--resume"))
     assert r.returncode == 0, r.stderr
     a, b = load_file(tmp_path / "ref" / "params.safetensors"), load_file(tmp_path / "run" / "params.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    assert not ckpt.exists()
+    assert not (tmp_path / "run.partial").exists() and sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json", "params.safetensors"]  # fmt: skip
 
 
 def test_fit_never_imports_the_language_model(tmp_path):
@@ -135,11 +146,13 @@ def test_existing_output_and_mismatched_resume(gsp, synthetic, tmp_path):
     r = gsp(*base)
     assert r.exit_code == 1 and "already holds an SAE" in r.output
     r = gsp(*base, "--resume")
+    assert r.exit_code == 1 and "already holds an SAE" in r.output  # a finished SAE has nothing to resume
+    r = gsp(*base[:4], tmp_path / "fresh", *base[5:], "--resume")
     assert r.exit_code == 1 and "no checkpoint" in r.output
     killed = _fit_args(store, tmp_path / "k")
     assert gsp_subprocess(*killed, env={"GSP_FAULT": "fit-checkpoint-saved:1"}).returncode == -9
     r = gsp(*killed, "--resume", "--lr", "1e-3")
-    assert r.exit_code == 1 and "lr: checkpoint has 0.00175, asked 0.001" in r.output
+    assert r.exit_code == 1 and "lr: checkpoint has the default, asked 0.001" in r.output
 
 
 def test_schedule_warmups_and_decay():
@@ -164,4 +177,306 @@ def test_corrupt_chunk_stops_fit_with_its_name(gsp, tmp_path):
     shard.write_bytes(bytes(data))
     r = gsp("fit", "--store", store, "--out", tmp_path / "o", "--steps", 50, "--width", 32, "--batch-size", 256)
     assert r.exit_code == 1 and "crc32c" in r.output and "activations/c/" in r.output
-    assert "Traceback" not in r.output and not (tmp_path / "o" / "params.safetensors").exists()
+    assert "Traceback" not in r.output and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ crash safety and clear failures
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under a folder, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _assert_same_params(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b) == ["b_dec", "b_enc", "threshold", "w_dec", "w_enc"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit
+
+
+def _gsp_in(cwd: Path, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m stages ARGS...` run from `cwd` (relative paths are relative to it)."""
+    return subprocess.run([sys.executable, "-m", "stages", *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic, tmp_path_factory):
+    """`uninterrupted(*extra)`: the params of an uninterrupted `_fit_args(store, out, *extra)` fit (fitted once)."""
+    from stages.cli import app
+
+    store, _ = synthetic
+    root = tmp_path_factory.mktemp("uninterrupted")
+    done = {}
+
+    def params(*extra: str) -> dict:
+        if extra not in done:
+            out = root / f"sae{len(done)}"
+            r = CliRunner().invoke(app, [str(a) for a in _fit_args(store, out, *extra)], catch_exceptions=False)
+            assert r.exit_code == 0, r.output
+            done[extra] = load_file(out / "params.safetensors")
+        return done[extra]
+
+    return params
+
+
+def test_kill_between_params_and_config_leaves_no_output_and_fit_or_reuse_finishes(synthetic, tmp_path, uninterrupted):
+    store, _ = synthetic
+    out, work = tmp_path / "sae", tmp_path / "sae.partial"
+    r = gsp_subprocess(*_fit_args(store, out), env={"GSP_FAULT": "sae-params-written:1"})
+    assert r.returncode == -9, r.stderr
+    assert not out.exists()  # a folder with params but no config.json is never at the output
+    assert (work / "params.safetensors").is_file() and not (work / "config.json").exists()
+    cfg = FitConfig(store=str(store), out=str(out), width=64, steps=60, batch_size=128, checkpoint_every=20,
+                    target_l0=4.0)  # the settings of _fit_args  # fmt: skip
+    assert fit_or_reuse(cfg) == out  # resumes from the checkpoint at step 40, which is still there
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "params.safetensors"] and not work.exists()
+    _assert_same_params(uninterrupted(), load_file(out / "params.safetensors"))
+
+
+def test_kill_after_the_sae_is_written_is_finished_by_the_same_command(gsp, synthetic, tmp_path, uninterrupted):
+    store, _ = synthetic
+    out, work = tmp_path / "sae", tmp_path / "sae.partial"
+    r = gsp_subprocess(*_fit_args(store, out), env={"GSP_FAULT": "fit-saved:1"})
+    assert r.returncode == -9, r.stderr
+    assert not out.exists() and sorted(p.name for p in work.iterdir()) == ["config.json", "params.safetensors"]
+    written = (work / "params.safetensors").read_bytes()
+    r = gsp(*_fit_args(store, out))  # the same command, no --resume: nothing is left to train
+    assert r.exit_code == 0 and "finished saving" in r.output, r.output
+    assert (out / "params.safetensors").read_bytes() == written and not work.exists()
+    _assert_same_params(uninterrupted(), load_file(out / "params.safetensors"))
+
+
+def test_default_lr_follows_the_architecture():
+    from stages.fit import _schedule
+
+    jumprelu = FitConfig(store="s")
+    topk = dataclasses.replace(jumprelu, arch="topk")  # lr is resolved where used, not frozen at construction
+    assert jumprelu.lr is None and topk.lr is None
+    assert jumprelu.learning_rate == 1.75e-3 and topk.learning_rate == 1e-3
+    assert _schedule(dataclasses.replace(topk, steps=100), 50)[0] == 1e-3  # past warm-up, before decay
+    assert dataclasses.replace(topk, lr=5e-4).learning_rate == 5e-4
+
+
+def test_importing_the_sae_installs_no_warning_filters():
+    code = (
+        "import warnings, json, numpy, torch, safetensors.torch\n"  # third-party imports may add their own
+        "before = list(warnings.filters)\n"
+        "import pipeline.sae\n"
+        "print(json.dumps([len(before), len(warnings.filters)]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    before, after = json.loads(r.stdout.strip().splitlines()[-1])
+    assert before > 0 and after == before
+
+
+def test_resume_with_absolute_paths_after_relative_ones(gsp, synthetic, tmp_path, uninterrupted):
+    store, _ = synthetic
+    rel_store = os.path.relpath(store, tmp_path)
+    r = _gsp_in(tmp_path, *_fit_args(rel_store, "sae"), env={"GSP_FAULT": "fit-checkpoint-saved:2"})
+    assert r.returncode == -9, r.stderr
+    ckpt = tmp_path / "sae.partial" / "checkpoints"
+    # the checkpoint names the store by its absolute path, which means the same folder from any directory
+    assert json.loads((ckpt / "step-40" / "state.json").read_text())["config"]["store"] == str(store.resolve())
+    r = gsp(*_fit_args(store.resolve(), (tmp_path / "sae").resolve(), "--resume"))  # run from the repo's folder
+    assert r.exit_code == 0, r.output
+    _assert_same_params(uninterrupted(), load_file(tmp_path / "sae" / "params.safetensors"))
+    assert json.loads((tmp_path / "sae" / "config.json").read_text())["store"] == str(store.resolve())
+
+
+@pytest.mark.parametrize("where", ["--out", "default"])
+def test_smoke_test_never_replaces_a_users_folder(gsp, tmp_path, monkeypatch, where):
+    monkeypatch.setenv("GSP_CACHE", str(tmp_path / "cache"))
+    mine = tmp_path / "mine" if where == "--out" else tmp_path / "cache" / "smoke" / "fit-sae"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("a user's notes\n")
+    before = _snapshot(mine)
+    r = gsp("fit", "--smoke-test", *(["--out", mine] if where == "--out" else []))
+    line = error_line(r.output)
+    assert r.exit_code == 1 and str(mine) in line
+    assert ("is not a gsp SAE folder" if where == "--out" else "holds files gsp did not write") in line
+    assert _snapshot(mine) == before and not mine.with_name(mine.name + ".partial").exists()
+
+
+def test_fit_refuses_a_folder_that_is_not_a_gsp_sae(gsp, synthetic, tmp_path):
+    store, _ = synthetic
+    model = tmp_path / "model"  # a model's folder, say: a config.json that is not an SAE's, and weights
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "hidden_size": 640}))
+    (model / "model.safetensors").write_bytes(bytes(range(256)))
+    (model / "tokenizer.json").write_text("{}")
+    before = _snapshot(model)
+    r = gsp(*_fit_args(store, model))
+    line = error_line(r.output)
+    assert r.exit_code == 1 and "is not a gsp SAE folder" in line and str(model) in line
+    assert "steps · ETA" not in r.output  # stopped before training: no progress display
+    assert _snapshot(model) == before and not (tmp_path / "model.partial").exists()
+
+
+def test_a_second_fit_on_one_output_is_refused(gsp, synthetic, tmp_path):
+    store, _ = synthetic
+    out = tmp_path / "sae"
+    args = _fit_args(store, out, "--width", "32", "--steps", "20", "--batch-size", "64")
+    fd = os.open(tmp_path / "sae.lock", os.O_CREAT | os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running `gsp fit --out sae` holds it
+    try:
+        r = gsp(*args)
+    finally:
+        os.close(fd)
+    line = error_line(r.output)
+    assert r.exit_code == 1 and "another gsp fit is writing" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae.lock"]
+    assert gsp(*args).exit_code == 0 and (out / "config.json").is_file()  # once the other fit is done, it runs
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_a_diverging_loss_stops_the_fit_naming_the_step(gsp, synthetic, tmp_path, arch):
+    store, _ = synthetic
+    out = tmp_path / "sae"
+    r = gsp("fit", "--store", store, "--out", out, "--arch", arch, "--k", 4, "--width", 32, "--steps", 40,
+            "--batch-size", 64, "--lr", "1e30", "--log-every", 20)  # fmt: skip
+    line = error_line(r.output)
+    # step 1's loss is on the initial weights (finite); Adam's first update moves every weight by about
+    # lr·(warm-up share) ≈ 1e29, so step 2's reconstruction overflows float32. The loss is only read
+    # at step 20 (the first log step): the message must name step 2, not the step it was noticed at.
+    assert r.exit_code == 1 and re.search(r"NaN or infinite at step (\d+) ", line).group(1) == "2", line
+    assert not out.exists() and not (tmp_path / "sae.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr-warmup-steps", "-1"], "--lr-warmup-steps must not be negative, got -1"),
+        (["--lr-decay-steps", "-5"], "--lr-decay-steps must not be negative, got -5"),
+        (["--sparsity-warmup-steps", "-2"], "--sparsity-warmup-steps must not be negative, got -2"),
+        (["--steps", "0"], "--steps must be positive, got 0"),
+        (["--steps", "-1"], "--steps must be positive, got -1"),
+        (["--target-l0", "100"], "--target-l0 must be above 0 and at most --width 32, got 100"),
+    ],
+)
+def test_bad_steps_and_schedules_are_one_clear_line(gsp, synthetic, tmp_path, args, message):
+    store, _ = synthetic
+    base = ["--width", 32, "--batch-size", 64, "--tokens", 1280]  # 20 steps where --steps is not set
+    r = gsp("fit", "--store", store, "--out", tmp_path / "o", *base, *args)
+    assert r.exit_code == 1 and message in error_line(r.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def killed_at_step_20(synthetic, tmp_path_factory) -> Path:
+    """The work folder of a `_fit_args` fit killed just after its checkpoint at step 20."""
+    store, _ = synthetic
+    root = tmp_path_factory.mktemp("killed")
+    r = gsp_subprocess(*_fit_args(store, root / "sae"), env={"GSP_FAULT": "fit-checkpoint-saved:1"})
+    assert r.returncode == -9, r.stderr
+    return root / "sae.partial"
+
+
+def _flip_a_bit(ckpt: Path) -> str:
+    data = bytearray((ckpt / "step-20" / "state.safetensors").read_bytes())
+    data[len(data) // 2] ^= 0x10
+    (ckpt / "step-20" / "state.safetensors").write_bytes(bytes(data))
+    return "state.safetensors does not match its checksum"
+
+
+def _corrupt_latest(ckpt: Path) -> str:
+    (ckpt / "latest.json").write_text('{"folder": "step-2')
+    return "JSONDecodeError"
+
+
+def _truncate_state(ckpt: Path) -> str:
+    path = ckpt / "step-20" / "state.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return "state.safetensors does not match its checksum"
+
+
+def _drop_since_fired(ckpt: Path) -> str:
+    """A checkpoint whose checksums all hold but that lacks the dead-latent counters."""
+    folder = ckpt / "step-20"
+    tensors = load_file(folder / "state.safetensors")
+    del tensors["since_fired"]
+    save_file(tensors, folder / "state.safetensors")
+    state = json.loads((folder / "state.json").read_text())
+    state["state_sha256"] = hashlib.sha256((folder / "state.safetensors").read_bytes()).hexdigest()
+    text = json.dumps(state, indent=1)
+    (folder / "state.json").write_text(text)
+    latest = {"folder": "step-20", "json_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    (ckpt / "latest.json").write_text(json.dumps(latest))
+    return "since_fired"
+
+
+@pytest.mark.parametrize("damage", [_flip_a_bit, _corrupt_latest, _truncate_state, _drop_since_fired])
+def test_a_damaged_checkpoint_is_one_clear_line(gsp, synthetic, tmp_path, killed_at_step_20, damage):
+    store, _ = synthetic
+    work = tmp_path / "sae.partial"
+    shutil.copytree(killed_at_step_20, work)
+    why = damage(work / "checkpoints")
+    before = _snapshot(work)
+    r = gsp(*_fit_args(store, tmp_path / "sae", "--resume"))
+    line = error_line(r.output)
+    assert r.exit_code == 1 and re.search(r"the checkpoint in \S+ is damaged", line) and why in line, line
+    assert "cannot be resumed" in line
+    assert not (tmp_path / "sae").exists() and _snapshot(work) == before
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_one_before(gsp, synthetic, small_disk, uninterrupted):
+    store, _ = synthetic
+    disk = small_disk(100)  # one checkpoint (~60 KiB) fits; a second beside it (before the first goes) does not
+    out = disk.path / "sae"
+    r = gsp(*_fit_args(store, out))
+    line = error_line(r.output)
+    assert r.exit_code == 1 and "disk full" in line and "checkpoint at step 40" in line, line
+    assert "--resume" in line and "continues from step 20" in line, line
+    ckpt = disk.path / "sae.partial" / "checkpoints"
+    assert not out.exists() and sorted(p.name for p in ckpt.iterdir()) == ["latest.json", "step-20"]
+    disk.resize(4096)  # the user frees some space
+    r = gsp(*_fit_args(store, out, "--resume"))
+    assert r.exit_code == 0, r.output
+    _assert_same_params(uninterrupted(), load_file(out / "params.safetensors"))
+
+
+def test_disk_full_while_saving_the_sae_publishes_nothing(gsp, synthetic, small_disk, uninterrupted):
+    store, _ = synthetic
+    disk = small_disk(72)  # the checkpoint at step 20 (~60 KiB) fits; the SAE's files (~20 KiB) beside it do not
+    out = disk.path / "sae"
+    args = _fit_args(store, out, "--steps", "40")
+    r = gsp(*args)
+    line = error_line(r.output)
+    assert r.exit_code == 1 and "disk full while saving the SAE" in line and "continues from step 20" in line, line
+    assert not out.exists()
+    disk.resize(4096)
+    r = gsp(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    _assert_same_params(uninterrupted("--steps", "40"), load_file(out / "params.safetensors"))
+
+
+def _edit_attrs(store: Path, edit) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    edit(meta["attributes"])
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [(lambda a: a.pop("stats"), "stats"), (lambda a: a.update(rows_written=str(a["rows_written"])), "rows_written")],
+    ids=["no-stats", "rows_written-a-string"],
+)
+def test_damaged_store_attributes_are_one_clear_line(gsp, synthetic, tmp_path, edit, key):
+    store = tmp_path / "store"
+    shutil.copytree(synthetic[0], store)  # never damage the shared store
+    _edit_attrs(store, edit)
+    r = gsp(*_fit_args(store, tmp_path / "sae"))
+    line = error_line(r.output)
+    assert r.exit_code == 1 and f"damaged attribute '{key}'" in line and "zarr.json" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+@pytest.mark.parametrize("shard", ["activations/c/1/0", "token_ids/c/3"])
+def test_an_empty_shard_file_stops_fit_with_its_name(gsp, synthetic, tmp_path, shard):
+    store = tmp_path / "store"
+    shutil.copytree(synthetic[0], store)
+    assert (store / shard).stat().st_size > 0
+    (store / shard).write_bytes(b"")
+    r = gsp(*_fit_args(store, tmp_path / "sae"))
+    line = error_line(r.output)
+    assert r.exit_code == 1 and f"shard file {shard} " in line and "is empty (0 bytes)" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]

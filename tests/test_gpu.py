@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_harvest_args
-from test_harvest import direct_site
+from conftest import direct_site, tiny_harvest_args
 from transformers import AutoModelForCausalLM
 
 from pipeline.store import ActivationStore
@@ -18,7 +17,7 @@ def test_cuda_harvest_matches_direct_cuda_forward(gsp, tiny_model, corpus, tmp_p
     r = gsp(*tiny_harvest_args(tiny_model, corpus, store, site=site, device="cuda", workers=workers))
     assert r.exit_code == 0, r.output
     s = ActivationStore.open(store)
-    assert s.attrs["compute"] == {"device": "cuda", "dtype": "bfloat16"}
+    assert s.meta.compute.to_json() == {"device": "cuda", "dtype": "bfloat16"}
     ids = s.read_tokens(0, s.rows_written).reshape(-1, 32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).cuda().eval()
     ref = direct_site(model, torch.from_numpy(ids).cuda(), 1, site).float().cpu().numpy().reshape(s.rows_written, -1)

@@ -1,34 +1,17 @@
-"""gsp harvest on a tiny random Gemma 3: exact activations, early stop, resume after kills, errors."""
+"""gsp harvest (stages/harvest.py) on a tiny random Gemma 3: exact activations, resume after kills and a
+full disk, what a rerun keeps or refuses, and clear errors. The corpus, the hooks and the workers have
+their own test files."""
 
-import collections
 import json
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import gsp_subprocess, tiny_harvest_args
+from conftest import direct_site, gsp_subprocess, tiny_harvest_args
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.corpus import Cursor, documents, pack, pack_shared
-from pipeline.hooks import activations
 from pipeline.store import ActivationStore
-
-
-def direct_site(model, ids, layer, site):
-    """Independent reference: a full forward pass (LM head included) with a hook written here."""
-    block = model.model.layers[layer]
-    got = {}
-    if site == "resid_post":
-        h = block.register_forward_hook(lambda m, a, o: got.setdefault("x", o[0] if isinstance(o, tuple) else o))
-    elif site == "mlp_out":
-        h = block.post_feedforward_layernorm.register_forward_hook(lambda m, a, o: got.setdefault("x", o))
-    else:
-        h = block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
-    with torch.no_grad():
-        model(input_ids=torch.as_tensor(ids))
-    h.remove()
-    return got["x"]
 
 
 def _arrays(path):
@@ -66,116 +49,7 @@ def test_bfloat16_store_is_torch_rounding_of_forward(gsp, tiny_model, corpus, tm
     got = s.read(0, s.rows_written)
     # within one bfloat16 ulp of torch's rounding of the float32 reference (matmul order may differ)
     np.testing.assert_allclose(got, ref.to(torch.bfloat16).float().numpy(), rtol=2**-7, atol=1e-6)
-    assert s.activations.dtype == np.uint16 and s.attrs["dtype"] == "bfloat16"
-
-
-def test_early_stop_skips_later_layers_and_head(tiny_model):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    fired = []
-    later = [*model.model.layers[2:], model.model.norm, model.lm_head]
-    handles = [m.register_forward_hook(lambda m, a, o, i=i: fired.append(i)) for i, m in enumerate(later)]
-    ran = []
-    handles.append(model.model.layers[1].register_forward_hook(lambda m, a, o: ran.append(1)))
-    for site in ("resid_post", "mlp_out", "attn_out"):
-        activations(model, torch.full((2, 8), 5), 1, site)
-    assert fired == [] and len(ran) == 1  # block 1 completes only for resid_post (its own output)
-    for h in handles:
-        h.remove()
-
-
-def test_packing_by_hand():
-    class Tok:
-        bos_token_id, eos_token_id = 2, 1
-
-        def __call__(self, texts, add_special_tokens):
-            return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
-
-    docs = [(0, "10 11 12"), (1, "20 21"), (3, "30 31 32 33 34 35")]
-    out = list(pack(iter(docs), Tok(), 4))
-    # stream: 10 11 12 EOS 20 21 EOS 30 31 32 33 34 35 EOS
-    assert [c.tolist() for c, _ in out] == [[2, 10, 11, 12], [2, 1, 20, 21], [2, 1, 30, 31], [2, 32, 33, 34]]
-    assert [cur for _, cur in out] == [Cursor(0, 3), Cursor(1, 2), Cursor(3, 2), Cursor(3, 5)]
-    # starting from a cursor continues exactly where the earlier run stopped
-    resumed = list(pack(iter(docs[2:]), Tok(), 4, start=Cursor(3, 2)))
-    assert [c.tolist() for c, _ in resumed] == [[2, 32, 33, 34]]
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_shared_tokenizing_packs_what_one_process_packs(world):
-    """Processes (threads here) that share the tokenizing each get exactly their contexts of pack()'s
-    stream, and each tokenizes about 2/world of the documents, not all of them."""
-    import threading
-
-    rng = np.random.default_rng(world)
-    docs = [(i, " ".join(str(w) for w in rng.integers(10, 99, rng.integers(1, 40)))) for i in range(0, 600, 2)]
-    counted = collections.Counter()
-
-    class Tok:
-        bos_token_id, eos_token_id = 2, 1
-
-        def __call__(self, texts, add_special_tokens):
-            counted[threading.current_thread().name] += len(texts)
-            return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
-
-    C, S, limit = 8, 5, 700  # contexts of 8, "shards" of 5 contexts, 700 contexts (the corpus has ~780)
-    whole = list(pack(iter(docs), Tok(), C))
-    assert len(whole) > limit
-    slots, barrier = [None] * world, threading.Barrier(world)
-
-    def gather(rank, obj):
-        slots[rank] = obj
-        barrier.wait()
-        out = list(slots)
-        barrier.wait()
-        return out
-
-    got = {}
-
-    def run(rank):
-        wanted = lambda k: (k // S) % world == rank and k % 3 != 1  # noqa: E731  (any predicate works)
-        got[rank] = list(pack_shared(iter(docs), Tok(), C, rank=rank, world=world, wanted=wanted, limit=limit,
-                                     gather=lambda obj: gather(rank, obj), block=16))  # fmt: skip
-
-    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for rank in range(world):
-        want = [k for k in range(limit) if (k // S) % world == rank and k % 3 != 1]
-        assert [k for k, _, _ in got[rank]] == want
-        for k, ids, cursor in got[rank]:
-            assert ids.tolist() == whole[k][0].tolist() and cursor == whole[k][1]
-    # which documents each process had to tokenize, from the stream positions (token counts + EOS)
-    lengths = np.array([len(t.split()) + 1 for _, t in docs])
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    last_doc = int(np.searchsorted(starts + lengths, limit * (C - 1), side="left"))  # completes context limit-1
-    blocks_read = (last_doc // 16 + 1) * 16
-    for rank in range(world):
-        need = {j for j in range(min(blocks_read, len(docs))) if (j % 16) % world == rank}
-        for j in range(min(blocks_read, len(docs))):
-            first, last = starts[j] // (C - 1), (starts[j] + lengths[j] - 1) // (C - 1)
-            if any((k // S) % world == rank and k % 3 != 1 for k in range(first, min(last, limit - 1) + 1)):
-                need.add(j)
-        assert counted[f"rank{rank}"] == len(need)
-        assert len(need) < (2 / world if world > 1 else 1) * len(docs)
-
-
-def test_heldout_documents_are_disjoint_and_complete(corpus):
-    train = dict(documents(str(corpus), part="train", heldout_fraction=0.2))
-    held = dict(documents(str(corpus), part="heldout", heldout_fraction=0.2))
-    every = [t for t in corpus.read_text().split("\n\n") if t.strip()]
-    assert held and not set(train.values()) & set(held.values())
-    assert sorted([*train.values(), *held.values()]) == sorted(t.strip() for t in every)
-    assert 0.1 < len(held) / len(every) < 0.3
-
-
-def test_seed_changes_order_reproducibly(corpus):
-    a = [i for i, _ in documents(str(corpus), seed=1)]
-    b = [i for i, _ in documents(str(corpus), seed=1)]
-    texts_1 = [t for _, t in documents(str(corpus), seed=1)]
-    texts_2 = [t for _, t in documents(str(corpus), seed=2)]
-    assert a == b and texts_1 != texts_2 and sorted(texts_1) == sorted(texts_2)
+    assert s.activations.dtype == np.uint16 and s.meta.dtype == "bfloat16"
 
 
 def _assert_same_store(a, b):
@@ -209,30 +83,20 @@ def test_sigkill_and_resume_gives_identical_store(tiny_model, corpus, tmp_path, 
     _assert_same_store(ref, killed)
 
 
-def test_disk_full_stops_cleanly_and_resumes(gsp, tiny_model, corpus, tmp_path, monkeypatch):
-    import errno
-
-    import zarr.storage._local as local
-
-    ref, full = tmp_path / "ref", tmp_path / "full"
+def test_disk_full_stops_cleanly_and_resumes(gsp, tiny_model, corpus, tmp_path, small_disk):
+    """A real full disk (a small tmpfs): one line, whole shards claimed only, and after space is freed
+    the same command finishes the store an uninterrupted run writes."""
+    ref = tmp_path / "ref"
     assert gsp(*tiny_harvest_args(tiny_model, corpus, ref)).exit_code == 0
-    real_put = local._put
-
-    def put(path, value, exclusive=False):
-        parts = path.parts
-        if "c" in parts and parts[parts.index("c") + 1] == "2":  # the third shard's files
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path.with_suffix(".partial"), "wb") as f:
-                f.write(b"x" * 10)  # a half-written temporary file, as a full disk leaves it
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_put(path, value, exclusive)
-
-    monkeypatch.setattr(local, "_put", put)
+    disk = small_disk(160)  # room for about two of the four 64 KiB shards
+    full = disk.path / "s"
     r = gsp(*tiny_harvest_args(tiny_model, corpus, full))
-    assert r.exit_code == 1 and "disk full" in r.output and "Traceback" not in r.output
-    assert ActivationStore.open(full).rows_written == 2 * 256
-    monkeypatch.setattr(local, "_put", real_put)
-    assert gsp(*tiny_harvest_args(tiny_model, corpus, full)).exit_code == 0
+    assert r.exit_code == 1 and "disk full" in r.output and "Traceback" not in r.output, r.output
+    claimed = ActivationStore.open(full).rows_written
+    assert 0 < claimed < 1024 and claimed % 256 == 0
+    disk.resize(4096)
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, full))
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
     _assert_same_store(ref, full)
 
 
@@ -246,7 +110,7 @@ def test_rerun_and_parameter_mismatch(gsp, tiny_model, corpus, tmp_path):
     assert r.exit_code == 1 and "layer: store has 1, asked 3" in r.output and "seed" in r.output
     assert (store / "zarr.json").read_text() == before, "a refused run changes nothing"
     r = gsp(*tiny_harvest_args(tiny_model, corpus, store, layer=3), "--overwrite")
-    assert r.exit_code == 0 and ActivationStore.open(store).attrs["layer"] == 3
+    assert r.exit_code == 0 and ActivationStore.open(store).meta.layer == 3
 
 
 @pytest.mark.parametrize(
@@ -294,30 +158,18 @@ def test_store_path_that_is_not_a_store(gsp, tiny_model, corpus, tmp_path):
     assert (folder / "thesis.tex").read_text() == "keep me" and a_file.read_text() == "keep me"
 
 
-def test_llama_blocks_serve_resid_post_and_mlp_out(gsp, corpus, tmp_path):
+def test_a_llama_model_harvests_like_gemma(gsp, corpus, tmp_path):
+    """The same harvest serves Llama (its hooks are checked against a direct forward in test_hooks.py)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.tiny import make_tokenizer
 
     tok = make_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        bos_token_id=2,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, bos_token_id=2, eos_token_id=1,
+                      pad_token_id=0)  # fmt: skip
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
     tok.save_pretrained(tmp_path / "llama")
-    # the same hook code serves Llama's resid_post
-    r = gsp(*tiny_harvest_args(tmp_path / "llama", corpus, tmp_path / "s2", **{"shard-mib": 1}))
-    assert r.exit_code == 0, r.output
-    assert ActivationStore.open(tmp_path / "s2").d_in == 32
-    # Llama has no post_feedforward_layernorm: its mlp_out is the MLP's own output (what the block adds)
     r = gsp(*tiny_harvest_args(tmp_path / "llama", corpus, tmp_path / "s", site="mlp_out", **{"shard-mib": 1}))
     assert r.exit_code == 0, r.output
     s = ActivationStore.open(tmp_path / "s")
@@ -327,6 +179,7 @@ def test_llama_blocks_serve_resid_post_and_mlp_out(gsp, corpus, tmp_path):
     model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: seen.setdefault("mlp", out))
     with torch.no_grad():
         model(input_ids=ids)
+    assert s.d_in == 32 and s.meta.hook_point == "model.layers.1.post_feedforward_layernorm.output"
     np.testing.assert_allclose(s.read(0, 64), seen["mlp"].reshape(64, 32).numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -353,10 +206,10 @@ def test_config_file_precedence(gsp, tiny_model, corpus, tmp_path):
     args = [a for i, a in enumerate(args) if a not in drop and args[i - 1] not in drop]
     r = gsp(*args, "--config", cfg)
     assert r.exit_code == 0, r.output
-    attrs = ActivationStore.open(tmp_path / "s").attrs
-    assert attrs["layer"] == 3 and attrs["context_size"] == 16  # from the file (flat alias, then section)
+    meta = ActivationStore.open(tmp_path / "s").meta
+    assert meta.layer == 3 and meta.context_size == 16  # from the file (flat alias, then section)
     r = gsp(*args, "--config", cfg, "--layer", "0", "--overwrite")
-    assert ActivationStore.open(tmp_path / "s").attrs["layer"] == 0  # the flag wins
+    assert ActivationStore.open(tmp_path / "s").meta.layer == 0  # the flag wins
     cfg.write_text("layr: 3\n")
     r = gsp(*args, "--config", cfg)
     assert r.exit_code == 1 and "unknown key 'layr'" in r.output
@@ -380,29 +233,6 @@ def test_tokenizer_round_trip_of_stored_ids(tiny_model, corpus, gsp, tmp_path):
     assert text.split()[2] in corpus.read_text()
 
 
-def test_multimodal_gemma3_blocks_are_found():
-    """Gemma 3 4B and larger load as Gemma3ForConditionalGeneration; the same hooks must find the blocks."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
-
-    text = Gemma3TextConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-    )  # fmt: skip
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
-    )
-    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision)).eval()
-    ids = torch.full((1, 6), 7)
-    got = activations(model, ids, 1, "resid_post")
-    ref = direct_site_multimodal(model, ids, 1)
-    torch.testing.assert_close(got, ref)
-
-
-def direct_site_multimodal(model, ids, layer):
-    with torch.no_grad():
-        return model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
-
-
 def test_token_is_never_written(gsp, tiny_model, corpus, tmp_path, monkeypatch):
     secret = "hf_SECRETtoken123456"
     monkeypatch.setenv("HF_TOKEN", "hf_ENVtoken987654")
@@ -411,23 +241,7 @@ def test_token_is_never_written(gsp, tiny_model, corpus, tmp_path, monkeypatch):
     assert r.exit_code == 0
     written = "".join(p.read_text(errors="replace") for p in store.rglob("zarr.json")) + r.output
     assert secret not in written and "hf_ENVtoken987654" not in written
-    assert "token" not in ActivationStore.open(store).attrs["spec"]
-
-
-def test_process_workers_write_the_same_store(gsp, tiny_model, corpus, tmp_path):
-    """The reader and writers in their own processes (the CUDA default) give the threads' store."""
-    threads, procs = tmp_path / "threads", tmp_path / "procs"
-    assert gsp(*tiny_harvest_args(tiny_model, corpus, threads, workers="threads")).exit_code == 0
-    r = gsp(*tiny_harvest_args(tiny_model, corpus, procs, workers="processes"))
-    assert r.exit_code == 0, r.output
-    _assert_same_store(threads, procs)
-
-
-def test_process_reader_reports_corpus_errors(gsp, tiny_model, tmp_path):
-    jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"body": f"text {i} " * 20}) for i in range(20)))
-    r = gsp(*tiny_harvest_args(tiny_model, jsonl, tmp_path / "s", workers="processes"))
-    assert r.exit_code == 1 and "no column 'text'" in r.output and "Traceback" not in r.output
+    assert "token" not in ActivationStore.open(store).meta.spec
 
 
 def test_hub_id_loads_through_the_hub_cache(tiny_model, corpus, tmp_path):
@@ -443,17 +257,19 @@ def test_hub_id_loads_through_the_hub_cache(tiny_model, corpus, tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     r = gsp_subprocess(*tiny_harvest_args("gsp-test/tiny-gemma3", corpus, tmp_path / "s"), env=env)
     assert r.returncode == 0, r.stderr
-    attrs = ActivationStore.open(tmp_path / "s").attrs
-    assert attrs["model"]["name"] == "gsp-test/tiny-gemma3" and attrs["model"]["revision"] == commit
+    meta = ActivationStore.open(tmp_path / "s").meta
+    assert meta.model.name == "gsp-test/tiny-gemma3" and meta.model.revision == commit
     r = gsp_subprocess(*tiny_harvest_args("gsp-test/missing-model", corpus, tmp_path / "s2"), env=env)
     assert r.returncode == 1 and "could not load model 'gsp-test/missing-model'" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_corpus_running_out_keeps_what_there_was(gsp, tiny_model, tmp_path):
+    """A store planned for 10^12 tokens (about 4·10^9 shards) over a 30-document corpus: its end costs
+    no more than any other harvest's (no walk over the planned shards, none listed)."""
     small = tmp_path / "small.txt"
     small.write_text("\n\n".join(f"Document {i} has a few words in it." for i in range(30)))
-    r = gsp(*tiny_harvest_args(tiny_model, small, tmp_path / "s", tokens=100_000))
+    r = gsp(*tiny_harvest_args(tiny_model, small, tmp_path / "s", tokens=10**12))
     assert r.exit_code == 0 and "corpus ran out" in r.output
     s = ActivationStore.open(tmp_path / "s")
     assert s.complete and 0 < s.rows_written < 100_000
@@ -474,3 +290,39 @@ def test_two_harvests_never_write_one_store(gsp, tiny_model, corpus, tmp_path):
         assert not store.exists()
     finally:
         os.close(fd)
+
+
+def test_an_empty_corpus_is_an_error_and_leaves_no_store(gsp, tiny_model, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n\n")
+    r = gsp(*tiny_harvest_args(tiny_model, empty, tmp_path / "s"))
+    assert r.exit_code == 1 and "the corpus gave no text" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
+    held = tmp_path / "one.txt"  # documents exist, but none falls in the held-out part
+    held.write_text("A single short document.")
+    r = gsp(*tiny_harvest_args(tiny_model, held, tmp_path / "h"), "--part", "heldout", "--heldout-fraction", "0.001")
+    assert r.exit_code == 1 and "part heldout" in r.output
+
+
+def test_the_smoke_test_never_replaces_a_store(gsp, tiny_model, corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("GSP_CACHE", str(tmp_path / "cache"))
+    store = tmp_path / "real"
+    assert gsp(*tiny_harvest_args(tiny_model, corpus, store)).exit_code == 0
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    r = gsp("harvest", "--smoke-test", "--store", store)
+    assert r.exit_code == 1 and "other parameters" in r.output
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    r = gsp("harvest", "--smoke-test", "--store", folder)
+    assert r.exit_code == 1 and "not a gsp store" in r.output and (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_an_empty_shard_file_fails_info_and_verify(gsp, tiny_model, corpus, tmp_path):
+    store = tmp_path / "s"
+    assert gsp(*tiny_harvest_args(tiny_model, corpus, store)).exit_code == 0
+    (store / "activations" / "c" / "1" / "0").write_bytes(b"")  # zarr alone would read zeros here
+    for args in (("info", store), ("info", store, "--verify")):
+        r = gsp(*args)
+        assert r.exit_code == 1 and "activations/c/1/0" in r.output and "empty" in r.output, r.output

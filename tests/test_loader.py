@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 from pipeline.loader import LoaderState, ShuffledLoader
-from pipeline.store import ActivationStore, Layout, RowSums
+from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter
+from pipeline.tiny import synthetic_meta
 
 C, D, N_CTX = 16, 4, 64  # 1,024 rows; chunks of 4 contexts (64 rows), shards of 16 contexts
 
@@ -21,17 +23,14 @@ def store(tmp_path):
 
 def _make(tmp_path, complete: bool, shards: int = 4):
     lay = Layout.plan(C, D, 4, chunk_rows=64, shard_mib=16 * C * D * 4 / 2**20)
-    s = ActivationStore.create(
-        tmp_path / "s", n_contexts=N_CTX, d_in=D, layout=lay, dtype="float32",
-        attrs={"tokenizer": {"bos_id": 2, "eos_id": 1, "pad_id": 0}},
-    )  # fmt: skip
+    s = StoreWriter.create(tmp_path / "s", synthetic_meta(N_CTX, D, lay))
     rows = np.arange(N_CTX * C)
     acts = np.repeat(rows[:, None], D, axis=1).astype(np.float32)  # a row holds its own index
     toks = np.where(rows % C == 0, 2, 7).astype(np.int32)  # BOS first in every context
     toks[37] = 1  # one EOS
     for shard in range(shards):
         sl = slice(shard * lay.shard_rows, (shard + 1) * lay.shard_rows)
-        s.write_shard(shard, acts[sl], toks[sl], {"doc": 0, "offset": 0}, RowSums(np.zeros(D), 0.0, 0))
+        s.write_shard(shard, acts[sl], toks[sl], Cursor(), RowSums(np.zeros(D), 0.0, 0))
     if complete:
         s.finish(N_CTX * C)
     return ActivationStore.open(tmp_path / "s")

@@ -17,21 +17,38 @@ def test_ci_runs_the_readme_test_command():
     assert main_job.endswith(".venv/bin/gsp run")  # harvest → fit → evaluate, printing the report's path
 
 
-def test_every_config_file_loads():
+def test_every_config_file_loads_into_every_stage():
+    """Each file's values pass every stage's checks (unknown keys and bad values raise)."""
     from pipeline.config import load_config_values
     from pipeline.paths import configs_dir
     from stages.evaluate import EvaluateConfig
+    from stages.features import FeaturesConfig
     from stages.fit import FitConfig
     from stages.harvest import HarvestConfig
     from stages.run import RunConfig
 
     names = sorted(p.stem for p in configs_dir().glob("*.yaml"))
-    assert "default" in names and {"gemma-3-270m", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b"} <= set(
-        names
-    )
+    assert {"default", "gemma-3-270m", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b"} <= set(names)
     for name in names:
-        cfg = HarvestConfig(**load_config_values(HarvestConfig, name))
-        assert cfg.layer >= 0
-        assert FitConfig(**load_config_values(FitConfig, name)).width > 0
-        assert EvaluateConfig(**load_config_values(EvaluateConfig, name)).delta_tokens > 0
-        assert RunConfig(**load_config_values(RunConfig, name)).heldout_tokens > 0
+        for cls in (HarvestConfig, FitConfig, EvaluateConfig, FeaturesConfig, RunConfig):
+            cls(**load_config_values(cls, name))  # raises GspError on a bad value
+
+
+def test_each_preset_names_its_gemma_scope_2_release_and_one_of_its_layers():
+    """A preset harvests one of its release's resid_post layers of its own model, so that Google's SAE
+    for that layer can be evaluated on the store (`about:` is what the preset claims; checked here)."""
+    import yaml
+
+    from pipeline.config import load_config_values
+    from pipeline.models import model_name
+    from pipeline.paths import configs_dir
+    from stages.harvest import HarvestConfig
+
+    for path in sorted(configs_dir().glob("gemma-3-*.yaml")):
+        about = yaml.safe_load(path.read_text())["about"]
+        harvest = HarvestConfig(**load_config_values(HarvestConfig, path.stem))
+        size = path.stem.removeprefix("gemma-3-")
+        assert model_name(harvest.model) in (f"google/gemma-3-{size}", f"google/gemma-3-{size}-pt"), path.name
+        assert about["gemma_scope_2"] == f"google/gemma-scope-2-{size}-pt", path.name
+        layers = about["gemma_scope_2_resid_post_layers"]
+        assert harvest.layer in layers and max(layers) < about["num_layers"], path.name

@@ -47,7 +47,7 @@ def test_harvest_real_model_and_corpus(gsp, gemma, tmp_path):
     assert r.exit_code == 0, r.output
     s = ActivationStore.open(store)
     assert s.complete and s.rows_written == 384 and s.d_in == 640
-    assert s.attrs["model"]["name"] == "google/gemma-3-270m" and s.attrs["tokenizer"]["bos_id"] == 2
+    assert s.meta.model.name == "google/gemma-3-270m" and s.meta.tokenizer.bos_id == 2
     ids = s.read_tokens(0, 384).reshape(6, 64)
     # independent reference: the full model's hidden_states[6] is the output of layers[5]
     with torch.no_grad():

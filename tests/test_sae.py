@@ -93,3 +93,22 @@ def test_sparse_jumprelu_path_has_the_dense_gradients():
     for k, g in grads[0][1].items():
         assert g.abs().max() > 0, k
         torch.testing.assert_close(grads[1][1][k], g, rtol=1e-4, atol=1e-5)
+
+
+def test_jumprelu_encode_is_gemma_scope_2s_on_negative_thresholds():
+    """A loaded SAE may hold θ < 0 (training clamps θ at 0; files need not): Gemma Scope 2 computes
+    f = ReLU(pre)·1[pre > θ], so pre-activations in (θ, 0) give 0, not a negative feature value."""
+    g = torch.Generator().manual_seed(0)
+    sae = SAE(8, 16).init_gemma_scope(g)
+    with torch.no_grad():
+        sae.threshold.copy_(-0.1 - 2.0 * torch.rand(16, generator=g))  # every θ negative
+        sae.b_enc.normal_(0, 1.0, generator=g)
+    x = torch.randn(64, 8, generator=g)
+    f, _ = sae.encode(x)
+    pre = x.numpy() @ sae.w_enc.detach().numpy() + sae.b_enc.detach().numpy()
+    theta = sae.threshold.detach().numpy()
+    expected = np.maximum(pre, 0) * (pre > theta)
+    np.testing.assert_allclose(f.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sae(x).f_BF.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    without_relu = pre * (pre > theta)  # what θ ≥ 0 makes equivalent, and θ < 0 does not
+    assert (np.abs(without_relu - expected) > 0.01).sum() > 10

@@ -25,10 +25,16 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # ------------------------------------------------------------------------------ reference inference (numpy)
 def gemma_scope_reference(x, p):
-    """Gemma Scope 1/2: f = JumpReLU_θ(x W_enc + b_enc), x̂ = f W_dec + b_dec, on raw activations."""
+    """Gemma Scope 1/2, as published: f = ReLU(pre)·1[pre > θ] with pre = x W_enc + b_enc, x̂ = f W_dec + b_dec,
+    on raw activations. Returns (x̂, which latents are non-zero)."""
+    f = gemma_scope_latents(x, p)
+    return f @ p["w_dec"] + p["b_dec"], f != 0
+
+
+def gemma_scope_latents(x, p):
+    """Gemma Scope 2's JumpReLU: ReLU(pre)·1[pre > θ] (the ReLU matters where θ < 0)."""
     pre = x @ p["w_enc"] + p["b_enc"]
-    active = pre > p["threshold"]
-    return (pre * active) @ p["w_dec"] + p["b_dec"], active
+    return np.maximum(pre, 0) * (pre > p["threshold"])
 
 
 def topk_reference(x, p, k):
@@ -161,6 +167,36 @@ def test_gemma_scope_2_matches_its_published_inference(tmp_path):
     assert_some_fire_some_dont(active)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert (got_active == active).all()
+
+
+def test_negative_thresholds_follow_gemma_scope_2s_relu(tmp_path):
+    """A loaded file may hold θ < 0: then pre in (θ, 0] gives 0 (ReLU), not the negative pre·1[pre > θ]."""
+    p = gs_weights(5)
+    p["threshold"][::2] = -np.abs(p["threshold"][::2]) - 0.2  # half the latents with θ in about (-2.5, -0.2)
+    folder = tmp_path / "gemma-scope-2-270m-pt" / "resid_post" / "layer_12_width_16k_l0_medium"
+    write_gemma_scope_2(folder, p)
+    loaded = load_sae(str(folder))
+    assert loaded.format == "gemma-scope-2" and (loaded.sae.threshold < 0).sum() == F // 2
+    x = inputs(seed=6).astype(np.float32).astype(np.float64)
+    pre = x @ p["w_enc"] + p["b_enc"]
+    below_zero = (pre > p["threshold"]) & (pre < 0)
+    assert below_zero.sum() > 50  # the case where the two formulas part: θ < pre < 0
+    want_f = gemma_scope_latents(x, p)
+    want, _ = gemma_scope_reference(x, p)
+    old_f = pre * (pre > p["threshold"])  # the formula gsp used before: it would fail the checks below
+    assert np.abs(old_f - want_f).max() > 0.1
+    assert np.abs((old_f @ p["w_dec"] + p["b_dec"]) - want).max() > 0.1
+
+    with torch.no_grad():
+        out = loaded.sae(torch.from_numpy(x.astype(np.float32)))
+    np.testing.assert_allclose(out.f_BF.numpy(), want_f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out.x_hat_BD.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert (out.f_BF >= 0).all() and (out.f_BF[torch.from_numpy(below_zero)] == 0).all()
+    # one feature at one row (what gsp features reads for its context windows) follows the same rule
+    rows, feats = (torch.from_numpy(i) for i in np.nonzero(below_zero | (want_f > 0)))
+    with torch.no_grad():
+        at = loaded.sae.activation_at(torch.from_numpy(x.astype(np.float32)), rows, feats)
+    np.testing.assert_allclose(at.numpy(), want_f[rows.numpy(), feats.numpy()], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

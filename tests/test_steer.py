@@ -3,6 +3,7 @@ strength 0 changes nothing, clamping swaps the feature's contribution, and the C
 
 import pytest
 import torch
+from conftest import one_line_error
 from transformers import AutoModelForCausalLM
 
 from pipeline.hooks import splice
@@ -62,7 +63,7 @@ def test_clamping_replaces_the_features_contribution(lm, sae):
     steered = _layer_out(lm, IDS, steer_fn(sae, [f], [v], clamp=True))[0]
     with torch.no_grad():
         pre = clean @ sae.w_enc[:, f] + sae.b_enc[f]  # JumpReLU written out for the one feature
-        act = pre * (pre > sae.threshold[f])
+        act = pre.relu() * (pre > sae.threshold[f])  # Gemma Scope 2's ReLU(pre)·1[pre > θ]
         want = (v - act)[:, None] * sae.w_dec[f]
     torch.testing.assert_close(steered[1:] - clean[1:], want[1:], rtol=1e-4, atol=1e-4)
     assert torch.equal(steered[0], clean[0])  # BOS untouched
@@ -92,3 +93,51 @@ def test_steer_errors_are_one_line(gsp, tiny_fit):
     ):
         r = gsp("steer", "--sae", tiny_fit / "sae", *extra)
         assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+
+
+def test_an_sae_of_another_width_than_the_models_site_is_one_line(gsp, tiny_model, tmp_path, monkeypatch):
+    """A Gemma Scope 2 folder reading layer 1's residual stream with d_in 48; the tiny model's is 64."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    g = np.random.default_rng(0)
+    params = {
+        "w_enc": g.standard_normal((48, 16)),
+        "w_dec": g.standard_normal((16, 48)),
+        "b_enc": np.zeros(16),
+        "b_dec": np.zeros(48),
+        "threshold": np.full(16, 0.1),
+    }
+    save_file({k: v.astype(np.float32) for k, v in params.items()}, folder / "params.safetensors")
+    (folder / "config.json").write_text(json.dumps({
+        "model_name": "tiny", "architecture": "jump_relu", "hf_hook_point_in": "model.layers.1.output",
+        "hf_hook_point_out": "model.layers.1.output", "width": 16, "l0": 4, "affine_connection": False,
+        "type": "sae"}))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    r = gsp("steer", "--sae", folder, "--model", tiny_model, "--feature", 3, "--strength", 5, "--prompt", "alpha",
+            "--max-new-tokens", 4)  # fmt: skip
+    one_line_error(r, "d_in 48", "layer 1 resid_post has width 64", "--model")
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--feature", 3, "--strength", 2, "--prompt", ""], ["--prompt is empty"]),
+        (["--feature", 3, "--strength", 2, "--prompt", " \n "], ["--prompt is empty"]),
+        (["--feature", 3, "--strength", "nan", "--prompt", "alpha"], ["--strength", "finite", "[nan]"]),
+        (["--feature", 3, "--strength", "inf", "--prompt", "alpha"], ["--strength", "finite", "[inf]"]),
+        (["--feature", 3, "--feature", 4, "--strength", 1, "--strength", "nan"], ["--strength", "finite", "nan"]),
+    ],
+)
+def test_an_empty_prompt_and_a_strength_that_is_no_number_are_one_line(gsp, tiny_fit, tmp_path, monkeypatch,
+                                                                         args, words):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    r = gsp("steer", "--sae", tiny_fit / "sae", "--max-new-tokens", 4, *args)
+    one_line_error(r, *words)
+    assert list(tmp_path.iterdir()) == []  # nothing written

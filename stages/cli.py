@@ -1,9 +1,9 @@
-"""The `gsp` command: thin commands that build a stage's config and call the stage."""
+"""The `gsp` command: thin commands that build a stage's config and call the stage.
 
-import dataclasses
+It sits above the stages (pipeline/ never imports it): `gsp` and `python -m stages` both run `main`.
+"""
+
 import inspect
-import shutil
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -13,7 +13,9 @@ from pipeline import __version__
 from pipeline.config import build_config, command_from_config
 from pipeline.console import cli_errors, console
 from pipeline.errors import GspError
-from pipeline.paths import cache_dir
+from stages import evaluate as evaluate_stage
+from stages import fit as fit_stage
+from stages import harvest as harvest_stage
 from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.features import FeaturesConfig, run_features
 from stages.fit import FitConfig, run_fit
@@ -48,7 +50,10 @@ TOKEN = _flag(
     show_default=False,
 )
 OVERWRITE = _flag("overwrite", bool, False, "Replace an existing store written with other parameters.")
-SMOKE = _flag("smoke-test", bool, False, "Run on a tiny random Gemma 3 and a synthetic corpus, in seconds.")
+
+
+def _smoke(what: str) -> inspect.Parameter:
+    return _flag("smoke-test", bool, False, f"{what}, in seconds.")
 
 
 def harvest(cfg: HarvestConfig, *, token: str | None, overwrite: bool, smoke_test: bool) -> None:
@@ -56,33 +61,16 @@ def harvest(cfg: HarvestConfig, *, token: str | None, overwrite: bool, smoke_tes
 
     Resumable: rerun the same command after a crash and it continues where it stopped.
     """
-    if smoke_test:
-        cfg, overwrite = _smoke_harvest_config(cfg), True
-    run_harvest(cfg, token=token, overwrite=overwrite)
+    run_harvest(harvest_stage.smoke_config(cfg) if smoke_test else cfg, token=token, overwrite=overwrite)
 
 
-def _smoke_harvest_config(cfg: HarvestConfig) -> HarvestConfig:
-    from pipeline.tiny import make_tiny_model, write_corpus
-
-    root = cache_dir() / "smoke"
-    model = root / "tiny-gemma3"
-    if not (model / "config.json").is_file():
-        make_tiny_model(model)
-    corpus = write_corpus(root / "corpus.txt")
-    return dataclasses.replace(
-        cfg,
-        model=str(model),
-        dataset=str(corpus),
-        layer=1,
-        tokens=8192,
-        context_size=64,
-        batch_size=16,
-        shard_mib=0.25,
-        store=cfg.store or str(cache_dir() / "stores" / "smoke"),
-    )
-
-
-command_from_config(app, HarvestConfig, harvest, name="harvest", extra=[TOKEN, OVERWRITE, SMOKE])
+command_from_config(
+    app,
+    HarvestConfig,
+    harvest,
+    name="harvest",
+    extra=[TOKEN, OVERWRITE, _smoke("Harvest a tiny random Gemma 3 over a synthetic corpus")],
+)
 
 
 RESUME = _flag("resume", bool, False, "Continue from the checkpoint in --out (same parameters).")
@@ -93,28 +81,12 @@ def fit(cfg: FitConfig, *, resume: bool, smoke_test: bool) -> None:
 
     Writes params.safetensors + config.json in Gemma Scope 2's format, input scale folded in.
     """
-    if smoke_test:
-        cfg = _smoke_fit_config(cfg)
-    run_fit(cfg, resume=resume)
+    run_fit(fit_stage.smoke_config(cfg) if smoke_test else cfg, resume=resume)
 
 
-def _smoke_fit_config(cfg: FitConfig) -> FitConfig:
-    import numpy as np
-
-    from pipeline.tiny import write_synthetic_store
-
-    root = cache_dir() / "smoke"
-    shutil.rmtree(root / "fit-store", ignore_errors=True)
-    x = np.random.default_rng(0).standard_normal((8192, 32)).astype(np.float32) * 50
-    write_synthetic_store(root / "fit-store", x)
-    out = Path(cfg.out) if cfg.out else root / "fit-sae"
-    shutil.rmtree(out, ignore_errors=True)
-    return dataclasses.replace(
-        cfg, store=str(root / "fit-store"), out=str(out), width=128, k=min(cfg.k, 16), steps=40, batch_size=256
-    )
-
-
-command_from_config(app, FitConfig, fit, name="fit", extra=[RESUME, SMOKE])
+command_from_config(
+    app, FitConfig, fit, name="fit", extra=[RESUME, _smoke("Fit a few steps on a synthetic store of random rows")]
+)
 
 
 def evaluate(cfg: EvaluateConfig, *, token: str | None, smoke_test: bool) -> None:
@@ -123,23 +95,16 @@ def evaluate(cfg: EvaluateConfig, *, token: str | None, smoke_test: bool) -> Non
     Takes a gsp fit folder, a Gemma Scope 2 / Gemma Scope / Llama Scope folder, or a Hub path.
     Writes reports/report_<timestamp>.md + .json + plots.
     """
-    if smoke_test:
-        cfg = _smoke_evaluate_config(cfg)
-    run_evaluate(cfg, token=token)
+    run_evaluate(evaluate_stage.smoke_config(cfg) if smoke_test else cfg, token=token)
 
 
-def _smoke_evaluate_config(cfg: EvaluateConfig) -> EvaluateConfig:
-    """A tiny random Gemma 3, a store harvested from it, and an SAE fitted on it in a few steps."""
-    root = cache_dir() / "smoke"
-    store = root / "eval-store"
-    run_harvest(_smoke_harvest_config(HarvestConfig(store=str(store))), token=None, overwrite=True)
-    sae = root / "eval-sae"
-    shutil.rmtree(sae, ignore_errors=True)
-    run_fit(FitConfig(store=str(store), out=str(sae), width=128, steps=60, batch_size=256, target_l0=16))
-    return dataclasses.replace(cfg, sae=str(sae), store=str(store), delta_tokens=1024, model=None)
-
-
-command_from_config(app, EvaluateConfig, evaluate, name="evaluate", extra=[TOKEN, SMOKE])
+command_from_config(
+    app,
+    EvaluateConfig,
+    evaluate,
+    name="evaluate",
+    extra=[TOKEN, _smoke("Harvest, fit and evaluate on a tiny random Gemma 3")],
+)
 
 
 def features(cfg: FeaturesConfig, *, token: str | None) -> None:
@@ -225,60 +190,41 @@ def info(
     verify: Annotated[bool, typer.Option("--verify", help="Read every written row back and check checksums.")] = False,
 ) -> None:
     """Print what a store holds: model, hook point, rows, dtype, corpus, statistics."""
+    from pipeline.console import progress
     from pipeline.store import ActivationStore
+    from pipeline.store.location import size_on_disk
 
     with cli_errors():
         s = ActivationStore.open(store)
-        a = s.attrs
-        stats = a["stats"]
+        m = s.meta
         table = Table(title=f"gsp store {store}", show_header=False, title_justify="left")
+        stats = m.stats
+        size = size_on_disk(store)
         rows = {
-            "model": f"{a['model']['name']} ({a['model']['revision']})",
-            "hook point": f"{a['hook_point']}  (layer {a['layer']}, {a['site']})",
-            "d_in": a["d_in"],
-            "rows written": f"{s.rows_written:,} of {s.activations.shape[0]:,} "
+            "model": f"{m.model.name} ({m.model.revision})",
+            "hook point": f"{m.hook_point}  (layer {m.layer}, {m.site})",
+            "d_in": m.d_in,
+            "rows written": f"{s.rows_written:,} of {s.n_rows:,} "
             f"({'complete' if s.complete else 'INCOMPLETE: rerun the harvest command to resume'})",
             "contexts": f"{s.rows_written // s.context_size:,} × {s.context_size} tokens (BOS first)",
-            "stored dtype": f"{a['dtype']} ({a['storage']})",
+            "stored dtype": m.dtype,
             "layout": f"chunks of {s.chunk_rows:,} rows, shards of {s.shard_rows:,} rows, crc32c",
-            "corpus": ", ".join(f"{k}={v}" for k, v in a["dataset"].items() if v is not None),
-            "special ids": " ".join(f"{k}={a['tokenizer'][f'{k}_id']}" for k in ("bos", "eos", "pad")),
-            "statistics": f"{stats['count']:,} non-special rows, mean ‖x‖² {stats['mean_sq_norm']:.4g}, "
-            f"‖mean‖ {sum(m * m for m in stats['mean']) ** 0.5:.4g}",
-            "computed on": f"{a['compute']['device']} {a['compute']['dtype']}",
-            "written by": f"gsp {a['gsp_version']}, {a['created_at']} .. {a['updated_at']}",
+            "corpus": ", ".join(f"{k}={v}" for k, v in m.dataset.to_json().items() if v is not None),
+            "special ids": f"bos={m.tokenizer.bos_id} eos={m.tokenizer.eos_id} pad={m.tokenizer.pad_id}",
+            "statistics": f"{stats.count:,} non-special rows, mean ‖x‖² {stats.mean_sq_norm:.4g}, "
+            f"‖mean‖ {sum(v * v for v in stats.mean) ** 0.5:.4g}",
+            "computed on": f"{m.compute.device} {m.compute.dtype}",
+            "written by": f"gsp {m.gsp_version}, {m.created_at} .. {m.updated_at}",
+            "size on disk": f"{size / 2**20:,.1f} MiB ({size / max(s.rows_written, 1):,.0f} bytes/token)",
         }
-        size = _size(str(store))
-        rows["size on disk"] = f"{size / 2**20:,.1f} MiB ({size / max(s.rows_written, 1):,.0f} bytes/token)"
         for k, v in rows.items():
             table.add_row(k, str(v))
         console.print(table)
         if verify:
-            _verify(s)
-
-
-def _size(path: str) -> int:
-    from pipeline.store import is_url, local
-
-    if is_url(path):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path)
-        return fs.du(p)
-    return sum(f.stat().st_size for f in Path(local(path)).rglob("*") if f.is_file())
-
-
-def _verify(store) -> None:
-    from pipeline.console import progress
-
-    with progress("rows") as bar:
-        task = bar.add_task("verify", total=store.rows_written)
-        for start in range(0, store.rows_written, store.shard_rows):
-            stop = min(start + store.shard_rows, store.rows_written)
-            store.read(start, stop)
-            store.read_tokens(start, stop)
-            bar.advance(task, stop - start)
-    console.print(f"checksums OK: {store.rows_written:,} rows read back")
+            with progress("rows") as bar:
+                task = bar.add_task("verify", total=s.rows_written)
+                s.verify(lambda n: bar.advance(task, n))
+            console.print(f"checksums OK: {s.rows_written:,} rows read back")
 
 
 @app.command()

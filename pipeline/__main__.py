@@ -1,5 +1,0 @@
-"""`python -m pipeline` is the `gsp` command."""
-
-from pipeline.cli import main
-
-main()

@@ -1,0 +1,132 @@
+"""Who wrote which shard: the claims a harvest makes as shards complete, for one process or many.
+
+One process (`StoreClaims`) claims shards straight into the store's attributes, in shard order, so
+a killed harvest leaves `rows_written` valid rows and resumes from the store's cursor.
+
+Under torchrun (`RankLedger`), process r of W fills shards r, r + W, ... and records each in its own
+group `progress/rank-r-of-W` (one zarr.json per process, so processes never write the same file);
+rank 0 merges the records into rows_written, statistics and `complete` once every process is done.
+
+Both answer the same questions for the one shard loop of gsp harvest: which shards are done, where
+the corpus reader starts, how to claim a shard, and how to finish.
+"""
+
+import math
+
+import numpy as np
+import zarr
+
+from pipeline.corpus import Cursor
+from pipeline.errors import GspError
+from pipeline.store.meta import RowSums, Stats
+from pipeline.store.writer import StoreWriter
+
+
+class StoreClaims:
+    """One process: shards are claimed in order in the store itself."""
+
+    def __init__(self, writer: StoreWriter):
+        self.writer = writer
+        self.ended: int | None = None  # shards the store keeps when the corpus ran out
+
+    def done(self) -> set[int]:
+        return set(range(self.writer.meta.rows_written // self.writer.meta.shard_rows))
+
+    def start(self) -> tuple[Cursor, int]:
+        """(corpus position, context number) where this process's reader starts: after the last claim."""
+        return self.writer.meta.cursor, self.writer.meta.rows_written // self.writer.meta.context_size
+
+    def commit(self, shard: int, rows: int, cursor: Cursor, sums: RowSums) -> None:
+        self.writer.commit(shard, rows, cursor, sums)
+
+    def end(self, shards: int) -> None:
+        self.ended = shards
+
+    def total_rows(self) -> int:
+        """Rows claimed in all (the store is complete with these)."""
+        return self.writer.meta.rows_written
+
+    def finish(self) -> int:
+        """Mark the store complete with what was claimed; returns its rows."""
+        rows = self.writer.meta.rows_written
+        self.writer.finish(rows)
+        return rows
+
+
+class RankLedger:
+    """Process `rank` of `world`: shards claimed in its own progress record, merged by rank 0 at the end."""
+
+    def __init__(self, writer: StoreWriter, rank: int, world: int):
+        self.writer, self.rank, self.world = writer, rank, world
+
+    def _group(self, rank: int) -> zarr.Group:
+        return zarr.open_group(store=self.writer.group.store, path=f"progress/rank-{rank}-of-{self.world}", mode="a")
+
+    def record(self, rank: int | None = None) -> dict:
+        attrs = dict(self._group(self.rank if rank is None else rank).attrs)
+        return attrs or {"shards": {}, "stats": Stats.empty(self.writer.meta.d_in).to_json(),
+                         "cursor": {"doc": 0, "offset": 0}}  # fmt: skip
+
+    def done(self) -> set[int]:
+        return {int(s) for s in self.record()["shards"]}
+
+    def start(self) -> tuple[Cursor, int]:
+        """Every process reads the corpus from its start: the packing of shard s depends on every
+        document before it, and the tokenizing is shared among the processes."""
+        return Cursor(), 0
+
+    def commit(self, shard: int, rows: int, cursor: Cursor, sums: RowSums) -> None:
+        """Claim shard `shard` for this process: its record gains the shard, statistics and cursor at once."""
+        record = self.record()
+        record["shards"][str(shard)] = rows
+        record["stats"] = Stats.from_json(record["stats"]).add(sums).to_json()
+        record["cursor"] = {"doc": cursor.doc, "offset": cursor.offset}
+        self._group(self.rank).update_attributes(record)
+
+    def end(self, shards: int) -> None:
+        """Record that the corpus ran out: the store has only its first `shards` shards (the last maybe partial)."""
+        record = self.record()
+        record["ended"] = shards
+        self._group(self.rank).update_attributes(record)
+
+    def total_rows(self, records: list[dict] | None = None) -> int:
+        """Rank 0, after every process is done: the rows the processes' records claim together."""
+        records = records or [self.record(r) for r in range(self.world)]
+        done = {int(k): v for rec in records for k, v in rec["shards"].items()}
+        planned = math.ceil(self.writer.activations.shape[0] / self.writer.meta.shard_rows)
+        n_shards = min([planned] + [r["ended"] for r in records if "ended" in r])
+        rows = 0
+        for shard in range(n_shards):
+            if shard not in done:
+                raise GspError(f"shard {shard} of store {self.writer.path} was never written; rerun the same command")
+            rows += done[shard]
+            if done[shard] < self.writer.meta.shard_rows:
+                break  # the corpus ran out inside this shard
+        return rows
+
+    def finish(self) -> int:
+        """Rank 0, after every process is done: merge the records, claim the rows, mark complete."""
+        meta = self.writer.meta
+        records = [self.record(r) for r in range(self.world)]
+        done = {int(k) for rec in records for k in rec["shards"]}
+        rows = self.total_rows(records)
+        stats = meta.stats
+        for rec in records:
+            s = Stats.from_json(rec["stats"])
+            stats = stats.add(RowSums(np.asarray(s.sum), s.sum_sq_norm, s.count))
+        last = max(done) if done else 0
+        c = records[last % self.world]["cursor"]
+        self.writer.update(rows_written=rows, stats=stats, cursor=Cursor(c["doc"], c["offset"]))
+        self.writer.finish(rows)
+        return rows
+
+
+def other_worlds(writer: StoreWriter, world: int) -> list[int]:
+    """World sizes of earlier, unfinished multi-process harvests of this store other than `world`."""
+    from zarr.core.sync import sync
+
+    async def names():
+        return [k async for k in writer.group.store.list_dir("progress")]
+
+    found = {int(n.rsplit("-of-", 1)[1]) for n in sync(names()) if n.startswith("rank-")}
+    return sorted(found - {world})

@@ -1,0 +1,141 @@
+"""Writing a store (harvest only): create it, write whole shards, claim them, mark it complete.
+
+Crash safety: the store is written one whole shard at a time. zarr writes each file to a temporary
+name and renames it, so a shard file is either complete or absent. Only after a shard's two files
+are in place are the group attributes (rows_written, the corpus cursor and the running
+statistics) rewritten, in one write of zarr.json. A killed harvest therefore leaves a store whose
+`rows_written` rows are all valid, and resuming rewrites only what came after.
+"""
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.core.sync import sync
+
+from pipeline.corpus import Cursor
+from pipeline.errors import GspError
+from pipeline.faults import fault
+from pipeline.store.location import filesystem, is_url, open_group, zarr_path
+from pipeline.store.meta import STORED_DTYPES, RowSums, StoreMeta, now
+from pipeline.store.reader import ActivationStore
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How rows are cut into chunks (the unit of reading) and shards (the unit of writing, one file)."""
+
+    context_size: int
+    chunk_contexts: int
+    shard_chunks: int
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.context_size * self.chunk_contexts
+
+    @property
+    def shard_rows(self) -> int:
+        return self.chunk_rows * self.shard_chunks
+
+    @staticmethod
+    def plan(context_size: int, d_in: int, itemsize: int, *, chunk_rows: int = 4096, shard_mib: float = 128):
+        """Chunks of about `chunk_rows` rows (whole contexts), shards of about `shard_mib` MiB."""
+        context_bytes = context_size * d_in * itemsize
+        shard_contexts = max(1, int(shard_mib * 2**20 // context_bytes))
+        chunk_contexts = min(max(1, round(chunk_rows / context_size)), shard_contexts)
+        shard_chunks = max(1, shard_contexts // chunk_contexts)
+        return Layout(context_size, chunk_contexts, shard_chunks)
+
+
+class StoreWriter:
+    """A store opened for writing: shard data, claims (commits) in shard order, and the end."""
+
+    def __init__(self, group: zarr.Group, path: str, meta: StoreMeta):
+        self.group, self.path, self.meta = group, path, meta
+        self.reader = ActivationStore(group, path, meta)
+        self.activations, self.token_ids = self.reader.activations, self.reader.token_ids
+
+    @classmethod
+    def create(cls, path: str | Path, meta: StoreMeta) -> "StoreWriter":
+        """A new, empty store at `path` (replacing a gsp store there: the caller has checked that)."""
+        if meta.dtype not in STORED_DTYPES:
+            raise GspError(f"store dtype '{meta.dtype}' is not supported: use one of {', '.join(STORED_DTYPES)}")
+        n_rows, d = meta.n_contexts_planned * meta.context_size, meta.d_in
+        if is_url(path):
+            filesystem(str(path))  # an unknown scheme or a missing package: one clear error
+        group = zarr.open_group(zarr_path(path), mode="w", zarr_format=3)
+        bf16 = meta.dtype == "bfloat16"
+        group.create_array(
+            "activations", shape=(n_rows, d), chunks=(meta.chunk_rows, d), shards=(meta.shard_rows, d),
+            dtype="uint16" if bf16 else "float32", compressors=[Crc32cCodec()], fill_value=0,
+            attributes={"dtype": meta.dtype, "note": "bfloat16 bit patterns" if bf16 else ""},
+        )  # fmt: skip
+        group.create_array(
+            "token_ids", shape=(n_rows,), chunks=(meta.chunk_rows,), shards=(meta.shard_rows,), dtype="int32",
+            compressors=[Crc32cCodec()], fill_value=-1,
+        )  # fmt: skip
+        stamp = now()
+        meta = meta.progressed(created_at=stamp)
+        group.update_attributes(meta.to_attrs())
+        return cls(group, str(path), meta)
+
+    @classmethod
+    def open(cls, path: str | Path) -> "StoreWriter":
+        reader = ActivationStore.open(path)
+        return cls(open_group(path, "r+"), str(path), reader.meta)
+
+    # ---------------------------------------------------------------- shards
+    def write_shard_data(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:
+        """Write one whole shard's two files (in any order; nothing is claimed until `commit`)."""
+        rows = slice(shard * self.meta.shard_rows, shard * self.meta.shard_rows + len(tokens))
+
+        async def both():
+            await asyncio.gather(
+                self.activations.async_array.setitem(rows, acts), self.token_ids.async_array.setitem(rows, tokens)
+            )
+
+        if is_url(self.path):  # remote filesystems' clients live on zarr's own event loop
+            self.activations[rows] = acts
+            self.token_ids[rows] = tokens
+        else:
+            # An event loop per call, rather than zarr's one shared loop: checksumming and assembling
+            # shards then runs on as many writer threads as the caller uses, not on one thread.
+            asyncio.run(both())
+        fault("shard-data-written")
+
+    def commit(self, shard: int, rows: int, cursor: Cursor, sums: RowSums) -> None:
+        """Claim shard `shard` (`rows` rows, already written): rows_written, cursor and statistics at once."""
+        start = shard * self.meta.shard_rows
+        if start != self.meta.rows_written:
+            raise RuntimeError(f"shard {shard} starts at row {start}, but {self.meta.rows_written} rows are written")
+        self._update(self.meta.progressed(rows_written=start + rows, cursor=cursor, stats=self.meta.stats.add(sums)))
+
+    def write_shard(self, shard: int, acts: np.ndarray, tokens: np.ndarray, cursor: Cursor, sums: RowSums) -> None:
+        self.write_shard_data(shard, acts, tokens)
+        self.commit(shard, len(tokens), cursor, sums)
+
+    def finish(self, rows: int) -> None:
+        """Mark the store complete; if the corpus ran out early, shrink the arrays to what was written.
+
+        Only the arrays' shapes change: no shard past `rows` was ever written, so nothing is deleted
+        (zarr's default resize would visit every planned shard key, which for a huge planned store is
+        millions of requests)."""
+        if rows < self.activations.shape[0]:
+            for array, shape in ((self.activations, (rows, self.meta.d_in)), (self.token_ids, (rows,))):
+                sync(array.async_array.resize(shape, delete_outside_chunks=False))
+        self._update(self.meta.progressed(complete=True))
+        self.reader = ActivationStore.open(self.path)
+        self.activations, self.token_ids = self.reader.activations, self.reader.token_ids
+
+    def update(self, **progress) -> None:
+        """Set progress fields (rows_written, cursor, stats, complete) in one atomic write."""
+        self._update(self.meta.progressed(**progress))
+
+    def _update(self, meta: StoreMeta) -> None:
+        # One write of zarr.json for all values: `group.attrs.update` would write it once per key,
+        # and a kill between those writes could claim rows with a stale cursor.
+        self.group = self.group.update_attributes(meta.to_attrs())
+        self.meta = meta

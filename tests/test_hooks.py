@@ -1,0 +1,85 @@
+"""pipeline.hooks: each site's activation equals an independent hook on a full forward pass, and the
+forward pass stops at the site (no later layer, no LM head), for Gemma 3, multimodal Gemma 3 and Llama."""
+
+import pytest
+import torch
+from conftest import direct_site
+from transformers import AutoModelForCausalLM
+
+from pipeline.errors import GspError
+from pipeline.hooks import activations, site_width
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("site, width", [("resid_post", 64), ("mlp_out", 64), ("attn_out", 48)])
+@pytest.mark.parametrize("layer", [0, 3])
+def test_each_site_equals_a_direct_forward(model, site, width, layer):
+    ids = torch.randint(4, 300, (3, 20), generator=torch.Generator().manual_seed(layer))
+    got = activations(model, ids, layer, site)
+    assert got.shape == (3, 20, width) == (3, 20, site_width(model, layer, site))
+    torch.testing.assert_close(got, direct_site(model, ids, layer, site))
+
+
+def test_early_stop_skips_later_layers_and_head(model):
+    fired = []
+    later = [*model.model.layers[2:], model.model.norm, model.lm_head]
+    handles = [m.register_forward_hook(lambda m, a, o, i=i: fired.append(i)) for i, m in enumerate(later)]
+    ran = []
+    handles.append(model.model.layers[1].register_forward_hook(lambda m, a, o: ran.append(1)))
+    try:
+        for site in ("resid_post", "mlp_out", "attn_out"):
+            activations(model, torch.full((2, 8), 5), 1, site)
+    finally:
+        for h in handles:
+            h.remove()
+    assert fired == [] and len(ran) == 1  # block 1 completes only for resid_post (its own output)
+
+
+def test_bad_layer_and_site_are_gsp_errors(model):
+    with pytest.raises(GspError, match="layer 4 is out of range: this model has 4 layers"):
+        activations(model, torch.full((1, 4), 5), 4, "resid_post")
+    with pytest.raises(GspError, match="unknown site 'resid_pre'"):
+        activations(model, torch.full((1, 4), 5), 1, "resid_pre")
+
+
+def test_multimodal_gemma3_blocks_are_found():
+    """Gemma 3 4B and larger load as Gemma3ForConditionalGeneration; the same hooks must find the blocks."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    text = Gemma3TextConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    )  # fmt: skip
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14
+    )
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision)).eval()
+    ids = torch.full((1, 6), 7)
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states[2]  # layer 1's output (not the last)
+    torch.testing.assert_close(activations(model, ids, 1, "resid_post"), ref)
+
+
+def test_llama_blocks_serve_resid_post_and_mlp_out():
+    """The same hook code serves Llama; Llama has no post_feedforward_layernorm, so its mlp_out is the
+    MLP's own output (what the block adds to the residual stream)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(4, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hooks = [model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: seen.setdefault("mlp", out)),
+             model.model.layers[1].register_forward_hook(lambda m, a, out: seen.setdefault("block", out))]  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    block = seen["block"][0] if isinstance(seen["block"], tuple) else seen["block"]
+    torch.testing.assert_close(activations(model, ids, 1, "mlp_out"), seen["mlp"])
+    torch.testing.assert_close(activations(model, ids, 1, "resid_post"), block)
