@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import os
 
 import typer
 from rich.console import Console
@@ -62,8 +63,6 @@ def cli_errors():
     - Ctrl-C: how to resume (exit 130);
     - anything else is gsp's bug: one line saying so, with GSP_DEBUG=1 to see the traceback (exit 1).
     """
-    import os
-
     try:
         yield
     except GspError as e:
