@@ -47,7 +47,7 @@ def main() -> None:
     device = resolve_device(args.device)
     store = ActivationStore.open(args.store)
     sae = load_sae(args.sae).sae.to(device)
-    m = store.meta
+    m = store.hook
 
     # reconstruction over the whole store, against the bare SAE forward on the same rows in memory
     rows = store.rows_written

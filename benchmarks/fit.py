@@ -81,7 +81,7 @@ def main() -> None:
     args = ap.parse_args()
     store = ActivationStore.open(args.store)
     d, b = store.d_in, args.batch_size
-    scale = store.meta.stats.mean_sq_norm**-0.5
+    scale = store.hook.stats.mean_sq_norm**-0.5
     loader = ShuffledLoader(store, b, seed=0, lanes=FitConfig.lanes)  # as gsp fit reads it
     it = iter(loader)
     x = next(it) * scale

@@ -81,7 +81,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     args = p.parse_args()
     store = ActivationStore.open(args.store)
-    scale = store.meta.stats.mean_sq_norm**-0.5
+    scale = store.hook.stats.mean_sq_norm**-0.5
     x = next(itertools.islice(ShuffledLoader(store, args.batch_size, seed=0), 0, None)) * scale
     d, w, b, n = store.d_in, args.width, args.batch_size, args.steps
     rows = {"bare dense JumpReLU step": timed(bare_step(d, w, x), n, b)}

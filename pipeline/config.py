@@ -110,6 +110,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return int(value)
     if base is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
+    if base is str and isinstance(value, list) and all(isinstance(v, int | str) for v in value):
+        return ",".join(str(v) for v in value)  # `layer: [5, 9, 12]` in a file means --layer 5,9,12
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise GspError(f"config key '{key}' should be {base.__name__}, got {value!r}")
     return value

@@ -1,7 +1,8 @@
 """Delta LM loss: the model re-run with an SAE's reconstruction spliced in at its hook point.
 
 Each batch of contexts runs three times: clean; with the site's activation replaced by the SAE's
-reconstruction x̂; with it replaced by zeros. Positions holding a special token (BOS, EOS, PAD)
+reconstruction x̂ (for a transcoder: the MLP's output replaced by its prediction from the MLP's real
+input in the same pass); with it replaced by zeros. Positions holding a special token (BOS, EOS, PAD)
 keep their original activation in both altered runs. A prediction counts when both the token it
 is made from and the token it predicts are ordinary tokens, so BOS and document separators never
 enter the averages.
@@ -17,7 +18,7 @@ import math
 
 import torch
 
-from pipeline.hooks import splice
+from pipeline.hooks import splice, splice_from
 from pipeline.sae import SAE
 
 
@@ -42,14 +43,16 @@ class DeltaLoss:
         layer: int,
         site: str,
         special_ids: list[int],
+        source: tuple[int, str] | None = None,
     ) -> None:
-        """Score one batch of contexts (token ids on the model's device)."""
+        """Score one batch of contexts (token ids on the model's device). For a transcoder, `source` is
+        the point it reads (the MLP's input) and (layer, site) the one its prediction replaces."""
         special_BS1 = torch.isin(ids_BS, torch.tensor(special_ids, device=ids_BS.device))[..., None]
         mask = prediction_mask(ids_BS, special_ids)
         targets = ids_BS[:, 1:]
 
-        def spliced(acts):
-            x_hat = sae(acts.reshape(-1, acts.shape[-1]).float()).x_hat_BD.reshape(acts.shape)
+        def spliced(src, acts):
+            x_hat = sae(src.reshape(-1, src.shape[-1]).float()).x_hat_BD.reshape(acts.shape)
             return torch.where(special_BS1, acts, x_hat.to(acts.dtype))
 
         def zeroed(acts):
@@ -57,7 +60,7 @@ class DeltaLoss:
 
         logp_clean = _log_probs(model, ids_BS)
         ce_clean = -logp_clean.gather(-1, targets[..., None])[..., 0]
-        with splice(model, layer, site, spliced):
+        with splice_from(model, source or (layer, site), (layer, site), spliced):
             logp = _log_probs(model, ids_BS)
         ce_spliced = -logp.gather(-1, targets[..., None])[..., 0]
         kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)

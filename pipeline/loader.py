@@ -33,6 +33,7 @@ import torch
 from pipeline.console import warn
 from pipeline.errors import GspError
 from pipeline.store import ActivationStore
+from pipeline.store.reader import same_rows
 
 
 @dataclass
@@ -68,6 +69,8 @@ class ShuffledLoader:
     """Iterates (B/W, D) float32 CPU tensors (pinned when `pin` is set) forever, epoch after epoch.
 
     With `part=(rank, world)` each batch is this process's share of the global batch (its lanes' rows).
+    With `target` (a transcoder's: another hook point of the same rows) each row is the input's
+    columns followed by the target's, (B/W, D + O), shuffled together.
     """
 
     def __init__(
@@ -82,8 +85,11 @@ class ShuffledLoader:
         state: LoaderState | None = None,
         part: tuple[int, int] = (0, 1),
         lanes: int = 1,
+        target: ActivationStore | None = None,
     ):
-        self.store, self.batch_size, self.seed, self.pin = store, batch_size, seed, pin
+        self.store, self.batch_size, self.seed, self.pin, self.target = store, batch_size, seed, pin, target
+        if target is not None:
+            same_rows(store, target)
         self.rows = store.rows_written
         if self.rows == 0:
             raise GspError(f"store {store.path} holds no rows yet; harvest into it first")
@@ -104,7 +110,7 @@ class ShuffledLoader:
         per = self.lanes // world
         self.served = range(rank * per, (rank + 1) * per)  # this process's lanes
         self.lane_rows = batch_size // self.lanes
-        chunk_bytes = self.chunk_rows * store.d_in * 4
+        chunk_bytes = self.chunk_rows * (store.d_in + (target.d_in if target is not None else 0)) * 4
         # two windows of each lane live at once (one served, one read ahead)
         self.window_chunks = max(1, min(self.n_chunks, int(buffer_mib * 2**20 / 2 // chunk_bytes)))
         self.lane_window_chunks = max(1, self.window_chunks // self.lanes)
@@ -134,6 +140,8 @@ class ShuffledLoader:
         for chunk in np.sort(self.windows(epoch, lane)[index]):  # read in store order; the permutation mixes
             start, stop = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.rows)
             acts = self.store.read(start, stop)
+            if self.target is not None:
+                acts = np.concatenate([acts, self.target.read(start, stop)], axis=1)
             if self.special:
                 acts = acts[~np.isin(self.store.read_tokens(start, stop), self.special)]
             parts.append(acts)

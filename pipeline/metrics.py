@@ -187,8 +187,9 @@ def _trim(counts: list[int]) -> list[int]:
 
 # ------------------------------------------------------------------------------ over a store
 @torch.no_grad()
-def reconstruction(sae, store, tokens: int, batch_size: int, group=None) -> dict:
-    """`Running` metrics of an SAE over the first `tokens` ordinary rows of a store (all, if fewer).
+def reconstruction(sae, store, tokens: int, batch_size: int, group=None, target=None) -> dict:
+    """`Running` metrics of an SAE over the first `tokens` ordinary rows of a store (all, if fewer);
+    for a transcoder, of its prediction of `target` (the same rows at its output hook point).
 
     Under torchrun each process reads and measures only its share of the rows (pipeline.store's
     `ordinary_rows` with a part); the sums are then merged, giving the one-process figures."""
@@ -198,13 +199,14 @@ def reconstruction(sae, store, tokens: int, batch_size: int, group=None) -> dict
 
     group = group or dist.Group()
     C, device = store.context_size, group.device
-    run = Running(store.d_in, sae.width, C, device)
+    run = Running((target or store).d_in, sae.width, C, device)
     with progress("tok", show=group.main) as bar:
         task = bar.add_task("reconstruction", total=min(tokens, store.rows_written))
-        for x_BD, rows_B in store.ordinary_rows(tokens, batch_size, part=(group.rank, group.world)):
-            x = torch.from_numpy(x_BD).to(device)
+        for rows in store.ordinary_rows(tokens, batch_size, part=(group.rank, group.world), target=target):
+            x = torch.from_numpy(rows[0]).to(device)
+            truth = x if target is None else torch.from_numpy(rows[1]).to(device)
             out = sae(x)
-            run.update(x, out.x_hat_BD, out.f_BF, torch.from_numpy(rows_B % C).to(device))
+            run.update(truth, out.x_hat_BD, out.f_BF, torch.from_numpy(rows[-1] % C).to(device))
             bar.update(task, completed=run.n * group.world)
     shares = dist.gather(group, run.to("cpu"))
     run = shares[0]

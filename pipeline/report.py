@@ -103,6 +103,16 @@ def table(r: dict) -> Table:
     return t
 
 
+def _transcoder_line(r: dict) -> list[str]:
+    s = r["sae"]
+    if not s.get("transcoder"):
+        return []
+    skip = ", with an affine skip connection" if s["skip"] else ""
+    return [f"- **Transcoder**: reads layer {s['layer']} {s['site']}, predicts layer {s['layer_out']} "
+            f"{s['site_out']} (d_out {s['d_out']}{skip}); the figures are of its prediction of "
+            f"`{r['target_store']['path']}`"]  # fmt: skip
+
+
 def markdown(r: dict) -> str:
     s, st, m, rec = r["sae"], r["store"], r["model"], r["reconstruction"]
     k = f", k={s['k']}" if s["k"] else ""
@@ -114,6 +124,7 @@ def markdown(r: dict) -> str:
         f"- **Store**: `{st['path']}` — {st['model']} ({st['model_revision']}), `{st['hook_point']}`, "
         f"{st['rows_written']:,} rows in contexts of {st['context_size']}, corpus "
         + ", ".join(f"{k_}={v}" for k_, v in st["dataset"].items() if v is not None),
+        *_transcoder_line(r),
         f"- **Model for the rerun**: {m['name']} ({m['revision']}) on {m['device']} in {m['dtype']}"
         if m
         else "- **Model for the rerun**: not run (`--no-delta-loss`)",

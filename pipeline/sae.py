@@ -1,12 +1,15 @@
 """The SAE: JumpReLU (Gemma Scope) and TopK (Llama Scope) in Gemma Scope 2's parameter layout, their
 training objectives, and gsp's own files. Read it against the papers; everything else calls it.
 
-Parameters (float32): w_enc (D, F), b_enc (F,), w_dec (F, D), b_dec (D,), threshold (F,).
+Parameters (float32): w_enc (D, F), b_enc (F,), w_dec (F, O), b_dec (O,), threshold (F,), and for a
+skip transcoder w_skip (D, O) (`affine_skip_connection` in Gemma Scope 2's files).
     pre_BF = x_BD @ w_enc + b_enc
     jumprelu: f_BF = ReLU(pre_BF) · H(pre_BF − θ)      topk: f_BF = the k largest of ReLU(pre_BF)
-    x̂_BD = f_BF @ w_dec + b_dec
+    ŷ_BO = f_BF @ w_dec + b_dec  (+ x_BD @ w_skip)
 on raw activations, no normalisation, no b_dec subtraction: exactly how a Gemma Scope 2 SAE is used
-(the ReLU matters only for a loaded file with θ < 0; training keeps θ ≥ 0).
+(the ReLU matters only for a loaded file with θ < 0; training keeps θ ≥ 0). An SAE reconstructs its
+input (O = D, ŷ = x̂); a transcoder reads one hook point (an MLP's input) and predicts another (its
+output), so O may differ from D and the prediction's target is another array of the same rows.
 
 JumpReLU training follows the Gemma Scope report (arXiv 2408.05147): θ is learned through
 straight-through pseudo-derivatives with a rectangle kernel K(u) = 1{|u| < ½} of bandwidth ε,
@@ -37,6 +40,7 @@ from pipeline.faults import fault
 from pipeline.files import atomic_write_text, save_tensors
 
 PARAMS = ("w_enc", "b_enc", "w_dec", "b_dec", "threshold")
+FILE_KEYS = {"w_skip": "affine_skip_connection"}  # attribute -> Gemma Scope 2's key, where they differ
 ARCHS = ("jumprelu", "topk")
 FILE_ARCH = {"jumprelu": "jump_relu", "topk": "topk"}  # gsp's name -> Gemma Scope 2's "architecture"
 
@@ -125,22 +129,37 @@ class Objective:
 
 # ------------------------------------------------------------------------------ the model
 class SAE(torch.nn.Module):
-    """A JumpReLU or TopK SAE with Gemma Scope 2's parameter names, shapes and inference."""
+    """A JumpReLU or TopK SAE or transcoder with Gemma Scope 2's parameter names, shapes and inference.
 
-    def __init__(self, d_in: int, width: int, *, arch: str = "jumprelu", k: int | None = None):
+    `d_out` (default d_in) and `skip` make it a transcoder: its decoder predicts another activation of
+    width d_out, plus, with `skip`, an affine map of its input (a skip transcoder)."""
+
+    def __init__(self, d_in: int, width: int, *, arch: str = "jumprelu", k: int | None = None,
+                 d_out: int | None = None, skip: bool = False):  # fmt: skip
         super().__init__()
+        d_out = d_in if d_out is None else d_out
         if arch not in ARCHS:
             raise ValueError(f"unknown SAE architecture {arch!r}")
-        if d_in <= 0 or width <= 0:
-            raise ValueError(f"an SAE needs d_in > 0 and width > 0, got d_in={d_in}, width={width}")
+        if d_in <= 0 or width <= 0 or d_out <= 0:
+            raise ValueError(f"an SAE needs d_in, d_out and width > 0, got d_in={d_in}, d_out={d_out}, width={width}")
         if arch == "topk" and not (k and 0 < k <= width):
             raise ValueError(f"topk needs 0 < k <= width, got k={k}")
-        self.d_in, self.width, self.arch, self.k = d_in, width, arch, k
+        self.d_in, self.d_out, self.width, self.arch, self.k, self.skip = d_in, d_out, width, arch, k, skip
         self.w_enc = torch.nn.Parameter(torch.zeros(d_in, width))
         self.b_enc = torch.nn.Parameter(torch.zeros(width))
-        self.w_dec = torch.nn.Parameter(torch.zeros(width, d_in))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
+        self.w_dec = torch.nn.Parameter(torch.zeros(width, d_out))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_out))
         self.threshold = torch.nn.Parameter(torch.zeros(width))
+        self.w_skip = torch.nn.Parameter(torch.zeros(d_in, d_out)) if skip else None
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """Its parameters' attribute names (with w_skip for a skip transcoder)."""
+        return PARAMS + ("w_skip",) * self.skip
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.skip or self.d_out != self.d_in
 
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features f (B, F), pre-activations (B, F)) at inference (no surrogate gradients)."""
@@ -149,12 +168,14 @@ class SAE(torch.nn.Module):
             return topk(pre, self.k), pre
         return jumprelu_inference(pre, self.threshold), pre
 
-    def decode(self, f_BF: torch.Tensor) -> torch.Tensor:
-        return f_BF @ self.w_dec + self.b_dec
+    def decode(self, f_BF: torch.Tensor, x_BD: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction from the latents; a skip transcoder also needs its input x."""
+        out = f_BF @ self.w_dec + self.b_dec
+        return out + x_BD @ self.w_skip if self.skip else out
 
     def forward(self, x_BD: torch.Tensor) -> Output:
         f, pre = self.encode(x_BD)
-        return Output(self.decode(f), f, pre)
+        return Output(self.decode(f, x_BD), f, pre)
 
     def activation_at(self, x_RD: torch.Tensor, rows_P: torch.Tensor, feats_P: torch.Tensor) -> torch.Tensor:
         """f[rows_P[i], feats_P[i]] for each pair: one feature's activation on one row of x_RD.
@@ -167,46 +188,62 @@ class SAE(torch.nn.Module):
 
     @torch.no_grad()
     def init_gemma_scope(self, generator: torch.Generator | None = None, theta: float = 0.001) -> "SAE":
-        """W_dec rows unit-norm (He-uniform, then normalised), W_enc = W_decᵀ, biases 0, θ = 0.001."""
-        bound = (6.0 / self.d_in) ** 0.5
+        """W_dec rows unit-norm (He-uniform, then normalised), W_enc = W_decᵀ (for a transcoder whose
+        widths differ, its own unit-norm He-uniform columns), biases 0, θ = 0.001, w_skip 0."""
+        bound = (6.0 / self.d_out) ** 0.5
         self.w_dec.uniform_(-bound, bound, generator=generator)
         self.w_dec /= self.w_dec.norm(dim=1, keepdim=True)
-        self.w_enc.copy_(self.w_dec.T)
+        if self.d_out == self.d_in:
+            self.w_enc.copy_(self.w_dec.T)
+        else:
+            self.w_enc.uniform_(-((6.0 / self.d_in) ** 0.5), (6.0 / self.d_in) ** 0.5, generator=generator)
+            self.w_enc /= self.w_enc.norm(dim=0, keepdim=True)
         self.b_enc.zero_()
         self.b_dec.zero_()
         self.threshold.fill_(theta)
+        if self.skip:
+            self.w_skip.zero_()
         return self
 
     @torch.no_grad()
-    def fold_input_scale(self, scale: float) -> "SAE":
-        """An SAE trained on x·scale, rewritten to take and return raw x with the same features.
+    def fold_input_scale(self, scale: float, out_scale: float | None = None) -> "SAE":
+        """An SAE trained on x·scale (predicting y·out_scale, for a transcoder), rewritten to take raw x
+        and predict raw y with the same features.
 
-        With s = scale: pre_raw = x·W_enc + b_enc/s = pre/s, θ_raw = θ/s, so f_raw = f/s, and
-        x̂ = f_raw·W_dec + b_dec/s = x̂_scaled/s. The decoder rows keep their unit norm, and a
-        feature's activation is in the residual stream's own units.
+        With s = scale, t = out_scale (= s for an SAE): pre_raw = x·W_enc + b_enc/s = pre/s, θ_raw = θ/s,
+        so f_raw = f/s, and ŷ = ŷ_scaled/t = f_raw·(s/t)·W_dec + b_dec/t + x·(s/t)·W_skip. For an SAE
+        the decoder rows keep their unit norm, and a feature's activation is in the residual stream's
+        own units.
         """
+        t = scale if out_scale is None else out_scale
         self.b_enc /= scale
         self.threshold /= scale
-        self.b_dec /= scale
+        self.b_dec /= t
+        if t != scale:
+            self.w_dec *= scale / t
+        if self.skip:
+            self.w_skip *= scale / t
         return self
 
     # -------------------------------------------------------------------------- training
     def loss(
-        self, x_BD: torch.Tensor, objective: Objective, *, lam: float = 0.0, dead_F: torch.Tensor | None = None,
-        sparse: bool = False, group: dist.Group = dist.Group(),
+        self, x_BD: torch.Tensor, objective: Objective, *, target_BO: torch.Tensor | None = None, lam: float = 0.0,
+        dead_F: torch.Tensor | None = None, sparse: bool = False, group: dist.Group = dist.Group(),
     ) -> Loss:  # fmt: skip
-        """The training loss on a batch of unit-scaled inputs. `lam`: JumpReLU's λ at this step;
-        `dead_F`: TopK's dead latents (bool, F); `sparse`: JumpReLU's sparse decoder path.
+        """The training loss on a batch of unit-scaled inputs. `target_BO`: a transcoder's target rows
+        (default: x itself); `lam`: JumpReLU's λ at this step; `dead_F`: TopK's dead latents (bool, F);
+        `sparse`: JumpReLU's sparse decoder path.
 
         Under torchrun `x_BD` is this process's share of the global batch; terms that are not plain
         means over rows (the target-L0 penalty, the AuxK normaliser) use the global batch's values,
         so that the averaged gradients equal one process's on the whole batch.
         """
+        y_BO = x_BD if target_BO is None else target_BO
         if self.arch == "jumprelu":
-            return self._jumprelu_loss(x_BD, objective, lam, sparse, group)
-        return self._topk_loss(x_BD, objective, dead_F, group)
+            return self._jumprelu_loss(x_BD, y_BO, objective, lam, sparse, group)
+        return self._topk_loss(x_BD, y_BO, objective, dead_F, group)
 
-    def _jumprelu_loss(self, x_BD, obj: Objective, lam: float, sparse: bool, group) -> Loss:
+    def _jumprelu_loss(self, x_BD, y_BO, obj: Objective, lam: float, sparse: bool, group) -> Loss:
         eps = obj.bandwidth
         if sparse:
             x_hat, pre, active = sparse_jumprelu_sae(x_BD, self.w_enc, self.b_enc, self.threshold, self.w_dec, eps)
@@ -215,7 +252,9 @@ class SAE(torch.nn.Module):
             pre = x_BD @ self.w_enc + self.b_enc
             f = jumprelu(pre, self.threshold, eps)
             x_hat = f @ self.w_dec + self.b_dec
-        recon = (x_hat - x_BD).square().sum(-1).mean()
+        if self.skip:
+            x_hat = x_hat + x_BD @ self.w_skip
+        recon = (x_hat - y_BO).square().sum(-1).mean()
         l0_ = step(pre, self.threshold, eps).sum(-1).mean()
         if obj.target_l0 is None:
             penalty = lam * l0_
@@ -224,18 +263,20 @@ class SAE(torch.nn.Module):
             penalty = lam * (2 / obj.target_l0) * (l0_ - obj.target_l0).square()
         return Loss(recon + penalty, recon, penalty, x_hat, f)
 
-    def _topk_loss(self, x_BD, obj: Objective, dead_F, group) -> Loss:
+    def _topk_loss(self, x_BD, y_BO, obj: Objective, dead_F, group) -> Loss:
         # decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
         pre = x_BD @ self.w_enc + self.b_enc
         values, idx = pre.topk(self.k, dim=-1)
         values = values.relu()
         x_hat = torch.nn.functional.embedding_bag(idx, self.w_dec, per_sample_weights=values, mode="sum") + self.b_dec
+        if self.skip:
+            x_hat = x_hat + x_BD @ self.w_skip
         f = torch.zeros_like(pre).scatter_(-1, idx, values)
-        recon = (x_hat - x_BD).square().sum(-1).mean()
+        recon = (x_hat - y_BO).square().sum(-1).mean()
         n_dead = int(dead_F.sum()) if dead_F is not None else 0
         if n_dead == 0:
             return Loss(recon, recon, torch.zeros_like(recon), x_hat, f)
-        err = (x_BD - x_hat).detach()
+        err = (y_BO - x_hat).detach()
         aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(min(obj.aux_k, n_dead), dim=-1)
         err_hat = torch.nn.functional.embedding_bag(aux_idx, self.w_dec, per_sample_weights=aux_vals.relu(), mode="sum")
         norm = err.square().sum(-1).mean()
@@ -247,15 +288,19 @@ class SAE(torch.nn.Module):
     # -------------------------------------------------------------------------- files
     @classmethod
     def from_params(cls, params: dict[str, torch.Tensor], arch: str, k, source: str | Path) -> "SAE":
-        """An SAE (eval mode, no gradients) from Gemma Scope 2-layout tensors, after checking names,
-        shapes and values; every problem is a GspError naming `source`."""
-        w_enc = params.get("w_enc")
-        if w_enc is None or w_enc.ndim != 2:
-            raise GspError(f"{source} has no 2-D w_enc/W_enc (keys: {', '.join(sorted(params)) or 'none'})")
-        d, n = w_enc.shape
-        if d == 0 or n == 0:
-            raise GspError(f"{source} holds an SAE with d_in {d} and width {n}: it is empty")
-        shapes = {"w_enc": (d, n), "b_enc": (n,), "w_dec": (n, d), "b_dec": (d,), "threshold": (n,)}
+        """An SAE or transcoder (eval mode, no gradients) from Gemma Scope 2-layout tensors, after
+        checking names, shapes and values; every problem is a GspError naming `source`. The decoder's
+        width is d_out, and an `affine_skip_connection` makes it a skip transcoder."""
+        w_enc, w_dec = params.get("w_enc"), params.get("w_dec")
+        if w_enc is None or w_enc.ndim != 2 or w_dec is None or w_dec.ndim != 2:
+            raise GspError(f"{source} has no 2-D w_enc and w_dec (keys: {', '.join(sorted(params)) or 'none'})")
+        (d, n), o = w_enc.shape, w_dec.shape[1]
+        if d == 0 or n == 0 or o == 0:
+            raise GspError(f"{source} holds an SAE with d_in {d}, d_out {o} and width {n}: it is empty")
+        skip = FILE_KEYS["w_skip"] in params
+        shapes = {"w_enc": (d, n), "b_enc": (n,), "w_dec": (n, o), "b_dec": (o,), "threshold": (n,)}
+        if skip:
+            shapes[FILE_KEYS["w_skip"]] = (d, o)
         if arch == "topk":
             params = {"threshold": torch.zeros(n), **params}
             if not isinstance(k, int) or isinstance(k, bool):
@@ -263,34 +308,38 @@ class SAE(torch.nn.Module):
         check_tensors(params, shapes, source)
         try:
             with torch.device("meta"):  # no placeholder weights: a 1M-wide SAE is held in memory once
-                sae = cls(d, n, arch=arch, k=k if arch == "topk" else None)
+                sae = cls(d, n, arch=arch, k=k if arch == "topk" else None, d_out=o, skip=skip)
         except ValueError as e:
             raise GspError(f"{source}: {e}") from None
-        for name in shapes:
-            setattr(sae, name, torch.nn.Parameter(params[name].float().contiguous(), requires_grad=False))
+        for name in sae.params:
+            tensor = params[FILE_KEYS.get(name, name)].float().contiguous()
+            setattr(sae, name, torch.nn.Parameter(tensor, requires_grad=False))
         return sae.eval()
 
     def save(self, folder: Path, config: "SAEConfig") -> None:
         """params.safetensors (float32) then config.json into `folder`, each written atomically; the
         config last, so a folder with a config.json holds a whole SAE."""
         folder.mkdir(parents=True, exist_ok=True)
-        save_tensors({k: getattr(self, k).detach().float().cpu().contiguous() for k in PARAMS},
-                     folder / "params.safetensors")  # fmt: skip
+        tensors = {FILE_KEYS.get(k, k): getattr(self, k).detach().float().cpu().contiguous() for k in self.params}
+        save_tensors(tensors, folder / "params.safetensors")
         fault("sae-params-written")
         atomic_write_text(folder / "config.json", json.dumps(config.to_json(), indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> tuple["SAE", "SAEConfig"]:
-        """A gsp or Gemma Scope 2 folder: config.json + params.safetensors."""
+        """A gsp or Gemma Scope 2 folder, SAE or transcoder: config.json + params.safetensors."""
         config = SAEConfig.from_json(read_json(folder / "config.json"), folder)
-        if config.is_transcoder:
-            raise GspError(f"{folder} is a transcoder ({config.type}, {config.hf_hook_point_in} → "
-                           f"{config.hf_hook_point_out}), not an SAE: gsp loads SAEs only")  # fmt: skip
+        if config.type not in ("sae", "transcoder"):
+            raise GspError(f"{folder} is a {config.type!r}, which gsp cannot read (it reads SAEs and transcoders)")
         sae = cls.from_params(read_safetensors(folder / "params.safetensors"), config.arch, config.k,
                               folder / "params.safetensors")  # fmt: skip
         for key, size in (("d_in", sae.d_in), ("width", sae.width)):
             if getattr(config, key) not in (None, size):
                 raise GspError(f"{folder}: config.json says {key}={getattr(config, key)} but the weights have {size}")
+        if config.affine_connection != sae.skip:
+            has = "have" if sae.skip else "lack"
+            raise GspError(f"{folder}: config.json says affine_connection={config.affine_connection} but the "
+                           f"weights {has} affine_skip_connection")  # fmt: skip
         return sae, config
 
 
@@ -315,9 +364,11 @@ class SAEConfig:
     d_in: int | None = None
     layer: int | None = None
     site: str | None = None
-    store: str | None = None  # the training store
+    store: str | None = None  # the training store (a transcoder's input)
+    target_store: str | None = None  # a transcoder's training target
     model_revision: str | None = None
     input_scale_folded: float | None = None
+    output_scale_folded: float | None = None  # a transcoder's target scale (an SAE's is the input's)
     steps: int | None = None
     tokens_seen: int | None = None
     final_train_metrics: dict | None = None
@@ -332,7 +383,7 @@ class SAEConfig:
     @property
     def is_transcoder(self) -> bool:
         out = self.hf_hook_point_out
-        return self.type != "sae" or self.affine_connection or bool(out and out != self.hf_hook_point_in)
+        return self.type == "transcoder" or self.affine_connection or bool(out and out != self.hf_hook_point_in)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -341,7 +392,8 @@ class SAEConfig:
     def from_json(d: dict, folder: Path) -> "SAEConfig":
         kinds = {"architecture": str, "model_name": str, "hf_hook_point_in": str, "hf_hook_point_out": str,
                  "width": int, "l0": (int, float), "affine_connection": bool, "type": str, "k": int, "d_in": int,
-                 "layer": int, "site": str, "store": str, "model_revision": str, "input_scale_folded": (int, float),
+                 "layer": int, "site": str, "store": str, "target_store": str, "model_revision": str,
+                 "input_scale_folded": (int, float), "output_scale_folded": (int, float),
                  "steps": int, "tokens_seen": int, "final_train_metrics": dict, "fit_config": dict,
                  "gsp_version": str}  # fmt: skip
         values: dict[str, Any] = {}

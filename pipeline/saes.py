@@ -39,7 +39,7 @@ import torch
 
 from pipeline.console import warn
 from pipeline.errors import GspError
-from pipeline.hooks import SITES
+from pipeline.hooks import POINT_SUFFIX, SITES
 from pipeline.models import hf_token, hub_errors
 from pipeline.sae import SAE, check_tensors, first_line, read_json, read_safetensors
 
@@ -56,14 +56,8 @@ _EXPECTED = (
     "config.json + params.safetensors (gsp, Gemma Scope 2), params.npz (Gemma Scope), "
     "or hyperparams.json + checkpoints/final.safetensors (Llama Scope)"
 )
-_HF_HOOK = re.compile(
-    r"(?:[\w.]*\.)?layers\.(\d+)\.(output|post_feedforward_layernorm\.output|self_attn\.o_proj\.input)"
-)
-_HF_SITE = {
-    "output": "resid_post",
-    "post_feedforward_layernorm.output": "mlp_out",
-    "self_attn.o_proj.input": "attn_out",
-}
+_HF_SITE = {suffix: site for site, suffix in POINT_SUFFIX.items()}  # "post_feedforward_layernorm.output" -> mlp_out
+_HF_HOOK = re.compile(r"(?:[\w.]*\.)?layers\.(\d+)\.(" + "|".join(map(re.escape, _HF_SITE)) + ")")
 _GS1_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)\b")
 _GS1_SITE = {"res": "resid_post", "mlp": "mlp_out", "att": "attn_out"}
 
@@ -79,6 +73,18 @@ class LoadedSAE:
     site: str | None  # one of pipeline.hooks.SITES, or None when the files don't say
     config: dict  # the SAE's own config file contents (empty for Gemma Scope 1)
     training_store: str | None = None  # the store a gsp fit SAE was trained on, as its config recorded it
+    # a transcoder reads (layer, site) and predicts (layer_out, site_out); an SAE: the same point
+    layer_out: int | None = None
+    site_out: str | None = None
+    training_target: str | None = None  # the store a gsp fit transcoder predicted
+
+    def __post_init__(self):
+        if self.layer_out is None and self.site_out is None:
+            self.layer_out, self.site_out = self.layer, self.site
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.sae.is_transcoder or (self.layer_out, self.site_out) != (self.layer, self.site)
 
 
 def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
@@ -138,11 +144,18 @@ def fetch_sae(
     return folder
 
 
-def check_against_store(loaded: LoadedSAE, store) -> tuple[int, str]:
-    """The SAE must read what the store holds: same d_in, layer and site (when the SAE says).
+def check_against_store(loaded: LoadedSAE, store, target=None) -> tuple[int, str]:
+    """The SAE must read what the store holds: same d_in, layer and site (when the SAE says); a
+    transcoder's `target` must hold what it predicts.
 
     Returns the store's (layer, site); warns when the SAE names no site or another model."""
-    m = store.meta
+    if target is not None:
+        t = target.hook
+        if loaded.sae.d_out != t.d_in or (loaded.layer_out, loaded.site_out) not in ((t.layer, t.site), (None, None)):
+            raise GspError(f"the transcoder predicts layer {loaded.layer_out} {loaded.site_out} (width "
+                           f"{loaded.sae.d_out}) but the target store {target.path} holds layer {t.layer} {t.site} "
+                           f"(width {t.d_in})")  # fmt: skip
+    m = store.hook
     if loaded.sae.d_in != m.d_in:
         raise GspError(
             f"the SAE takes d_in={loaded.sae.d_in} but store {store.path} holds d_in={m.d_in} "
@@ -156,9 +169,26 @@ def check_against_store(loaded: LoadedSAE, store) -> tuple[int, str]:
             )
     if loaded.site is None:
         warn(f"the SAE's files do not name its site; assuming the store's ({m.site})")
-    if loaded.model_name and _base_name(loaded.model_name) != _base_name(m.model.name):
-        warn(f"the SAE was trained on {loaded.model_name}, the store comes from {m.model.name}")
+    model = store.meta.model.name
+    if loaded.model_name and _base_name(loaded.model_name) != _base_name(model):
+        warn(f"the SAE was trained on {loaded.model_name}, the store comes from {model}")
     return m.layer, m.site
+
+
+def open_input_store(loaded: LoadedSAE, path: str):
+    """The store the SAE reads at `path`: a store's hook point, or a store of several hook points, of
+    which the one the SAE names (a transcoder's input, say) is picked."""
+    from pipeline.store import ActivationStore
+
+    hooks = ActivationStore.open_some(path)
+    if len(hooks) == 1:
+        return hooks[0]
+    name = f"L{loaded.layer}.{loaded.site}"
+    mine = [h for h in hooks if h.hook.name == name]
+    if not mine:
+        names = ", ".join(h.hook.name for h in hooks)
+        raise GspError(f"store {path} holds {names}, but not {name}, which this SAE reads; pass STORE/NAME")
+    return mine[0]
 
 
 def _base_name(name: str) -> str:
@@ -169,16 +199,23 @@ def _base_name(name: str) -> str:
 
 # ------------------------------------------------------------------------------ formats
 def _read_gemma_scope_2(path: Path) -> LoadedSAE:
+    """gsp's own folders and Gemma Scope 2's, SAEs and transcoders (plain and affine)."""
     sae, config = SAE.load(path)
     if config.hf_hook_point_in:
         layer, site = _parse_hf_hook(config.hf_hook_point_in, path)
+        layer_out, site_out = _parse_hf_hook(config.hf_hook_point_out or config.hf_hook_point_in, path)
     elif config.layer is not None and config.site in SITES:
         layer, site = config.layer, config.site
+        layer_out, site_out = layer, ("mlp_out" if sae.is_transcoder or config.is_transcoder else site)
     else:
         layer, site = _layer_from_path(path), _site_from_path(path)
+        transcoder = config.is_transcoder or site == "transcoder"
+        site, site_out = ("mlp_in", "mlp_out") if transcoder else (site, site)
+        layer_out = layer
     fmt = "gsp" if config.gsp_version else "gemma-scope-2"
-    store = config.store if fmt == "gsp" else None
-    return LoadedSAE(sae, str(path), path, fmt, config.model_name, layer, site, config.to_json(), store)
+    store, target = (config.store, config.target_store) if fmt == "gsp" else (None, None)
+    return LoadedSAE(sae, str(path), path, fmt, config.model_name, layer, site, config.to_json(), store,
+                     layer_out, site_out, target)  # fmt: skip
 
 
 def _read_gemma_scope_1(path: Path) -> LoadedSAE:
@@ -279,10 +316,12 @@ def _layer_from_path(path: Path) -> int | None:
 
 
 def _site_from_path(path: Path) -> str | None:
-    """The site from a `<site>[_all]/layer_L…` folder or a Gemma Scope 1 repo name in the path, else None."""
+    """The site from a `<site>[_all]/layer_L…` folder (`transcoder` for Gemma Scope 2's transcoders) or a
+    Gemma Scope 1 repo name in the path, else None."""
     parts = path.parts
     for i in range(len(parts) - 1, 0, -1):
-        if re.match(r"layer_\d+", parts[i]) and parts[i - 1].removesuffix("_all") in SITES:
-            return parts[i - 1].removesuffix("_all")
+        site = parts[i - 1].removesuffix("_all")
+        if re.match(r"layer_\d+", parts[i]) and (site in SITES or site == "transcoder"):
+            return site
     repo = next((m for part in reversed(parts) if (m := _GS1_REPO.search(part))), None)
     return _GS1_SITE.get(repo.group(3)) if repo else None

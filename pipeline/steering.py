@@ -27,8 +27,10 @@ def steer_fn(
     clamp: bool = False,
     positions: Positions = "all",
     prompt_len: int = 0,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function for pipeline.hooks.splice that edits (B, S, D) activations call after call.
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A function `edit(source, acts)` for pipeline.hooks.splice_from that edits (B, S, D) activations
+    call after call. `source` is what the SAE reads (for a transcoder the MLP's input, its decoder rows
+    being added to the MLP's output `acts`; for an SAE the same tensor); clamping encodes it.
 
     Calls arrive as generation runs: the prompt first (S = prompt_len), then one token at a time;
     a counter turns each call's positions into absolute ones.
@@ -39,13 +41,13 @@ def steer_fn(
     first = 1 if positions == "all" else max(prompt_len - 1, 1)
     seen = {"n": 0}
 
-    def edit(acts_BSD: torch.Tensor) -> torch.Tensor:
+    def edit(source_BSD: torch.Tensor, acts_BSD: torch.Tensor) -> torch.Tensor:
         s = acts_BSD.shape[1]
         pos = torch.arange(seen["n"], seen["n"] + s, device=acts_BSD.device)
         seen["n"] += s
         on = (pos >= first)[None, :, None]  # (1, S, 1)
         if clamp:
-            f = sae.encode(acts_BSD.reshape(-1, acts_BSD.shape[-1]).float())[0][:, idx]  # (B·S, n)
+            f = sae.encode(source_BSD.reshape(-1, source_BSD.shape[-1]).float())[0][:, idx]  # (B·S, n)
             coef = (vals - f).reshape(*acts_BSD.shape[:2], -1)  # (B, S, n)
             delta = coef @ rows_FD
         else:

@@ -15,6 +15,7 @@ _WORDS = (
     "north south east west empire language science theory energy light number system animal plant"
 ).split()
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3, as in Gemma's tokenizer
+SYNTHETIC_HOOK = "L0.resid_post"  # the hook point of a synthetic store (its only one, unless others are asked for)
 
 
 def synthetic_documents(n_docs: int, seed: int = 0) -> list[str]:
@@ -80,17 +81,17 @@ def make_tiny_model(path: Path, *, seed: int = 0, layers: int = 4) -> Path:
     return path
 
 
-def synthetic_meta(n_contexts: int, d_in: int, layout, *, dtype: str = "float32") -> "StoreMeta":  # noqa: F821
-    """The attributes of a store that no model wrote: every field filled, named "synthetic"."""
+def synthetic_meta(n_contexts: int, d_in: int, layout, *, dtype: str = "float32", sites: dict | None = None):
+    """The attributes of a store that no model wrote: every field filled, named "synthetic". `sites`
+    {site: d_in} gives it several hook points at layer 0 (default: one resid_post of width d_in)."""
+    from pipeline.hooks import hook_point, point_name
     from pipeline.store import CorpusRef, ModelRef, StoreMeta, TokenizerRef
-    from pipeline.store.meta import Compute
+    from pipeline.store.meta import Compute, HookMeta
 
+    sites = sites or {"resid_post": d_in}
     return StoreMeta(
         model=ModelRef("synthetic", "synthetic", "none", "none"),
-        layer=0,
-        site="resid_post",
-        hook_point="model.layers.0.output",
-        d_in=d_in,
+        hooks=tuple(HookMeta(point_name(0, site), 0, site, hook_point(0, site), d) for site, d in sites.items()),
         context_size=layout.context_size,
         dataset=CorpusRef("synthetic", "train", None, "text", "train", 0.05, 0),
         tokenizer=TokenizerRef("synthetic", "none", 8, 2, 1, 0),
@@ -103,28 +104,41 @@ def synthetic_meta(n_contexts: int, d_in: int, layout, *, dtype: str = "float32"
     )
 
 
-def write_synthetic_store(path: Path, x_ND: np.ndarray, *, context_size: int = 16, bos_every_context: bool = True):
+def write_synthetic_store(path: Path, x_ND: np.ndarray, *, context_size: int = 16, bos_every_context: bool = True,
+                          more: dict[str, np.ndarray] | None = None):  # fmt: skip
     """A real store holding given activations (no model): for `gsp fit --smoke-test` and tests.
 
     Rows are grouped in contexts of `context_size`; the first row of each is marked BOS (id 2) and
-    its activation replaced by a huge vector, so readers that forget to mask BOS are caught.
+    its activation replaced by a huge vector, so readers that forget to mask BOS are caught. `x_ND` is
+    hook point L0.resid_post; `more` {site: rows} adds other hook points of the same rows (a
+    transcoder's input and target: {"mlp_in": x, "mlp_out": y}).
     """
     from pipeline.corpus import Cursor
     from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter
 
-    n, d = x_ND.shape
+    arrays = {"resid_post": x_ND, **(more or {})}
+    n = len(x_ND)
     n_contexts = n // context_size
-    x = x_ND[: n_contexts * context_size].astype(np.float32).copy()
-    tokens = np.full(len(x), 7, dtype=np.int32)
+    rows_n = n_contexts * context_size
+    tokens = np.full(rows_n, 7, dtype=np.int32)
     if bos_every_context:
         tokens[::context_size] = 2
-        x[::context_size] = 1e4
-    layout = Layout.plan(context_size, d, 4, chunk_rows=256, shard_mib=max(len(x) * d * 4 / 4 / 2**20, 0.001))
-    store = StoreWriter.create(path, synthetic_meta(n_contexts, d, layout))
-    for shard, start in enumerate(range(0, len(x), layout.shard_rows)):
+    data = {}
+    for site, a in arrays.items():
+        a = a[:rows_n].astype(np.float32).copy()
+        if bos_every_context:
+            a[::context_size] = 1e4
+        data[f"L0.{site}"] = a
+    width = sum(a.shape[1] for a in data.values())
+    layout = Layout.plan(context_size, width, 4, chunk_rows=256, shard_mib=max(rows_n * width * 4 / 4 / 2**20, 0.001))
+    meta = synthetic_meta(n_contexts, x_ND.shape[1], layout, sites={s: a.shape[1] for s, a in arrays.items()})
+    store = StoreWriter.create(path, meta)
+    for shard, start in enumerate(range(0, rows_n, layout.shard_rows)):
         rows = slice(start, start + layout.shard_rows)
-        keep = x[rows][tokens[rows] != 2].astype(np.float64)
-        sums = RowSums(keep.sum(0), float((keep * keep).sum()), len(keep))
-        store.write_shard(shard, x[rows], tokens[rows], Cursor(), sums)
-    store.finish(len(x))
-    return ActivationStore.open(path)
+        sums = {}
+        for name, a in data.items():
+            keep = a[rows][tokens[rows] != 2].astype(np.float64)
+            sums[name] = RowSums(keep.sum(0), float((keep * keep).sum()), len(keep))
+        store.write_shard(shard, {name: a[rows] for name, a in data.items()}, tokens[rows], Cursor(), sums)
+    store.finish(rows_n)
+    return ActivationStore.open_all(path)[0]

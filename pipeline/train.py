@@ -15,14 +15,17 @@ from pipeline.sae import SAE, Loss, Objective
 def train_step(
     sae: SAE, opt: torch.optim.Optimizer, x_BD: torch.Tensor, objective: Objective, *, lam: float,
     since_fired_F: torch.Tensor, dead_tokens: int, sparse: bool, group: dist.Group = dist.Group(),
+    target_BO: torch.Tensor | None = None,
 ) -> Loss:  # fmt: skip
-    """One optimisation step on a unit-scaled batch (this process's share under torchrun).
+    """One optimisation step on a unit-scaled batch (this process's share under torchrun); a
+    transcoder's `target_BO` holds the rows it predicts.
 
     Under torchrun gradients are averaged across processes (one flat all-reduce) before the
     optimiser step, and latents count as fired when they fired in any process's share, so every
     process holds the same weights and dead-latent counters after every step.
     """
-    loss = sae.loss(x_BD, objective, lam=lam, dead_F=since_fired_F >= dead_tokens, sparse=sparse, group=group)
+    dead = since_fired_F >= dead_tokens
+    loss = sae.loss(x_BD, objective, target_BO=target_BO, lam=lam, dead_F=dead, sparse=sparse, group=group)
     opt.zero_grad(set_to_none=True)
     loss.total.backward()
     dist.mean_(group, [p.grad for p in sae.parameters() if p.grad is not None])

@@ -151,10 +151,11 @@ def _writer_process(path: str, conn) -> None:
 
     store = StoreWriter.open(path)
     while (header := conn.recv()) is not None:
-        shard, rows, dtype, d_in = header
-        acts = np.empty((rows, d_in), dtype=dtype)
+        shard, rows, arrays = header  # arrays: [(hook name, dtype, d_in), ...]
+        acts = {name: np.empty((rows, d_in), dtype=dtype) for name, dtype, d_in in arrays}
         tokens = np.empty(rows, dtype=np.int32)
-        conn.recv_bytes_into(acts.reshape(-1))  # 1-D views: recv_bytes_into sizes buffers by len()
+        for a in acts.values():
+            conn.recv_bytes_into(a.reshape(-1))  # 1-D views: recv_bytes_into sizes buffers by len()
         conn.recv_bytes_into(tokens)
         try:
             store.write_shard_data(shard, acts, tokens)
@@ -188,7 +189,7 @@ class ShardWriter:
                 self.procs.append(proc)
                 self.conns.put(mine)
 
-    def put(self, shard: int, acts: np.ndarray, tokens: np.ndarray, cursor: Cursor, sums) -> None:
+    def put(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, cursor: Cursor, sums) -> None:
         # bounded memory: at most `workers` shards in flight besides the one being filled
         while len(self.pending) >= self.workers:
             self.pending.popleft().result()  # re-raises a write or claim error in the main thread
@@ -209,11 +210,12 @@ class ShardWriter:
             raise
         fault("shard-committed")
 
-    def _write_in_process(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:
+    def _write_in_process(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray) -> None:
         conn = self.conns.get()
         try:
-            conn.send((shard, len(tokens), acts.dtype.str, acts.shape[1]))
-            conn.send_bytes(np.ascontiguousarray(acts).reshape(-1))  # pipe writes release the interpreter lock
+            conn.send((shard, len(tokens), [(name, a.dtype.str, a.shape[1]) for name, a in acts.items()]))
+            for a in acts.values():
+                conn.send_bytes(np.ascontiguousarray(a).reshape(-1))  # pipe writes release the interpreter lock
             conn.send_bytes(np.ascontiguousarray(tokens))
             error = conn.recv()
         except (EOFError, OSError):

@@ -138,6 +138,7 @@ def run_(
     heldout_tokens: Annotated[
         int | None, typer.Option(help=RunConfig.__dataclass_fields__["heldout_tokens"].metadata["help"])
     ] = None,
+    hook: Annotated[str | None, typer.Option(help=RunConfig.__dataclass_fields__["hook"].metadata["help"])] = None,
     token: Annotated[str | None, TOKEN.annotation.__metadata__[0]] = None,
 ) -> None:
     """The main job: harvest a train and a held-out store, fit an SAE, evaluate it; prints the report's path.
@@ -145,7 +146,7 @@ def run_(
     Settings come from the config's sections (default: configs/default.yaml). Rerun after a crash to finish.
     """
     with cli_errors():
-        cfg = build_config(RunConfig, config, {"heldout_tokens": heldout_tokens})
+        cfg = build_config(RunConfig, config, {"heldout_tokens": heldout_tokens, "hook": hook})
         report = run_all(cfg, config, token=token)
         console.print(f"the main job is done; the report is at [bold]{report}[/]", highlight=False)
 
@@ -195,15 +196,12 @@ def info(
     from pipeline.store.location import size_on_disk
 
     with cli_errors():
-        s = ActivationStore.open(store)
-        m = s.meta
+        hooks = ActivationStore.open_some(store)
+        s, m = hooks[0], hooks[0].meta
         table = Table(title=f"gsp store {store}", show_header=False, title_justify="left")
-        stats = m.stats
-        size = size_on_disk(store)
+        size = size_on_disk(s.root)
         rows = {
             "model": f"{m.model.name} ({m.model.revision})",
-            "hook point": f"{m.hook_point}  (layer {m.layer}, {m.site})",
-            "d_in": m.d_in,
             "rows written": f"{s.rows_written:,} of {s.n_rows:,} "
             f"({'complete' if s.complete else 'INCOMPLETE: rerun the harvest command to resume'})",
             "contexts": f"{s.rows_written // s.context_size:,} × {s.context_size} tokens (BOS first)",
@@ -211,20 +209,29 @@ def info(
             "layout": f"chunks of {s.chunk_rows:,} rows, shards of {s.shard_rows:,} rows, crc32c",
             "corpus": ", ".join(f"{k}={v}" for k, v in m.dataset.to_json().items() if v is not None),
             "special ids": f"bos={m.tokenizer.bos_id} eos={m.tokenizer.eos_id} pad={m.tokenizer.pad_id}",
-            "statistics": f"{stats.count:,} non-special rows, mean ‖x‖² {stats.mean_sq_norm:.4g}, "
-            f"‖mean‖ {sum(v * v for v in stats.mean) ** 0.5:.4g}",
             "computed on": f"{m.compute.device} {m.compute.dtype}",
             "written by": f"gsp {m.gsp_version}, {m.created_at} .. {m.updated_at}",
-            "size on disk": f"{size / 2**20:,.1f} MiB ({size / max(s.rows_written, 1):,.0f} bytes/token)",
+            "size on disk": f"{size / 2**20:,.1f} MiB ({size / max(s.rows_written, 1):,.0f} bytes/token, "
+            f"{len(m.hooks)} hook point{'s' * (len(m.hooks) > 1)})",
         }
         for k, v in rows.items():
             table.add_row(k, str(v))
         console.print(table)
+        several = " (each is a store of its own: STORE/NAME)" if len(m.hooks) > 1 else ""
+        console.print(f"[bold]hook points[/]{several}:", highlight=False)
+        for h in hooks:
+            st = h.hook.stats
+            norm = sum(v * v for v in st.mean) ** 0.5
+            line = (f"  {h.hook.name}  {h.hook.hook_point}  d_in {h.d_in}  {st.count:,} non-special rows, "
+                    f"mean ‖x‖² {st.mean_sq_norm:.4g}, ‖mean‖ {norm:.4g}")  # fmt: skip
+            console.print(line, highlight=False, soft_wrap=True)
         if verify:
             with progress("rows") as bar:
-                task = bar.add_task("verify", total=s.rows_written)
-                s.verify(lambda n: bar.advance(task, n))
-            console.print(f"checksums OK: {s.rows_written:,} rows read back")
+                task = bar.add_task("verify", total=s.rows_written * len(hooks))
+                for h in hooks:
+                    h.verify(lambda n: bar.advance(task, n))
+            every = f" at each of {len(hooks)} hook points" if len(hooks) > 1 else ""
+            console.print(f"checksums OK: {s.rows_written:,} rows read back{every}")
 
 
 @app.command()

@@ -26,7 +26,7 @@ from pipeline.lm_loss import DeltaLoss
 from pipeline.metrics import reconstruction
 from pipeline.models import rerun_model
 from pipeline.paths import cache_dir
-from pipeline.saes import LoadedSAE, check_against_store, load_sae
+from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store
 from pipeline.store import ActivationStore
 
 
@@ -41,6 +41,9 @@ class EvaluateConfig:
     sae_revision: str | None = opt(None, "Hub revision of a Hub --sae.")
     store: str | None = opt(
         None, "Store to measure on (default: the store a gsp fit SAE was trained on; a held-out store is honest)."
+    )
+    target_store: str | None = opt(
+        None, "Transcoder: the store of the hook point it predicts (default: that point of --store's store)."
     )
     tokens: int = opt(262_144, "Ordinary tokens (store rows) for the reconstruction metrics; all if fewer.")
     batch_size: int = opt(4096, "Rows per SAE batch.")
@@ -80,27 +83,29 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     if not cfg.sae:
         raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
     loaded = load_sae(cfg.sae, revision=cfg.sae_revision, token=token)
-    store = _open_store(cfg, loaded)
-    layer, site = check_against_store(loaded, store)
+    store, target = _open_stores(cfg, loaded)
+    layer, site = check_against_store(loaded, store, target)
     group = dist.setup(cfg.device)  # under torchrun, each process measures its share of the tokens
     device = group.device
     sae = loaded.sae.to(device)
 
     t0 = time.perf_counter()
-    recon = reconstruction(sae, store, cfg.tokens, cfg.batch_size, group)
+    recon = reconstruction(sae, store, cfg.tokens, cfg.batch_size, group, target)
     if recon["tokens"] < cfg.tokens and group.main:
         info(f"the store holds {recon['tokens']:,} ordinary tokens; all were used (asked for {cfg.tokens:,})")
     t_recon = time.perf_counter() - t0
     delta, lm_info, t_delta = None, None, 0.0
     if cfg.delta_loss:
         t0 = time.perf_counter()
-        delta, lm_info = _delta_loss(cfg, sae, store, layer, site, token, group)
+        dest = (loaded.layer_out, loaded.site_out) if loaded.is_transcoder else (layer, site)
+        delta, lm_info = _delta_loss(cfg, sae, store, (layer, site), dest, token, group)
         t_delta = time.perf_counter() - t0
 
     results = {
         "gsp_version": __version__,
         "sae": _sae_info(loaded),
         "store": _store_info(store),
+        "target_store": _store_info(target) if target is not None else None,
         "model": lm_info,
         "settings": dataclasses.asdict(cfg),
         "reconstruction": {k: v for k, v in recon.items() if not k.startswith("_")},
@@ -119,6 +124,24 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     return path
 
 
+def _open_stores(cfg: EvaluateConfig, loaded: LoadedSAE) -> tuple[ActivationStore, ActivationStore | None]:
+    """The store of the SAE's hook point; for a transcoder also the store of the point it predicts
+    (--target-store, its training target, or that point of the same store)."""
+    store = _open_store(cfg, loaded)
+    if not loaded.is_transcoder:
+        if cfg.target_store:
+            raise GspError("--target-store is for transcoders; this SAE reconstructs its own input")
+        return store, None
+    path = cfg.target_store or (loaded.training_target if not cfg.store else None)
+    path = path or f"{store.root.rstrip('/')}/L{loaded.layer_out}.{loaded.site_out}"
+    try:
+        target = ActivationStore.open(path)
+    except GspError as e:
+        raise GspError(f"this transcoder predicts layer {loaded.layer_out} {loaded.site_out}: pass --target-store, "
+                       f"or a --store that holds both hook points ({e})") from None  # fmt: skip
+    return store, target
+
+
 def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
     path = cfg.store or loaded.training_store
     if not path:
@@ -132,22 +155,26 @@ def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
     if not cfg.store:
         warn(f"no --store given: measuring on {path}, the store this SAE was trained on; a held-out store "
              "(gsp harvest --part heldout) gives figures on unseen documents")  # fmt: skip
-    store = ActivationStore.open(path)
+    store = open_input_store(loaded, path)
     if not store.complete:
         warn(f"store {path} is incomplete; using its {store.rows_written:,} written rows")
     return store
 
 
 # ------------------------------------------------------------------------------ delta loss
-def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, site: str, token, group) -> tuple:
+def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, source, dest, token, group) -> tuple:
+    """The model re-run on the store's contexts with `dest` replaced by the SAE's output from `source`
+    (the same point for an SAE; a transcoder's input and output)."""
     from pipeline.hooks import site_width
     from pipeline.models import load_model
 
+    layer, site = source
     spec, revision = rerun_model(store.meta.model, cfg.model, cfg.revision)
     lm = load_model(spec, device=str(group.device), dtype=cfg.dtype, revision=revision, token=token)
-    if site_width(lm.model, layer, site) != store.d_in:
-        raise GspError(f"model {spec} has width {site_width(lm.model, layer, site)} at layer {layer} {site}, "
-                       f"the store {store.d_in}: pass the --model the store was harvested from")  # fmt: skip
+    for (lay, s), width in ((source, sae.d_in), (dest, sae.d_out)):
+        if site_width(lm.model, lay, s) != width:
+            raise GspError(f"model {spec} has width {site_width(lm.model, lay, s)} at layer {lay} {s}, the SAE "
+                           f"{width}: pass the --model the store was harvested from")  # fmt: skip
     C = store.context_size
     n_ctx = min(math.ceil(cfg.delta_tokens / C), store.rows_written // C)
     if n_ctx == 0:
@@ -163,7 +190,7 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, layer: int, si
             if b % group.world != group.rank:
                 continue
             ids = ids_all[i : i + per_batch].to(lm.device)
-            acc.run(lm.model, sae, ids, layer, site, store.special_ids)
+            acc.run(lm.model, sae, ids, *dest, store.special_ids, source=source)
             bar.advance(task, ids.numel() * group.world)
     shares = dist.gather(group, acc)  # a collective: every process takes part
     acc = shares[0]
@@ -206,6 +233,11 @@ def _sae_info(loaded: LoadedSAE) -> dict:
         "width": s.width,
         "architecture": s.arch,
         "k": s.k,
+        "transcoder": loaded.is_transcoder,
+        "layer_out": loaded.layer_out,
+        "site_out": loaded.site_out,
+        "d_out": s.d_out,
+        "skip": s.skip,
     }
 
 
@@ -215,9 +247,9 @@ def _store_info(store: ActivationStore) -> dict:
         "path": store.path,
         "model": m.model.name,
         "model_revision": m.model.revision,
-        "hook_point": m.hook_point,
-        "layer": m.layer,
-        "site": m.site,
+        "hook_point": store.hook.hook_point,
+        "layer": store.hook.layer,
+        "site": store.hook.site,
         "rows_written": store.rows_written,
         "context_size": store.context_size,
         "dtype": m.dtype,

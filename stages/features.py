@@ -25,7 +25,7 @@ from pipeline.console import console, err_console, progress
 from pipeline.errors import GspError
 from pipeline.features import HIST_LOW, HIST_STEP, TopActivations, logit_lens
 from pipeline.models import rerun_model, resolve_device
-from pipeline.saes import LoadedSAE, check_against_store, load_sae
+from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store
 from pipeline.store import ActivationStore
 
 
@@ -170,8 +170,8 @@ def collect(loaded: LoadedSAE, store: ActivationStore, top: TopActivations, feat
             "sae_format": loaded.format,
             "store": store.path,
             "model": m.model.name,
-            "layer": m.layer,
-            "site": m.site,
+            "layer": store.hook.layer,
+            "site": store.hook.site,
             "tokens": top.n,
             "width": loaded.sae.width,
             "dead": int((top.count_F == 0).sum()),
@@ -218,7 +218,7 @@ def _store(cfg: FeaturesConfig, loaded: LoadedSAE) -> ActivationStore:
     path = cfg.store or loaded.training_store
     if not path:
         raise GspError("--store is required for this SAE (a store harvested at the SAE's layer and site)")
-    store = ActivationStore.open(path)
+    store = open_input_store(loaded, path)
     check_against_store(loaded, store)
     return store
 
@@ -299,11 +299,11 @@ def _prompt(cfg: FeaturesConfig, loaded: LoadedSAE, token) -> None:
 
     from pipeline.hooks import activations, check_width
 
-    store = ActivationStore.open(cfg.store) if cfg.store else None
+    store = open_input_store(loaded, cfg.store) if cfg.store else None
     if store is None and loaded.training_store and Path(loaded.training_store).exists():
         store = ActivationStore.open(loaded.training_store)
-    layer = loaded.layer if loaded.layer is not None else (store.meta.layer if store else None)
-    site = loaded.site or (store.meta.site if store else None)
+    layer = loaded.layer if loaded.layer is not None else (store.hook.layer if store else None)
+    site = loaded.site or (store.hook.site if store else None)
     if layer is None or site is None:
         raise GspError("this SAE's files name no layer or site: pass --store harvested at its hook point")
     if cfg.model is None and store is None and loaded.model_name:

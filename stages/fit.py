@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from pipeline.files import OutputLock, atomic_write_text, is_disk_full, save_ten
 from pipeline.loader import LoaderState, ShuffledLoader
 from pipeline.metrics import dead_fraction, fvu, l0
 from pipeline.paths import cache_dir
-from pipeline.sae import FILE_ARCH, PARAMS, SAE, Objective, SAEConfig, read_json
+from pipeline.sae import FILE_ARCH, SAE, Objective, SAEConfig, read_json
 from pipeline.store import ActivationStore
 from pipeline.train import NonFinite, train_step
 
@@ -47,7 +48,14 @@ DEFAULT_LR = {"jumprelu": 1.75e-3, "topk": 1e-3}  # tuned on the default store a
 @stage_config("fit")
 @dataclass
 class FitConfig:
-    store: str | None = opt(None, "Store written by gsp harvest.", path=True)
+    store: str | None = opt(
+        None, "Store written by gsp harvest (one hook point of a store of several: STORE/L12.resid_post).", path=True
+    )
+    target_store: str | None = opt(
+        None, "Transcoder: the hook point its decoder predicts, of the same rows as --store (e.g. STORE/L12.mlp_out "
+        "with --store STORE/L12.mlp_in).", path=True,
+    )  # fmt: skip
+    skip: bool = opt(False, "Transcoder: add an affine skip connection from the input (a skip transcoder).")
     out: str | None = opt(None, "Output folder (default: cache/saes/<store>_<arch>_<width>).", run_only=True)
     arch: Literal["jumprelu", "topk"] = opt("jumprelu", "jumprelu (Gemma Scope) or topk (Llama Scope).")
     width: int = opt(4096, "Number of latents F.", aliases=("d_sae",))
@@ -103,6 +111,8 @@ class FitConfig:
             raise GspError(f"--k {self.k} is more than --width {self.width}")
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.width:
             raise GspError(f"--target-l0 must be above 0 and at most --width {self.width}, got {self.target_l0}")
+        if self.skip and not self.target_store:
+            raise GspError("--skip makes a skip transcoder: give --target-store, the hook point it predicts")
 
     @property
     def learning_rate(self) -> float:
@@ -119,9 +129,21 @@ class FitConfig:
 
     @property
     def out_dir(self) -> Path:
+        """--out, or cache/saes/<store>[_<hook>][_to_<target hook>[_skip]]_<arch>_<width>."""
         if self.out:
             return Path(self.out)
-        return cache_dir() / "saes" / f"{Path(self.store).name}_{self.arch}_{self.width}"
+        name = _store_name(self.store)
+        if self.target_store:
+            name += f"_to_{Path(self.target_store.rstrip('/')).name}" + ("_skip" if self.skip else "")
+        return cache_dir() / "saes" / f"{name}_{self.arch}_{self.width}"
+
+
+def _store_name(path: str) -> str:
+    """A store's folder name; a hook point of a store of several (STORE/L12.mlp_in) as STORE_L12.mlp_in."""
+    parts = path.rstrip("/").rsplit("/", 2)
+    if len(parts) > 1 and re.fullmatch(r"L\d+\.\w+", parts[-1]):
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
 
 
 def smoke_config(cfg: FitConfig) -> FitConfig:
@@ -164,7 +186,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     if not cfg.store:
         raise GspError("--store is required: the path of a store written by gsp harvest")
     store = ActivationStore.open(cfg.store)
-    if store.meta.stats.count == 0:
+    if store.hook.stats.count == 0:
         raise GspError(f"store {cfg.store} has no statistics over non-special rows; is it empty?")
     group = dist.setup(cfg.device)  # one process, or this process's share under torchrun
     out = cfg.out_dir
@@ -201,7 +223,7 @@ def _work_dir(out: Path) -> Path:
 def _record(cfg: FitConfig) -> dict:
     """The settings as checkpoints and config.json keep them, the store's local path made absolute: a
     relative one would name another folder when resumed, reused or evaluated from another directory."""
-    return {**dataclasses.asdict(cfg), "store": resolve_path(cfg.store)}
+    return {**dataclasses.asdict(cfg), "store": resolve_path(cfg.store), "target_store": resolve_path(cfg.target_store)}
 
 
 def _check_output(out: Path, work: Path, resume: bool) -> str:
@@ -243,13 +265,16 @@ def _publish(work: Path, out: Path) -> None:
 
 def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, resume: bool) -> None:
     device = group.device
-    scale = 1.0 / math.sqrt(store.meta.stats.mean_sq_norm)  # unit-scaled inputs: E‖x·s‖² = 1
-    sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k).init_gemma_scope(
+    target = ActivationStore.open(cfg.target_store) if cfg.target_store else None  # a transcoder's
+    out = target or store
+    # unit-scaled inputs (and targets): E‖x·s‖² = 1, E‖y·t‖² = 1
+    scales = (1.0 / math.sqrt(store.hook.stats.mean_sq_norm), 1.0 / math.sqrt(out.hook.stats.mean_sq_norm))
+    sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k, d_out=out.d_in, skip=cfg.skip).init_gemma_scope(
         torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
     )
     if cfg.b_dec_init == "mean":
         with torch.no_grad():
-            sae.b_dec.copy_(torch.tensor(store.meta.stats.mean) * scale)
+            sae.b_dec.copy_(torch.tensor(out.hook.stats.mean) * scales[1])
     sae.to(device)
     opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(0.0, 0.999))
     since_fired = torch.zeros(cfg.width, dtype=torch.int64, device=device)
@@ -262,7 +287,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, 
 
     loader = ShuffledLoader(
         store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, pin=device.type == "cuda",
-        state=loader_state, part=(group.rank, group.world), lanes=cfg.lanes,
+        state=loader_state, part=(group.rank, group.world), lanes=cfg.lanes, target=target,
     )  # fmt: skip
     if group.world > 1 and group.main:
         share, lanes = cfg.batch_size // group.world, loader.lanes
@@ -271,9 +296,9 @@ def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, 
             f"each reading {lanes // group.world} of the store's {lanes} loader lanes"
         )
     logger = _wandb(cfg) if cfg.wandb and group.main else None
-    last = _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, group, ckpt, logger)
+    last = _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, group, ckpt, logger)
     if group.main:
-        _save(cfg, store, sae, scale, last, work)
+        _save(cfg, store, target, sae, scales, last, work)
 
 
 def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
@@ -288,7 +313,7 @@ def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
     return lr, lam
 
 
-def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, group, ckpt, logger) -> dict:
+def _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, group, ckpt, logger) -> dict:
     n = cfg.total_steps
     metrics: dict = {}
     t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
@@ -300,13 +325,13 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, grou
             lr, lam = _schedule(cfg, step_)
             for pg in opt_.param_groups:
                 pg["lr"] = lr
-            x = next(batches).to(group.device, non_blocking=True) * scale  # (B, D) unit-scaled, this share
+            x, y = _unit_scaled(next(batches).to(group.device, non_blocking=True), sae, scales)  # this share
 
             # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
             cpu = group.device.type == "cpu"
             sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and density < 0.05)
             loss = train_step(sae, opt_, x, cfg.objective, lam=lam, since_fired_F=since_fired,
-                              dead_tokens=cfg.dead_tokens, sparse=sparse, group=group)  # fmt: skip
+                              dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y)  # fmt: skip
             done = step_ + 1
             finite.update(done, loss.total)
 
@@ -315,7 +340,8 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, grou
                 tok_s = (done * cfg.batch_size - tokens_at_t0) / (time.perf_counter() - t0)
                 # averaged over processes (FVU as the mean of the shares' FVUs): the same on every process
                 f, x_hat = loss.f_BF, loss.x_hat_BD.detach()
-                logged = torch.stack([loss.total.detach(), l0(f), fvu(x, x_hat).float(), (f != 0).float().mean()])
+                truth = x if y is None else y
+                logged = torch.stack([loss.total.detach(), l0(f), fvu(truth, x_hat).float(), (f != 0).float().mean()])
                 dist.mean_(group, [logged])
                 loss_, l0_, fvu_, density = logged.tolist()
                 metrics = {"step": done, "loss": loss_, "l0": l0_, "fvu": fvu_,
@@ -333,6 +359,14 @@ def _train(cfg, sae, opt_, loader, since_fired, scale, start_step, density, grou
                 dist.barrier(group)
     _stop_if_not_finite(finite, cfg, ckpt)
     return metrics
+
+
+def _unit_scaled(batch: torch.Tensor, sae: SAE, scales: tuple[float, float]):
+    """(x (B, D), y (B, O) or None) unit-scaled: an SAE's batch is its input; a transcoder's holds the
+    input's columns, then the target's."""
+    if not sae.is_transcoder:
+        return batch * scales[0], None
+    return batch[:, : sae.d_in] * scales[0], batch[:, sae.d_in :] * scales[1]
 
 
 def _stop_if_not_finite(finite: NonFinite, cfg: FitConfig, ckpt: Path) -> None:
@@ -382,9 +416,9 @@ def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_
     only then are older folders removed. A kill at any moment leaves a complete checkpoint.
     """
     folder = root / f"step-{done}"
-    tensors = {f"param.{k}": getattr(sae, k).detach().cpu().contiguous() for k in PARAMS}
+    tensors = {f"param.{k}": getattr(sae, k).detach().cpu().contiguous() for k in sae.params}
     adam_steps = {}
-    for k in PARAMS:
+    for k in sae.params:
         st = opt_.state.get(getattr(sae, k), {})
         if st:
             tensors[f"adam.{k}.exp_avg"] = st["exp_avg"].cpu().contiguous()
@@ -446,7 +480,7 @@ def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, Load
         raise GspError(f"the checkpoint in {path} was trained with other parameters ({'; '.join(diffs)})")
     try:
         with torch.no_grad():
-            for k in PARAMS:
+            for k in sae.params:
                 getattr(sae, k).copy_(tensors[f"param.{k}"])
             since_fired.copy_(tensors["since_fired"])
         for k, n in adam_steps.items():
@@ -462,25 +496,30 @@ def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, Load
 
 
 # ------------------------------------------------------------------------------ the saved SAE
-def _save(cfg: FitConfig, store: ActivationStore, sae: SAE, scale: float, final: dict, work: Path) -> None:
-    """params.safetensors + config.json in Gemma Scope 2's format, the input scale folded in, into the
-    work folder; then its checkpoints go (the caller renames the folder to the output)."""
+def _save(cfg, store: ActivationStore, target, sae: SAE, scales, final: dict, work: Path) -> None:
+    """params.safetensors + config.json in Gemma Scope 2's format (its transcoder layout for a
+    transcoder), the scales folded in, into the work folder; then its checkpoints go (the caller
+    renames the folder to the output)."""
     m, record = store.meta, _record(cfg)
-    sae = sae.cpu().fold_input_scale(scale)
+    sae = sae.cpu().fold_input_scale(*scales)
     config = SAEConfig(
         architecture=FILE_ARCH[cfg.arch],
         model_name=m.model.name,
-        hf_hook_point_in=m.hook_point,
-        hf_hook_point_out=m.hook_point,
+        hf_hook_point_in=store.hook.hook_point,
+        hf_hook_point_out=(target or store).hook.hook_point,
+        affine_connection=cfg.skip,
+        type="transcoder" if target else "sae",
         width=cfg.width,
         l0=cfg.target_l0 if cfg.target_l0 is not None else (cfg.k if cfg.arch == "topk" else final.get("l0")),
         k=cfg.k if cfg.arch == "topk" else None,
         d_in=store.d_in,
-        layer=m.layer,
-        site=m.site,
+        layer=store.hook.layer,
+        site=store.hook.site,
         store=record["store"],
+        target_store=record["target_store"],
         model_revision=m.model.revision,
-        input_scale_folded=scale,
+        input_scale_folded=scales[0],
+        output_scale_folded=scales[1] if target else None,
         steps=cfg.total_steps,
         tokens_seen=cfg.total_steps * cfg.batch_size,
         final_train_metrics=final,

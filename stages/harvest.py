@@ -30,12 +30,12 @@ from pipeline.console import console, info, progress, warn
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 from pipeline.files import OutputLock
-from pipeline.hooks import SITES, Site, activations, hook_point, site_module, site_width
-from pipeline.models import OFFLINE_DEFAULT, LoadedModel, hf_token, load_model, model_name
+from pipeline.hooks import SITES, Point, activations_at, forward_order, hook_point, point_name, site_width
+from pipeline.models import OFFLINE_DEFAULT, LoadedModel, decoder_layers, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter, is_url, local, path_state
 from pipeline.store.ledger import RankLedger, StoreClaims, other_worlds
-from pipeline.store.meta import Compute, CorpusRef, ModelRef, StoreMeta, TokenizerRef
+from pipeline.store.meta import Compute, CorpusRef, HookMeta, ModelRef, StoreMeta, TokenizerRef
 from pipeline.workers import ContextReader, ReaderSpec, ShardWriter, Share
 
 _CORPUS = tuple(f.name for f in dataclasses.fields(CorpusRef))  # harvest options that pick the documents
@@ -52,8 +52,15 @@ class HarvestConfig:
         "Compute dtype: auto is bfloat16 on CUDA, float32 on CPU (float16 overflows Gemma's residual).",
         run_only=True,  # checked as resolved: the store records the device type and dtype it was computed in
     )
-    layer: int = opt(12, "Block index L of model.model.layers[L] to hook.", aliases=("hook_layer",))
-    site: Site = opt("resid_post", "Hook point: resid_post, mlp_out or attn_out (Gemma Scope 2's sites).")
+    layer: str = opt(
+        "12",
+        "Block index L of model.model.layers[L] to hook; several as 5,9,12,15 (one forward pass), or all.",
+        aliases=("hook_layer",),
+    )
+    site: str = opt(
+        "resid_post", "Site(s) at each layer: resid_post, mlp_out, attn_out, mlp_in (Gemma Scope 2's, and the "
+        "transcoders' input); several as resid_post,mlp_out.",
+    )  # fmt: skip
     dataset: str = opt("wiki", "Corpus: wiki (offline Wikipedia), a Hub dataset id, or local .txt/.jsonl/.parquet.")
     split: str = opt("train", "Split of a Hub dataset.")
     dataset_config: str | None = opt(None, "Configuration name of a Hub dataset (e.g. wikitext-103-raw-v1).")
@@ -84,19 +91,30 @@ class HarvestConfig:
                 raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.context_size < 2:
             raise GspError("--context-size must be at least 2 (BOS and one token)")
-        if self.layer < 0:
-            raise GspError(f"--layer must be 0 or more, got {self.layer}")
+        if self.layer != "all":
+            layers = self.layer.split(",")
+            if not all(v.strip().lstrip("-").isdigit() for v in layers):
+                raise GspError(f"--layer should be a block index, a list like 5,9,12,15, or all; got '{self.layer}'")
+            if any(int(v) < 0 for v in layers):
+                raise GspError(f"--layer must be 0 or more, got {self.layer}")
         if not 0 < self.heldout_fraction < 1:
             raise GspError(f"--heldout-fraction must be between 0 and 1, got {self.heldout_fraction}")
-        if self.site not in SITES:
-            raise GspError(f"unknown site '{self.site}': choose one of {', '.join(SITES)}")
+        for site in self.site.split(","):
+            if site.strip() not in SITES:
+                raise GspError(f"unknown site '{site}': choose one of {', '.join(SITES)}")
+
+    def points(self, n_layers: int) -> list[Point]:
+        """Every (layer, site) to harvest, in forward order; `all` is every block of the model."""
+        layers = range(n_layers) if self.layer == "all" else sorted({int(v) for v in self.layer.split(",")})
+        return forward_order([(layer, site.strip()) for layer in layers for site in self.site.split(",")])
 
     @property
     def store_path(self) -> str:
         if self.store:
             return self.store
         name = Path(model_name(self.model).rstrip("/")).name
-        return str(cache_dir() / "stores" / f"{name}_L{self.layer}_{self.site}_{self.part}_{self.tokens}")
+        layers, sites = self.layer.replace(",", "-"), self.site.replace(",", "-")
+        return str(cache_dir() / "stores" / f"{name}_L{layers}_{sites}_{self.part}_{self.tokens}")
 
     def corpus(self) -> CorpusRef:
         return CorpusRef(**{k: getattr(self, k) for k in _CORPUS})
@@ -116,7 +134,7 @@ def smoke_config(cfg: HarvestConfig) -> HarvestConfig:
     if not corpus.is_file():
         write_corpus(corpus)
     return dataclasses.replace(
-        cfg, model=str(model), dataset=str(corpus), layer=1, tokens=8192, context_size=64, batch_size=16,
+        cfg, model=str(model), dataset=str(corpus), layer="1", tokens=8192, context_size=64, batch_size=16,
         shard_mib=0.25, store=cfg.store or str(cache_dir() / "stores" / "smoke"),
     )  # fmt: skip
 
@@ -144,10 +162,10 @@ def run_harvest(
             return path
         lm = model or load_model(cfg.model, device=str(group.device), dtype=cfg.dtype, revision=cfg.revision,
                                  token=token)  # fmt: skip
-        site_module(lm.model, cfg.layer, cfg.site)  # layer/site errors before anything is written
-        d_in = site_width(lm.model, cfg.layer, cfg.site)
+        points = cfg.points(len(decoder_layers(lm.model)))
+        widths = {p: site_width(lm.model, *p) for p in points}  # layer/site errors before anything is written
         compute = Compute(lm.device.type, str(lm.dtype).removeprefix("torch."))
-        dist.on_main(group, lambda: _prepare(cfg, path, lm, d_in, compute, state, group.world))
+        dist.on_main(group, lambda: _prepare(cfg, path, lm, widths, compute, state, group.world))
         writer = StoreWriter.open(path)
         claims = StoreClaims(writer) if group.world == 1 else RankLedger(writer, group.rank, group.world)
         start_rows, t0 = writer.meta.rows_written, time.perf_counter()
@@ -173,7 +191,7 @@ def _existing(cfg: HarvestConfig, path: str, overwrite: bool) -> str:
     if overwrite:
         _check_replaceable(path)
         return "new"
-    store = ActivationStore.open(path)
+    store = ActivationStore.open_all(path)[0]
     diffs = differences(store.meta.spec, cfg, "store")
     if diffs:
         raise GspError(
@@ -186,17 +204,17 @@ def _existing(cfg: HarvestConfig, path: str, overwrite: bool) -> str:
 def _check_replaceable(path: str) -> None:
     """--overwrite replaces only a gsp store: never a folder of someone else's data."""
     try:
-        ActivationStore.open(path)
+        ActivationStore.open_all(path)
     except GspError as e:
         if "not a gsp activation store" in str(e):
             raise GspError(f"{path} is a Zarr group but not a gsp store; --overwrite will not replace it") from None
         # a damaged gsp store may be replaced
 
 
-def _prepare(cfg: HarvestConfig, path: str, lm: LoadedModel, d_in: int, compute: Compute, state: str, world: int):
+def _prepare(cfg: HarvestConfig, path: str, lm: LoadedModel, widths: dict, compute: Compute, state: str, world: int):
     """Rank 0: create the store, or check that this run may resume it."""
     if state == "new":
-        _create_store(cfg, path, lm, d_in, compute)
+        _create_store(cfg, path, lm, widths, compute)
         return
     writer = StoreWriter.open(path)
     if writer.meta.compute != compute:
@@ -210,18 +228,19 @@ def _prepare(cfg: HarvestConfig, path: str, lm: LoadedModel, d_in: int, compute:
         raise GspError(f"store {path} was started by {others[0]} processes; resume it with {how}")
     if world > 1 and writer.meta.rows_written:
         raise GspError(f"store {path} was started by one process; resume it with one process, not torchrun")
-    info(f"resuming {path} at row {writer.meta.rows_written:,} of {writer.activations.shape[0]:,}")
+    info(f"resuming {path} at row {writer.meta.rows_written:,} of {writer.n_rows:,}")
 
 
-def _create_store(cfg: HarvestConfig, path: str, lm: LoadedModel, d_in: int, compute: Compute) -> None:
+def _create_store(cfg: HarvestConfig, path: str, lm: LoadedModel, widths: dict, compute: Compute) -> None:
+    """A store with a group per hook point; a shard holds `--shard-mib` of all the hook points together,
+    so the memory of the shards in flight does not grow with the number of hook points."""
     tok = lm.tokenizer
-    layout = Layout.plan(cfg.context_size, d_in, 2 if cfg.store_dtype == "bfloat16" else 4, shard_mib=cfg.shard_mib)
+    itemsize = 2 if cfg.store_dtype == "bfloat16" else 4
+    layout = Layout.plan(cfg.context_size, sum(widths.values()), itemsize, shard_mib=cfg.shard_mib)
+    hooks = tuple(HookMeta(point_name(*p), p[0], p[1], hook_point(*p), d) for p, d in widths.items())
     meta = StoreMeta(
         model=ModelRef(cfg.model, lm.name, lm.revision, type(lm.model).__name__),
-        layer=cfg.layer,
-        site=cfg.site,
-        hook_point=hook_point(cfg.layer, cfg.site),
-        d_in=d_in,
+        hooks=hooks,
         context_size=cfg.context_size,
         dataset=cfg.corpus(),
         tokenizer=TokenizerRef(
@@ -239,11 +258,11 @@ def _create_store(cfg: HarvestConfig, path: str, lm: LoadedModel, d_in: int, com
 
 def _finish(writer: StoreWriter, claims, created: bool, start_rows: int, seconds: float, world: int) -> None:
     """Rank 0, after every process has claimed its shards: mark the store complete and say what was written."""
-    planned = writer.activations.shape[0]
+    planned = writer.n_rows
     rows = claims.total_rows()
     if rows == 0:
         if created:
-            _remove_new_store(writer.path)
+            _remove_new_store(writer.path, [h.name for h in writer.meta.hooks])
         d = writer.meta.dataset
         raise GspError(f"the corpus gave no text for this store (dataset {d.dataset}, part {d.part}, text "
                        f"column '{d.text_column}'): check --dataset, --text-column and --part; nothing was "
@@ -254,26 +273,28 @@ def _finish(writer: StoreWriter, claims, created: bool, start_rows: int, seconds
     m = writer.meta
     who = f"{world} processes wrote" if world > 1 else "wrote"
     new = rows - start_rows
+    hooks = f"d_in {m.hooks[0].d_in}" if len(m.hooks) == 1 else f"{len(m.hooks)} hook points"
     console.print(
         f"{who} {new:,} rows in {seconds:.1f} s ({new / seconds:,.0f} tok/s) to [bold]{writer.path}[/] "
-        f"({rows:,} rows, d_in {m.d_in}, {m.dtype})",
+        f"({rows:,} rows, {hooks}, {m.dtype})",
         highlight=False,
     )
 
 
-def _remove_new_store(path: str) -> None:
+def _remove_new_store(path: str, hooks: list[str]) -> None:
     """Delete the entries of a store this run created and left empty (nothing else at the path)."""
     import shutil
 
+    names = ["token_ids", "progress", *hooks]
     if is_url(path):
         from pipeline.store.location import filesystem
 
         fs, p = filesystem(path)
-        for name in ("activations", "token_ids", "progress", "zarr.json"):
+        for name in [*names, "zarr.json"]:
             if fs.exists(f"{p}/{name}"):
                 fs.rm(f"{p}/{name}", recursive=True)
         return
-    for name in ("activations", "token_ids", "progress"):
+    for name in names:
         shutil.rmtree(Path(local(path)) / name, ignore_errors=True)
     (Path(local(path)) / "zarr.json").unlink(missing_ok=True)
 
@@ -284,7 +305,7 @@ def _harvest_shards(writer: StoreWriter, claims, cfg: HarvestConfig, lm: LoadedM
     model and handed to the writers; the corpus reader starts where `claims` says."""
     C = cfg.context_size
     shard_contexts = writer.meta.shard_rows // C
-    n_contexts = writer.activations.shape[0] // C
+    n_contexts = writer.n_rows // C
     done = claims.done()
     # lazily: a store planned far beyond its corpus (--tokens 1e12) has millions of shards it never fills
     ours = range(group.rank, math.ceil(n_contexts / shard_contexts), group.world)
@@ -349,19 +370,23 @@ def _reader_spec(cfg: HarvestConfig, lm, token: str | None, cursor: Cursor, tok_
 
 
 def _fill_shard(writer: StoreWriter, cfg, lm, reader, writers, shard: int, want: int, advance) -> int:
-    """Run the model over up to `want` contexts into one shard buffer and hand it to the writers.
+    """Run the model over up to `want` contexts into one shard buffer per hook point and hand them to
+    the writers.
 
-    Nothing here waits for the device until the shard is full: activations are copied into a
-    pinned buffer asynchronously and the statistics stay on the device, so the GPU always has the
-    next batch queued, as in a bare loop over the model.
+    Nothing here waits for the device until the shard is full: activations are copied into pinned
+    buffers asynchronously and the statistics stay on the device, so the GPU always has the next
+    batch queued, as in a bare loop over the model.
     """
-    C, D, dev = cfg.context_size, writer.meta.d_in, lm.device
+    C, dev, hooks = cfg.context_size, lm.device, writer.meta.hooks
     bf16 = writer.meta.dtype == "bfloat16"
-    acts = torch.empty((want * C, D), dtype=torch.int16 if bf16 else torch.float32, pin_memory=dev.type == "cuda")
+    points = [(h.layer, h.site) for h in hooks]
+    pin = dev.type == "cuda"
+    acts = {h.name: torch.empty((want * C, h.d_in), dtype=torch.int16 if bf16 else torch.float32, pin_memory=pin)
+            for h in hooks}  # fmt: skip
     tokens = np.empty((want, C), dtype=np.int32)
     special = torch.tensor(writer.meta.special_ids, device=dev)
-    sum_D = torch.zeros(D, dtype=torch.float64, device=dev)
-    sum_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    sum_D = {h.name: torch.zeros(h.d_in, dtype=torch.float64, device=dev) for h in hooks}
+    sum_sq = {h.name: torch.zeros((), dtype=torch.float64, device=dev) for h in hooks}
     kept = torch.zeros((), dtype=torch.int64, device=dev)
     got, cursor = 0, None
     while got < want:
@@ -371,23 +396,28 @@ def _fill_shard(writer: StoreWriter, cfg, lm, reader, writers, shard: int, want:
         ids_BS = np.stack([ids for ids, _ in batch])
         cursor = batch[-1][1]
         ids_dev = torch.from_numpy(ids_BS).to(dev, non_blocking=True)
-        acts_ND = activations(lm.model, ids_dev, cfg.layer, cfg.site).reshape(-1, D)
-        stored_ND = acts_ND.to(torch.bfloat16) if bf16 else acts_ND.float()
-        # statistics of exactly the stored values over non-special rows, float64, on the device
+        captured = activations_at(lm.model, ids_dev, points)
         keep_N1 = ~torch.isin(ids_dev.reshape(-1, 1), special)
-        x = torch.where(keep_N1, stored_ND.double(), 0.0)
-        sum_D += x.sum(0)
-        sum_sq += x.square().sum()
-        kept += keep_N1.sum()
         rows = slice(got * C, (got + len(batch)) * C)
-        acts[rows].copy_(stored_ND.view(torch.int16) if bf16 else stored_ND, non_blocking=True)
+        for h, point in zip(hooks, points, strict=True):
+            stored_ND = captured[point].reshape(-1, h.d_in)
+            stored_ND = stored_ND.to(torch.bfloat16) if bf16 else stored_ND.float()
+            # statistics of exactly the stored values over non-special rows, float64, on the device
+            x = torch.where(keep_N1, stored_ND.double(), 0.0)
+            sum_D[h.name] += x.sum(0)
+            sum_sq[h.name] += x.square().sum()
+            acts[h.name][rows].copy_(stored_ND.view(torch.int16) if bf16 else stored_ND, non_blocking=True)
+        kept += keep_N1.sum()
         tokens[got : got + len(batch)] = ids_BS
         got += len(batch)
         advance(len(batch))
     if got:
         if dev.type == "cuda":
-            torch.cuda.current_stream(dev).synchronize()  # the pinned buffer is complete
-        out = acts[: got * C].numpy()  # keeps `acts` alive until the writer is done with it
-        sums = RowSums(sum_D.cpu().numpy(), float(sum_sq), int(kept))
-        writers.put(shard, out.view(np.uint16) if bf16 else out, tokens[:got].reshape(-1), cursor, sums)
+            torch.cuda.current_stream(dev).synchronize()  # the pinned buffers are complete
+        out = {}
+        for h in hooks:
+            a = acts[h.name][: got * C].numpy()  # keeps the buffer alive until the writer is done with it
+            out[h.name] = a.view(np.uint16) if bf16 else a
+        sums = {h.name: RowSums(sum_D[h.name].cpu().numpy(), float(sum_sq[h.name]), int(kept)) for h in hooks}
+        writers.put(shard, out, tokens[:got].reshape(-1), cursor, sums)
     return got

@@ -25,15 +25,28 @@ from stages.harvest import HarvestConfig, run_harvest
 @dataclass
 class RunConfig:
     heldout_tokens: int = opt(32_768, "Tokens of the held-out store the SAE is evaluated on.")
+    hook: str | None = opt(
+        None, "The hook point to fit and evaluate when the harvest writes several (e.g. L12.resid_post)."
+    )
 
     def __post_init__(self):
         if self.heldout_tokens <= 0:
             raise GspError(f"--heldout-tokens must be positive, got {self.heldout_tokens}")
 
 
+def _hook_path(harvest: HarvestConfig, hook: str | None) -> str:
+    """The store's path, or its hook point's when the harvest writes several."""
+    several = harvest.layer == "all" or "," in harvest.layer + harvest.site
+    if several and hook is None:
+        raise GspError("the harvest section names several hook points: set `hook` in the config's run section "
+                       "(e.g. L12.resid_post) to the one gsp run fits and evaluates")  # fmt: skip
+    return f"{harvest.store_path}/{hook}" if hook else harvest.store_path
+
+
 def run_all(cfg: RunConfig, config: str | None, *, token: str | None = None) -> Path:
     """Run the four steps with the stage settings from `config`; returns the report's path."""
     harvest = build_config(HarvestConfig, config, {})
+    _hook_path(harvest, cfg.hook)  # before any work
     if harvest.part != "train":
         raise GspError("gsp run harvests the train part itself; remove `part` from the config's harvest section")
     heldout = dataclasses.replace(harvest, part="heldout", tokens=cfg.heldout_tokens, store=None)
@@ -43,12 +56,12 @@ def run_all(cfg: RunConfig, config: str | None, *, token: str | None = None) -> 
     run_harvest(heldout, token=token)
 
     fit = build_config(FitConfig, config, {})
-    fit.store = fit.store or harvest.store_path
+    fit.store = fit.store or _hook_path(harvest, cfg.hook)
     info(f"[bold]3/4[/] SAE {fit.out_dir}")
     fit_or_reuse(fit)
 
     evaluate = build_config(EvaluateConfig, config, {})
     evaluate.sae = evaluate.sae or str(fit.out_dir)
-    evaluate.store = evaluate.store or heldout.store_path
+    evaluate.store = evaluate.store or _hook_path(heldout, cfg.hook)
     info(f"[bold]4/4[/] evaluate on {evaluate.store}")
     return run_evaluate(evaluate, token=token)

@@ -10,7 +10,7 @@ import torch
 from pipeline.config import opt, stage_config
 from pipeline.console import console
 from pipeline.errors import GspError
-from pipeline.hooks import check_width, splice
+from pipeline.hooks import check_width, splice_from
 from pipeline.saes import load_sae
 from pipeline.steering import steer_fn
 from pipeline.store import ActivationStore
@@ -38,7 +38,9 @@ class SteerConfig:
     model: str | None = opt(None, "Model (default: the one the SAE's store came from, else the SAE's model name).")
     revision: str | None = opt(None, "Hub revision of --model.")
     layer: int | None = opt(None, "Layer, for SAEs whose files do not name it.")
-    site: Literal["resid_post", "mlp_out", "attn_out"] | None = opt(None, "Site, for SAEs that do not name it.")
+    site: Literal["resid_post", "mlp_out", "attn_out", "mlp_in"] | None = opt(
+        None, "Site, for SAEs that do not name it."
+    )
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16"] = opt("auto", "Model dtype (auto: bfloat16 on CUDA).")
 
@@ -79,11 +81,13 @@ def run_steer(cfg: SteerConfig, *, token: str | None = None) -> tuple[str, str]:
         raise GspError("this SAE's files name no layer or site: pass --layer and --site")
     lm = load_model(_model_spec(cfg, loaded), device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
     check_width(lm.model, layer, site, loaded.sae.d_in, f"the SAE {cfg.sae}")
+    dest = (loaded.layer_out, loaded.site_out) if loaded.is_transcoder else (layer, site)
+    check_width(lm.model, *dest, loaded.sae.d_out, f"the SAE {cfg.sae}'s decoder")
     sae = loaded.sae.to(lm.device)
     ids = lm.tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(lm.device)
     plain = generate(lm.model, ids, cfg)
     fn = steer_fn(sae, cfg.feature, cfg.values, clamp=cfg.clamp, positions=cfg.positions, prompt_len=ids.shape[1])
-    with splice(lm.model, layer, site, fn):
+    with splice_from(lm.model, (layer, site), dest, fn):
         steered = generate(lm.model, ids, cfg)
     texts = [lm.tokenizer.decode(out[ids.shape[1] :], skip_special_tokens=True) for out in (plain, steered)]
 

@@ -84,6 +84,23 @@ def tiny_fit(tiny_model, corpus, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def transcoder(tiny_model, corpus, tmp_path_factory):
+    """A store of layer 1's MLP input and output (one harvest), and a skip transcoder fitted on it."""
+    from stages.cli import app
+
+    root = tmp_path_factory.mktemp("transcoder")
+    run = CliRunner()
+    args = tiny_harvest_args(tiny_model, corpus, root / "store", site="mlp_in,mlp_out")
+    r = run.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    r = run.invoke(app, ["fit", "--store", str(root / "store" / "L1.mlp_in"), "--target-store",
+                         str(root / "store" / "L1.mlp_out"), "--skip", "--out", str(root / "t"), "--width", "96",
+                         "--steps", "60", "--batch-size", "128", "--target-l0", "12"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    return root
+
+
 def error_line(output: str, *words: str) -> str:
     """The one `error:` line of a failed command, which holds `words`, with no traceback anywhere."""
     assert "Traceback" not in output, output
@@ -110,6 +127,8 @@ def direct_site(model, ids, layer, site):
         h = block.register_forward_hook(lambda m, a, o: got.setdefault("x", o[0] if isinstance(o, tuple) else o))
     elif site == "mlp_out":
         h = block.post_feedforward_layernorm.register_forward_hook(lambda m, a, o: got.setdefault("x", o))
+    elif site == "mlp_in":
+        h = block.mlp.register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))  # what the MLP reads
     else:
         h = block.self_attn.o_proj.register_forward_pre_hook(lambda m, a: got.setdefault("x", a[0]))
     with torch.no_grad():

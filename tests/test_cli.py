@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import stages.cli
 from pipeline.store import ActivationStore
+from pipeline.tiny import SYNTHETIC_HOOK as H
 
 
 def _raise(error: BaseException):
@@ -33,7 +34,7 @@ COMMANDS = [
 def _patch(monkeypatch, entry: str, error: BaseException) -> None:
     """Make the function that the command calls raise `error`."""
     if entry == "info":
-        monkeypatch.setattr(ActivationStore, "open", _raise(error))
+        monkeypatch.setattr(ActivationStore, "open_some", _raise(error))
     else:
         monkeypatch.setattr(stages.cli, entry, _raise(error))
 
@@ -113,11 +114,14 @@ def _edit_attributes(store, change) -> None:
 @pytest.mark.parametrize(
     ("damage", "words"),
     [
-        (lambda s: _edit_attributes(s, lambda a: a.pop("stats")), ["attribute 'stats'", "is missing", "harvest"]),
+        (
+            lambda s: _edit_attributes(s, lambda a: a["hooks"][0].pop("stats")),
+            ["'hooks[0].stats'", "is missing", "harvest"],
+        ),
         (lambda s: _edit_attributes(s, lambda a: a.update(rows_written="12")), ["'rows_written'", "should be int"]),
         (
-            lambda s: (s / "activations" / "zarr.json").write_text("{ half written"),
-            ["activations/zarr.json", "damaged"],
+            lambda s: (s / H / "activations" / "zarr.json").write_text("{ half written"),
+            [f"{H}/activations/zarr.json", "damaged"],
         ),
         (lambda s: (s / "zarr.json").write_bytes(b"\xff\xfe not json"), ["not a readable Zarr"]),
     ],
@@ -132,22 +136,22 @@ def test_info_on_damaged_attributes_is_one_line(gsp, store, damage, words, verif
 
 
 def test_info_verify_names_a_shard_truncated_to_zero_bytes(gsp, store):
-    shard = store / "activations" / "c" / "1" / "0"
+    shard = store / H / "activations" / "c" / "1" / "0"
     assert shard.stat().st_size > 0
     shard.write_bytes(b"")
     before = _files(store)
-    one_line_error(gsp("info", store, "--verify"), "activations/c/1/0", "rows 512..1023", "empty (0 bytes)")
+    one_line_error(gsp("info", store, "--verify"), f"{H}/activations/c/1/0", "rows 512..1023", "empty (0 bytes)")
     assert _files(store) == before
 
 
 def test_info_verify_names_a_shard_whose_bytes_changed(gsp, store, tmp_path):
     """A flipped byte inside a chunk: the plain view still opens, --verify names the shard file."""
-    shard = store / "activations" / "c" / "2" / "0"
+    shard = store / H / "activations" / "c" / "2" / "0"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert gsp("info", store).exit_code == 0
-    one_line_error(gsp("info", store, "--verify"), "checksum", "activations/c/2")
+    one_line_error(gsp("info", store, "--verify"), "checksum", f"{H}/activations/c/2")
 
 
 def test_info_on_an_unknown_url_scheme_names_it(gsp):

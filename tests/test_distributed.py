@@ -114,8 +114,8 @@ def _same_store(a_path, b_path):
     assert a.complete and b.complete and a.rows_written == b.rows_written > 0
     np.testing.assert_array_equal(a.read(0, a.rows_written), b.read(0, b.rows_written))
     np.testing.assert_array_equal(a.read_tokens(0, a.rows_written), b.read_tokens(0, b.rows_written))
-    assert a.meta.stats.count == b.meta.stats.count
-    np.testing.assert_allclose(a.meta.stats.sum, b.meta.stats.sum, rtol=1e-12)
+    assert a.hook.stats.count == b.hook.stats.count
+    np.testing.assert_allclose(a.hook.stats.sum, b.hook.stats.sum, rtol=1e-12)
     return a.rows_written
 
 

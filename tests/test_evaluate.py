@@ -375,3 +375,81 @@ def test_the_shares_of_two_processes_merge_to_the_one_process_figures(split_stor
     for key in ("dead_features", "dense_features", "l0_histogram", "frequency_histogram"):
         assert merged[key] == whole[key], key
     assert 0 < whole["l0"] < 24 and 0 < whole["fvu"]
+
+
+# ------------------------------------------------------------------------------ transcoders
+def _transcoder_numpy(root):
+    """The transcoder's prediction of the MLP's output from its input on every ordinary row, in numpy."""
+    s_in = ActivationStore.open(root / "store" / "L1.mlp_in")
+    s_out = ActivationStore.open(root / "store" / "L1.mlp_out")
+    keep = ~np.isin(s_in.read_tokens(0, s_in.rows_written), s_in.special_ids)
+    x = s_in.read(0, s_in.rows_written).astype(np.float64)[keep]
+    y = s_out.read(0, s_out.rows_written).astype(np.float64)[keep]
+    p = {k: v.double().numpy() for k, v in load_file(root / "t" / "params.safetensors").items()}
+    pre = x @ p["w_enc"] + p["b_enc"]
+    f = np.maximum(pre, 0) * (pre > p["threshold"])
+    return x, y, f, f @ p["w_dec"] + p["b_dec"] + x @ p["affine_skip_connection"], p
+
+
+def test_a_transcoder_is_measured_on_the_output_it_predicts(gsp, transcoder, tiny_model, tmp_path):
+    """FVU and L0 of its prediction of the MLP's output against numpy; delta loss with the MLP's output
+    replaced by its prediction from the MLP's real input, against a direct forward with hooks written here."""
+    r = gsp("evaluate", "--sae", transcoder / "t", "--store", transcoder / "store", "--delta-tokens", 256,
+            "--reports", tmp_path / "r")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (report,) = (tmp_path / "r").glob("report_*.json")
+    result = json.loads(report.read_text())
+    x, y, f, y_hat, p = _transcoder_numpy(transcoder)
+    rec = result["reconstruction"]
+    assert rec["tokens"] == len(y)
+    assert rec["fvu"] == pytest.approx(((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum(), rel=1e-4)
+    assert rec["l0"] == pytest.approx((f != 0).sum(1).mean(), rel=1e-6)
+    assert result["sae"]["transcoder"] and result["target_store"]["path"].endswith("L1.mlp_out")
+
+    from transformers import AutoModelForCausalLM
+
+    s = ActivationStore.open(transcoder / "store" / "L1.mlp_in")
+    ids = torch.from_numpy(s.read_tokens(0, 256).astype(np.int64)).view(8, 32)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    block, seen = lm.model.layers[1], {}
+    special = torch.isin(ids, torch.tensor(s.special_ids))[..., None]
+    w = {k: torch.from_numpy(v).float() for k, v in p.items()}
+
+    def predict(module, args, out):  # the post-MLP norm's output, replaced
+        x_in = seen["mlp_in"]
+        pre = x_in @ w["w_enc"] + w["b_enc"]
+        y_hat = (pre.relu() * (pre > w["threshold"])) @ w["w_dec"] + w["b_dec"] + x_in @ w["affine_skip_connection"]
+        return torch.where(special, out, y_hat)
+
+    hooks = [block.mlp.register_forward_pre_hook(lambda m, a: seen.update(mlp_in=a[0])),
+             block.post_feedforward_layernorm.register_forward_hook(predict)]  # fmt: skip
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits[:, :-1]
+    for h in hooks:
+        h.remove()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    keep = ~special[:, :-1, 0] & ~special[:, 1:, 0]
+    assert result["delta_loss"]["ce_spliced"] == pytest.approx(ce[keep].double().mean().item(), rel=1e-4)
+    assert result["delta_loss"]["contexts"] == 8
+
+
+def test_a_gemma_scope_2_transcoder_folder_is_evaluated_on_a_store_of_both_points(gsp, transcoder, tmp_path):
+    """The fitted transcoder written as Gemma Scope 2 publishes one (`transcoder/layer_1_…_affine`, no
+    gsp keys): the same figures, the target found in the same store."""
+    import shutil
+
+    folder = tmp_path / "gemma-scope-2-270m-pt" / "transcoder" / "layer_1_width_16k_l0_small_affine"
+    folder.mkdir(parents=True)
+    shutil.copy(transcoder / "t" / "params.safetensors", folder)
+    config = json.loads((transcoder / "t" / "config.json").read_text())
+    keep = ("model_name", "architecture", "hf_hook_point_in", "hf_hook_point_out", "width", "l0",
+            "affine_connection", "type")  # fmt: skip
+    (folder / "config.json").write_text(json.dumps({k: config[k] for k in keep}))
+    base, _ = _evaluate(gsp, transcoder, tmp_path / "a", "--sae", transcoder / "t", "--no-delta-loss")
+    gs2, _ = _evaluate(gsp, transcoder, tmp_path / "b", "--sae", folder, "--no-delta-loss")
+    assert gs2["sae"]["format"] == "gemma-scope-2" and gs2["sae"]["transcoder"]
+    for key in ("tokens", "l0", "fvu", "mse", "dead_features"):
+        assert gs2["reconstruction"][key] == pytest.approx(base["reconstruction"][key], rel=1e-6), key
+    r = gsp("evaluate", "--sae", folder, "--store", transcoder / "store" / "L1.mlp_in", "--target-store",
+            transcoder / "store" / "L1.mlp_in", "--no-delta-loss", "--reports", tmp_path / "c")  # fmt: skip
+    assert r.exit_code == 1 and "predicts layer 1 mlp_out" in r.output and "Traceback" not in r.output

@@ -222,3 +222,25 @@ def test_a_prompt_through_an_sae_of_another_width_is_one_line(gsp, tiny_model, t
     r = gsp("features", "--sae", folder, "--prompt", "alpha beta", "--model", tiny_model, "--out", tmp_path / "out")
     one_line_error(r, "d_in 48", "width 64", "layer 1 resid_post")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_transcoders_features_are_read_from_the_mlps_input(gsp, transcoder, tmp_path):
+    """Top activations of a transcoder's latents come from its input hook point (picked from a store of
+    both), against numpy on those rows; its decoder rows go through the logit lens as an SAE's do."""
+    r = gsp("features", "--sae", transcoder / "t", "--store", transcoder / "store", "--top-k", 3,
+            "--out", tmp_path)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (page,) = tmp_path.glob("features_*.html")
+    data = json.loads(page.with_suffix(".json").read_text())
+    s = ActivationStore.open(transcoder / "store" / "L1.mlp_in")
+    p = {k: v.numpy().astype(np.float64) for k, v in load_file(transcoder / "t" / "params.safetensors").items()}
+    x = s.read(0, s.rows_written).astype(np.float64)
+    pre = x @ p["w_enc"] + p["b_enc"]
+    f = np.maximum(pre, 0) * (pre > p["threshold"])
+    f[np.isin(s.read_tokens(0, s.rows_written), s.special_ids)] = 0
+    assert data["meta"]["site"] == "mlp_in" and data["features"]
+    for feat in data["features"][:5]:
+        j = feat["id"]
+        assert feat["max"] == pytest.approx(f[:, j].max(), rel=1e-4)
+        assert [c["act"] for c in feat["contexts"]] == pytest.approx(np.sort(f[:, j])[::-1][:3], rel=1e-4)
+        assert len(feat["logits"]) == 10

@@ -18,6 +18,7 @@ from conftest import error_line, gsp_subprocess
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from pipeline.tiny import SYNTHETIC_HOOK as H
 from pipeline.tiny import write_synthetic_store
 from stages.fit import FitConfig, fit_or_reuse, run_fit
 
@@ -171,7 +172,7 @@ def test_corrupt_chunk_stops_fit_with_its_name(gsp, tmp_path):
     rng = np.random.default_rng(3)
     store = tmp_path / "store"
     write_synthetic_store(store, rng.standard_normal((8192, 16)).astype(np.float32))
-    shard = next(p for p in sorted((store / "activations" / "c").rglob("*")) if p.is_file())
+    shard = next(p for p in sorted((store / H / "activations" / "c").rglob("*")) if p.is_file())
     data = bytearray(shard.read_bytes())
     data[40] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -457,7 +458,10 @@ def _edit_attrs(store: Path, edit) -> None:
 
 @pytest.mark.parametrize(
     "edit, key",
-    [(lambda a: a.pop("stats"), "stats"), (lambda a: a.update(rows_written=str(a["rows_written"])), "rows_written")],
+    [
+        (lambda a: a["hooks"][0].pop("stats"), "hooks[0].stats"),
+        (lambda a: a.update(rows_written=str(a["rows_written"])), "rows_written"),
+    ],  # fmt: skip
     ids=["no-stats", "rows_written-a-string"],
 )
 def test_damaged_store_attributes_are_one_clear_line(gsp, synthetic, tmp_path, edit, key):
@@ -470,7 +474,7 @@ def test_damaged_store_attributes_are_one_clear_line(gsp, synthetic, tmp_path, e
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
-@pytest.mark.parametrize("shard", ["activations/c/1/0", "token_ids/c/3"])
+@pytest.mark.parametrize("shard", [f"{H}/activations/c/1/0", "token_ids/c/3"])
 def test_an_empty_shard_file_stops_fit_with_its_name(gsp, synthetic, tmp_path, shard):
     store = tmp_path / "store"
     shutil.copytree(synthetic[0], store)
@@ -480,3 +484,101 @@ def test_an_empty_shard_file_stops_fit_with_its_name(gsp, synthetic, tmp_path, s
     line = error_line(r.output)
     assert r.exit_code == 1 and f"shard file {shard} " in line and "is empty (0 bytes)" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+# ------------------------------------------------------------------------------ transcoders
+@pytest.fixture(scope="module")
+def paired(tmp_path_factory):
+    """x = sparse codes · E + noise (the MLP's input), y = the same codes · D + x·A (its output): a
+    transcoder can learn D from x, a skip transcoder also A. Both stored as hook points of one store."""
+    rng = np.random.default_rng(1)
+    E, D = rng.standard_normal((48, 32)), rng.standard_normal((48, 40))
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    D /= np.linalg.norm(D, axis=1, keepdims=True)
+    A = rng.standard_normal((32, 40)) * 0.3
+    codes = rng.exponential(1.0, (30_000, 48)) * (rng.random((30_000, 48)) < 3 / 48)
+    x = codes @ E * 8 + rng.standard_normal((30_000, 32)) * 0.05
+    y = codes @ D * 8 + x @ A
+    path = tmp_path_factory.mktemp("paired") / "store"
+    write_synthetic_store(path, x, more={"mlp_in": x, "mlp_out": y})
+    return path, D + E @ A  # what each code adds to y, through the map and the affine part together
+
+
+def _transcoder_args(store, out, *extra):
+    return ["fit", "--store", store / "L0.mlp_in", "--target-store", store / "L0.mlp_out", "--out", out,
+            "--width", 96, "--batch-size", 256, "--steps", 1200, "--lr", "5e-3", "--target-l0", 3,
+            "--sparsity-coeff", "0.1", "--log-every", 50, *extra]  # fmt: skip
+
+
+def _held_out_fvu(store, out):
+    """FVU of the saved transcoder's prediction of y from x, on raw rows, computed here in numpy."""
+    from pipeline.store import ActivationStore
+
+    s_in, s_out = ActivationStore.open(store / "L0.mlp_in"), ActivationStore.open(store / "L0.mlp_out")
+    keep = s_in.read_tokens(0, 4096) != 2
+    x, y = s_in.read(0, 4096)[keep].astype(np.float64), s_out.read(0, 4096)[keep].astype(np.float64)
+    p = {k: v.double().numpy() for k, v in load_file(out / "params.safetensors").items()}
+    pre = x @ p["w_enc"] + p["b_enc"]
+    f = np.maximum(pre, 0) * (pre > p["threshold"])
+    y_hat = f @ p["w_dec"] + p["b_dec"] + (x @ p["affine_skip_connection"] if "affine_skip_connection" in p else 0)
+    return ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum(), (f != 0).sum(1).mean()
+
+
+def test_transcoders_learn_the_map_and_the_skip_connection_helps(gsp, paired, tmp_path):
+    store, D = paired
+    for name, extra in (("plain", ()), ("skip", ("--skip",))):
+        r = gsp(*_transcoder_args(store, tmp_path / name, *extra))
+        assert r.exit_code == 0, r.output
+    plain, l0_plain = _held_out_fvu(store, tmp_path / "plain")
+    skip, l0_skip = _held_out_fvu(store, tmp_path / "skip")
+    assert 2 <= l0_plain <= 4.5 and 2 <= l0_skip <= 4.5, (l0_plain, l0_skip)
+    assert plain < 0.1 and skip < 0.5 * plain, (skip, plain)
+    # the plain transcoder's decoder rows point along what each code adds to the output (the best of
+    # 96 random directions would reach a median cosine of about 0.36 here)
+    w = load_file(tmp_path / "plain" / "params.safetensors")["w_dec"].double().numpy()
+    d = D / np.linalg.norm(D, axis=1, keepdims=True)
+    cos = (d @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T).max(1)
+    assert np.median(cos) > 0.9, cos
+
+
+def test_a_transcoder_is_saved_in_gemma_scope_2s_transcoder_layout(gsp, paired, tmp_path):
+    from pipeline.saes import load_sae
+
+    store, _ = paired
+    r = gsp(*_transcoder_args(store, tmp_path / "t", "--skip", "--steps", 50))
+    assert r.exit_code == 0, r.output
+    p = load_file(tmp_path / "t" / "params.safetensors")
+    assert {k: tuple(v.shape) for k, v in p.items()} == {
+        "w_enc": (32, 96), "b_enc": (96,), "w_dec": (96, 40), "b_dec": (40,), "threshold": (96,),
+        "affine_skip_connection": (32, 40)}  # fmt: skip
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["type"] == "transcoder" and config["affine_connection"] is True
+    assert config["architecture"] == "jump_relu"
+    assert config["hf_hook_point_in"] == "model.layers.0.pre_feedforward_layernorm.output"
+    assert config["hf_hook_point_out"] == "model.layers.0.post_feedforward_layernorm.output"
+    loaded = load_sae(str(tmp_path / "t"))
+    assert loaded.is_transcoder and (loaded.site, loaded.site_out) == ("mlp_in", "mlp_out")
+    assert loaded.training_store.endswith("L0.mlp_in") and loaded.training_target.endswith("L0.mlp_out")
+
+
+def test_a_killed_transcoder_fit_resumes_to_the_same_weights(paired, tmp_path):
+    store, _ = paired
+    args = _transcoder_args(store, tmp_path / "ref", "--skip", "--steps", 60, "--checkpoint-every", 20)
+    assert gsp_subprocess(*args).returncode == 0
+    args = _transcoder_args(store, tmp_path / "run", "--skip", "--steps", 60, "--checkpoint-every", 20)
+    assert gsp_subprocess(*args, env={"GSP_FAULT": "fit-checkpoint-saved:2"}).returncode == -9
+    r = gsp_subprocess(*args, "--resume")
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(tmp_path / "ref" / "params.safetensors"), load_file(tmp_path / "run" / "params.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_input_and_target_must_be_the_same_rows(gsp, paired, synthetic, tmp_path):
+    store, _ = paired
+    r = gsp("fit", "--store", store / "L0.mlp_in", "--target-store", synthetic[0], "--out", tmp_path / "t",
+            "--steps", 5)  # fmt: skip
+    line = error_line(r.output, "do not hold the same rows")
+    assert r.exit_code == 1 and "rows written differ" in line and not (tmp_path / "t").exists()
+    r = gsp("fit", "--store", store / "L0.mlp_in", "--skip", "--out", tmp_path / "t", "--steps", 5)
+    assert r.exit_code == 1 and "--skip makes a skip transcoder" in error_line(r.output)

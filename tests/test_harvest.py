@@ -15,8 +15,10 @@ from pipeline.store import ActivationStore
 
 
 def _arrays(path):
+    """(activations of the store's one hook point, token ids, attributes), read with plain zarr."""
     g = zarr.open_group(str(path), mode="r")
-    return g["activations"][:], g["token_ids"][:], dict(g.attrs)
+    (hook,) = g.attrs["hooks"]
+    return g[f"{hook['name']}/activations"][:], g["token_ids"][:], dict(g.attrs)
 
 
 @pytest.mark.parametrize("site", ["resid_post", "mlp_out", "attn_out"])
@@ -31,12 +33,13 @@ def test_stored_activations_equal_direct_forward(gsp, tiny_model, corpus, tmp_pa
     ref = direct_site(model, ids, 2, site).reshape(len(toks), -1).numpy()
     assert acts.shape == ref.shape == (1024, 48 if site == "attn_out" else 64)
     np.testing.assert_allclose(acts, ref, rtol=1e-5, atol=1e-6)
-    assert attrs["d_in"] == ref.shape[1] and attrs["rows_written"] == 1024 and attrs["complete"]
+    (hook,) = attrs["hooks"]
+    assert hook["d_in"] == ref.shape[1] and attrs["rows_written"] == 1024 and attrs["complete"]
     assert (ids[:, 0] == 2).all(), "every context starts with BOS"
-    assert attrs["hook_point"].startswith("model.layers.2.")
+    assert hook["hook_point"].startswith("model.layers.2.") and hook["name"] == f"L2.{site}"
     # running statistics describe exactly the stored non-special rows
     keep = ~np.isin(toks, [0, 1, 2])
-    np.testing.assert_allclose(attrs["stats"]["mean"], acts[keep].astype(np.float64).mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(hook["stats"]["mean"], acts[keep].astype(np.float64).mean(0), rtol=1e-9, atol=1e-12)
 
 
 def test_bfloat16_store_is_torch_rounding_of_forward(gsp, tiny_model, corpus, tmp_path):
@@ -88,7 +91,7 @@ def test_disk_full_stops_cleanly_and_resumes(gsp, tiny_model, corpus, tmp_path, 
     the same command finishes the store an uninterrupted run writes."""
     ref = tmp_path / "ref"
     assert gsp(*tiny_harvest_args(tiny_model, corpus, ref)).exit_code == 0
-    disk = small_disk(160)  # room for about two of the four 64 KiB shards
+    disk = small_disk(256)  # room for about two of the four 64 KiB shards (and their temporary files)
     full = disk.path / "s"
     r = gsp(*tiny_harvest_args(tiny_model, corpus, full))
     assert r.exit_code == 1 and "disk full" in r.output and "Traceback" not in r.output, r.output
@@ -107,10 +110,10 @@ def test_rerun_and_parameter_mismatch(gsp, tiny_model, corpus, tmp_path):
     r = gsp(*tiny_harvest_args(tiny_model, corpus, store))
     assert r.exit_code == 0 and "already complete" in r.output
     r = gsp(*tiny_harvest_args(tiny_model, corpus, store, layer=3, seed=5))
-    assert r.exit_code == 1 and "layer: store has 1, asked 3" in r.output and "seed" in r.output
+    assert r.exit_code == 1 and "layer: store has '1', asked '3'" in r.output and "seed" in r.output
     assert (store / "zarr.json").read_text() == before, "a refused run changes nothing"
     r = gsp(*tiny_harvest_args(tiny_model, corpus, store, layer=3), "--overwrite")
-    assert r.exit_code == 0 and ActivationStore.open(store).meta.layer == 3
+    assert r.exit_code == 0 and ActivationStore.open(store).hook.layer == 3
 
 
 @pytest.mark.parametrize(
@@ -179,7 +182,7 @@ def test_a_llama_model_harvests_like_gemma(gsp, corpus, tmp_path):
     model.model.layers[1].mlp.register_forward_hook(lambda m, a, out: seen.setdefault("mlp", out))
     with torch.no_grad():
         model(input_ids=ids)
-    assert s.d_in == 32 and s.meta.hook_point == "model.layers.1.post_feedforward_layernorm.output"
+    assert s.d_in == 32 and s.hook.hook_point == "model.layers.1.post_feedforward_layernorm.output"
     np.testing.assert_allclose(s.read(0, 64), seen["mlp"].reshape(64, 32).numpy(), rtol=1e-5, atol=1e-6)
 
 
@@ -190,12 +193,12 @@ def test_info_and_verify(gsp, tiny_model, corpus, tmp_path):
     assert r.exit_code == 0 and "model.layers.1.output" in r.output and "1,024 of 1,024" in r.output
     r = gsp("info", store, "--verify")
     assert r.exit_code == 0 and "checksums OK" in r.output
-    shard = store / "activations" / "c" / "2" / "0"
+    shard = store / "L1.resid_post" / "activations" / "c" / "2" / "0"
     data = bytearray(shard.read_bytes())
     data[100] ^= 1
     shard.write_bytes(bytes(data))
     r = gsp("info", store, "--verify")
-    assert r.exit_code == 1 and "activations/c/2" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "L1.resid_post/activations/c/2" in r.output and "Traceback" not in r.output
 
 
 def test_config_file_precedence(gsp, tiny_model, corpus, tmp_path):
@@ -206,10 +209,10 @@ def test_config_file_precedence(gsp, tiny_model, corpus, tmp_path):
     args = [a for i, a in enumerate(args) if a not in drop and args[i - 1] not in drop]
     r = gsp(*args, "--config", cfg)
     assert r.exit_code == 0, r.output
-    meta = ActivationStore.open(tmp_path / "s").meta
-    assert meta.layer == 3 and meta.context_size == 16  # from the file (flat alias, then section)
+    s = ActivationStore.open(tmp_path / "s")
+    assert s.hook.layer == 3 and s.context_size == 16  # from the file (flat alias, then section)
     r = gsp(*args, "--config", cfg, "--layer", "0", "--overwrite")
-    assert ActivationStore.open(tmp_path / "s").meta.layer == 0  # the flag wins
+    assert ActivationStore.open(tmp_path / "s").hook.layer == 0  # the flag wins
     cfg.write_text("layr: 3\n")
     r = gsp(*args, "--config", cfg)
     assert r.exit_code == 1 and "unknown key 'layr'" in r.output
@@ -322,7 +325,140 @@ def test_the_smoke_test_never_replaces_a_store(gsp, tiny_model, corpus, tmp_path
 def test_an_empty_shard_file_fails_info_and_verify(gsp, tiny_model, corpus, tmp_path):
     store = tmp_path / "s"
     assert gsp(*tiny_harvest_args(tiny_model, corpus, store)).exit_code == 0
-    (store / "activations" / "c" / "1" / "0").write_bytes(b"")  # zarr alone would read zeros here
+    (store / "L1.resid_post" / "activations" / "c" / "1" / "0").write_bytes(b"")  # zarr alone would read zeros
     for args in (("info", store), ("info", store, "--verify")):
         r = gsp(*args)
-        assert r.exit_code == 1 and "activations/c/1/0" in r.output and "empty" in r.output, r.output
+        assert r.exit_code == 1 and "L1.resid_post/activations/c/1/0" in r.output and "empty" in r.output, r.output
+
+
+# ------------------------------------------------------------------------------ many hook points in one pass
+MULTI = {"layer": "0,2,3", "site": "resid_post,mlp_in,mlp_out,attn_out"}
+
+
+def test_every_hook_point_of_a_multi_hook_harvest_equals_a_direct_forward(gsp, tiny_model, corpus, tmp_path):
+    store = tmp_path / "s"
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, store, **MULTI))
+    assert r.exit_code == 0, r.output
+    g = zarr.open_group(str(store), mode="r")  # plain zarr, as docs/store-format.md reads a store
+    toks = g["token_ids"][:]
+    ids = toks.reshape(-1, 32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    names = [h["name"] for h in g.attrs["hooks"]]
+    assert names == [
+        f"L{layer}.{site}" for layer in (0, 2, 3) for site in ("attn_out", "mlp_in", "mlp_out", "resid_post")
+    ]
+    keep = ~np.isin(toks, [0, 1, 2])
+    for hook in g.attrs["hooks"]:
+        acts = g[f"{hook['name']}/activations"][:]
+        ref = direct_site(model, ids, hook["layer"], hook["site"]).reshape(len(toks), -1).numpy()
+        np.testing.assert_allclose(acts, ref, rtol=1e-5, atol=1e-6, err_msg=hook["name"])
+        assert hook["d_in"] == acts.shape[1] == (48 if hook["site"] == "attn_out" else 64)
+        np.testing.assert_allclose(hook["stats"]["mean"], acts[keep].astype(np.float64).mean(0), rtol=1e-9, atol=1e-12)
+        assert hook["stats"]["count"] == keep.sum()
+    # each hook point is a store of its own to every reader: STORE/<name>
+    s = ActivationStore.open(store / "L2.mlp_in")
+    assert (s.hook.layer, s.hook.site, s.rows_written) == (2, "mlp_in", 1024)
+    np.testing.assert_array_equal(s.read(0, 1024), g["L2.mlp_in/activations"][:])
+    r = gsp("info", store)
+    assert r.exit_code == 0 and "12 hook points" in r.output and "L3.resid_post" in " ".join(r.output.split())
+    with pytest.raises(Exception, match="holds 12 hook points"):
+        ActivationStore.open(store)
+
+
+def test_one_hook_point_of_a_multi_hook_store_equals_its_own_harvest(gsp, tiny_model, corpus, tmp_path):
+    """Sharing a forward pass changes nothing: layer 2's mlp_out from the multi-hook store equals a
+    harvest of that point alone, rows and statistics."""
+    assert gsp(*tiny_harvest_args(tiny_model, corpus, tmp_path / "multi", **MULTI)).exit_code == 0
+    assert gsp(*tiny_harvest_args(tiny_model, corpus, tmp_path / "one", layer=2, site="mlp_out")).exit_code == 0
+    a, b = ActivationStore.open(tmp_path / "multi" / "L2.mlp_out"), ActivationStore.open(tmp_path / "one")
+    np.testing.assert_array_equal(a.read(0, 1024), b.read(0, 1024))
+    np.testing.assert_array_equal(a.read_tokens(0, 1024), b.read_tokens(0, 1024))
+    assert a.meta.cursor == b.meta.cursor and a.hook.hook_point == b.hook.hook_point and a.d_in == b.d_in
+    # the same float64 sums, added shard by shard over shards of other sizes: equal to rounding
+    assert a.hook.stats.count == b.hook.stats.count
+    np.testing.assert_allclose(a.hook.stats.sum, b.hook.stats.sum, rtol=1e-12)
+
+
+def _same_stores(ref, other):
+    a, b = ActivationStore.open_all(ref), ActivationStore.open_all(other)
+    assert [s.hook for s in a] == [s.hook for s in b]
+    for sa, sb in zip(a, b, strict=True):
+        np.testing.assert_array_equal(sa.read(0, sa.rows_written), sb.read(0, sb.rows_written))
+        np.testing.assert_array_equal(sa.read_tokens(0, sa.rows_written), sb.read_tokens(0, sb.rows_written))
+    assert a[0].meta.rows_written == b[0].meta.rows_written and a[0].meta.cursor == b[0].meta.cursor
+
+
+@pytest.mark.parametrize("fault", ["shard-committed:2", "shard-data-written:3"])
+def test_a_killed_multi_hook_harvest_resumes_to_identical_stores(tiny_model, corpus, tmp_path, fault):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    args = {"layer": "1,3", "site": "resid_post,mlp_in"}
+    assert gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, ref, **args)).returncode == 0
+    r = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, killed, **args), env={"GSP_FAULT": fault})
+    assert r.returncode == -9, r.stderr
+    # one claim covers every hook point: each holds exactly the committed rows, whole shards
+    stores = ActivationStore.open_all(killed)
+    committed = stores[0].rows_written
+    assert not stores[0].complete and 0 < committed < 1024 and committed % stores[0].shard_rows == 0
+    for s in stores:
+        assert s.rows_written == committed and s.read(0, committed).any()
+    r = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, killed, **args))
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    _same_stores(ref, killed)
+
+
+def test_a_shard_holds_shard_mib_of_all_hook_points_together(gsp, tiny_model, corpus, tmp_path):
+    """Memory stays bounded: the shard size counts every hook point, so more hook points make
+    shorter shards, not more memory in flight."""
+    assert gsp(*tiny_harvest_args(tiny_model, corpus, tmp_path / "one")).exit_code == 0
+    assert gsp(*tiny_harvest_args(tiny_model, corpus, tmp_path / "four", layer="0,1,2,3")).exit_code == 0
+    one, four = ActivationStore.open(tmp_path / "one"), ActivationStore.open(tmp_path / "four" / "L3.resid_post")
+    assert one.shard_rows == 4 * four.shard_rows
+
+
+def _as_format_1(store):
+    """Rewrite a one-hook store in format 1, the layout of gsp before hook points had groups of their
+    own (docs/store-format.md): `activations` at the root, layer/site/d_in/stats at the top level."""
+    import shutil
+
+    doc = json.loads((store / "zarr.json").read_text())
+    a = doc["attributes"]
+    (hook,) = a.pop("hooks")
+    shutil.move(store / hook["name"] / "activations", store / "activations")
+    shutil.rmtree(store / hook["name"])
+    a.update(format_version=1, layer=hook["layer"], site=hook["site"], hook_point=hook["hook_point"],
+             d_in=hook["d_in"], stats=hook["stats"])  # fmt: skip
+    a["spec"]["layer"] = int(a["spec"]["layer"])  # format 1 recorded one layer as a number
+    (store / "zarr.json").write_text(json.dumps(doc))
+
+
+def test_a_format_1_store_reads_and_resumes(gsp, tiny_model, corpus, tmp_path):
+    ref, old, cut = tmp_path / "ref", tmp_path / "old", tmp_path / "cut"
+    for store in (ref, old):
+        assert gsp(*tiny_harvest_args(tiny_model, corpus, store)).exit_code == 0
+    _as_format_1(old)
+    s = ActivationStore.open(old)
+    np.testing.assert_array_equal(s.read(0, 1024), ActivationStore.open(ref).read(0, 1024))
+    assert s.hook == ActivationStore.open(ref).hook and s.meta.format_version == 1
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, old))  # the same command sees the same settings
+    assert r.exit_code == 0 and "already complete" in r.output
+    # killed after its second shard, then read as format 1: the rerun finishes it, in format 1
+    r = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, cut), env={"GSP_FAULT": "shard-committed:2"})
+    assert r.returncode == -9
+    _as_format_1(cut)
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, cut))
+    assert r.exit_code == 0 and "resuming" in r.output, r.output
+    s = ActivationStore.open(cut)
+    assert s.complete and s.meta.format_version == 1 and (cut / "activations").is_dir()
+    np.testing.assert_array_equal(s.read(0, 1024), ActivationStore.open(ref).read(0, 1024))
+    np.testing.assert_allclose(s.hook.stats.sum, ActivationStore.open(ref).hook.stats.sum, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [({"layer": "1,x"}, "--layer should be a block index"), ({"site": "resid_post,resid_pre"}, "resid_pre"),
+     ({"layer": "1,9"}, "layer 9 is out of range")],
+)  # fmt: skip
+def test_bad_hook_point_lists_are_one_line(gsp, tiny_model, corpus, tmp_path, over, message):
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, tmp_path / "s", **over))
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "s").exists()

@@ -15,13 +15,42 @@ def model(tiny_model):
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
-@pytest.mark.parametrize("site, width", [("resid_post", 64), ("mlp_out", 64), ("attn_out", 48)])
+@pytest.mark.parametrize("site, width", [("resid_post", 64), ("mlp_out", 64), ("attn_out", 48), ("mlp_in", 64)])
 @pytest.mark.parametrize("layer", [0, 3])
 def test_each_site_equals_a_direct_forward(model, site, width, layer):
     ids = torch.randint(4, 300, (3, 20), generator=torch.Generator().manual_seed(layer))
     got = activations(model, ids, layer, site)
     assert got.shape == (3, 20, width) == (3, 20, site_width(model, layer, site))
     torch.testing.assert_close(got, direct_site(model, ids, layer, site))
+
+
+def test_many_points_in_one_pass_equal_one_at_a_time(model):
+    """One forward pass captures every requested point, each equal to a direct forward of its own."""
+    from pipeline.hooks import SITES, activations_at
+
+    ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(7))
+    points = [(layer, site) for layer in (0, 2, 3) for site in SITES]
+    got = activations_at(model, ids, points)
+    assert sorted(got) == sorted(points)
+    for layer, site in points:
+        torch.testing.assert_close(got[(layer, site)], direct_site(model, ids, layer, site))
+
+
+def test_the_pass_stops_after_the_last_point(model):
+    """Points in any order: nothing after the deepest one runs (here layer 2's mlp_in: its MLP and
+    post-MLP norm, block 3 and the head stay idle)."""
+    from pipeline.hooks import activations_at
+
+    block = model.model.layers[2]
+    later = [block.mlp, block.post_feedforward_layernorm, model.model.layers[3], model.model.norm, model.lm_head]
+    fired = []
+    handles = [m.register_forward_hook(lambda m, a, o, i=i: fired.append(i)) for i, m in enumerate(later)]
+    try:
+        activations_at(model, torch.full((1, 6), 9), [(2, "mlp_in"), (0, "resid_post"), (1, "mlp_out")])
+    finally:
+        for h in handles:
+            h.remove()
+    assert fired == []
 
 
 def test_early_stop_skips_later_layers_and_head(model):

@@ -11,6 +11,7 @@ from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 from pipeline.loader import LoaderState, ShuffledLoader
 from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter
+from pipeline.tiny import SYNTHETIC_HOOK as H
 from pipeline.tiny import synthetic_meta
 
 C, D, N_CTX = 16, 4, 64  # 1,024 rows; chunks of 4 contexts (64 rows), shards of 16 contexts
@@ -30,7 +31,7 @@ def _make(tmp_path, complete: bool, shards: int = 4):
     toks[37] = 1  # one EOS
     for shard in range(shards):
         sl = slice(shard * lay.shard_rows, (shard + 1) * lay.shard_rows)
-        s.write_shard(shard, acts[sl], toks[sl], Cursor(), RowSums(np.zeros(D), 0.0, 0))
+        s.write_shard(shard, {H: acts[sl]}, toks[sl], Cursor(), {H: RowSums(np.zeros(D), 0.0, 0)})
     if complete:
         s.finish(N_CTX * C)
     return ActivationStore.open(tmp_path / "s")

@@ -34,21 +34,26 @@ def test_every_config_file_loads_into_every_stage():
             cls(**load_config_values(cls, name))  # raises GspError on a bad value
 
 
-def test_each_preset_names_its_gemma_scope_2_release_and_one_of_its_layers():
-    """A preset harvests one of its release's resid_post layers of its own model, so that Google's SAE
-    for that layer can be evaluated on the store (`about:` is what the preset claims; checked here)."""
+def test_each_preset_harvests_its_gemma_scope_2_layers_and_runs_one_of_them():
+    """A preset harvests its release's resid_post layers of its own model in one pass, so that Google's
+    SAEs for those layers can be evaluated on the store, and gsp run fits one of them (`about:` is what
+    the preset claims; checked here)."""
     import yaml
 
     from pipeline.config import load_config_values
     from pipeline.models import model_name
     from pipeline.paths import configs_dir
     from stages.harvest import HarvestConfig
+    from stages.run import RunConfig
 
     for path in sorted(configs_dir().glob("gemma-3-*.yaml")):
         about = yaml.safe_load(path.read_text())["about"]
         harvest = HarvestConfig(**load_config_values(HarvestConfig, path.stem))
+        run = RunConfig(**load_config_values(RunConfig, path.stem))
         size = path.stem.removeprefix("gemma-3-")
         assert model_name(harvest.model) in (f"google/gemma-3-{size}", f"google/gemma-3-{size}-pt"), path.name
         assert about["gemma_scope_2"] == f"google/gemma-scope-2-{size}-pt", path.name
         layers = about["gemma_scope_2_resid_post_layers"]
-        assert harvest.layer in layers and max(layers) < about["num_layers"], path.name
+        points = harvest.points(about["num_layers"])
+        assert points == [(layer, "resid_post") for layer in layers] and max(layers) < about["num_layers"], path.name
+        assert run.hook in {f"L{layer}.resid_post" for layer in layers}, path.name

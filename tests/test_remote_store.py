@@ -17,7 +17,7 @@ def test_a_memory_store_holds_what_a_local_store_holds(gsp, tiny_model, corpus, 
     assert remote.complete and remote.rows_written == here.rows_written == 1024
     np.testing.assert_array_equal(remote.read(0, 1024), here.read(0, 1024))
     np.testing.assert_array_equal(remote.read_tokens(0, 1024), here.read_tokens(0, 1024))
-    assert remote.meta.stats == here.meta.stats
+    assert remote.hook.stats == here.hook.stats
     r = gsp("info", url, "--verify")
     assert r.exit_code == 0 and "checksums OK" in r.output and "1,024 of 1,024" in r.output
     # rerunning the same harvest finds the complete store on the URL

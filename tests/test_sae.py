@@ -1,6 +1,7 @@
 """The SAE math against hand computations: straight-through gradients, TopK, init, scale folding."""
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.sae import SAE, jumprelu, step
@@ -112,3 +113,109 @@ def test_jumprelu_encode_is_gemma_scope_2s_on_negative_thresholds():
     np.testing.assert_allclose(sae(x).f_BF.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     without_relu = pre * (pre > theta)  # what θ ≥ 0 makes equivalent, and θ < 0 does not
     assert (np.abs(without_relu - expected) > 0.01).sum() > 10
+
+
+# ------------------------------------------------------------------------------ transcoders
+def _transcoder(arch="jumprelu", skip=True, d_in=12, d_out=20, width=48, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    t = SAE(d_in, width, arch=arch, k=6, d_out=d_out, skip=skip).init_gemma_scope(g)
+    with torch.no_grad():
+        t.b_enc.normal_(0, 0.3, generator=g)
+        t.b_dec.normal_(0, 0.5, generator=g)
+        t.threshold.uniform_(0.05, 0.4, generator=g)
+        if skip:
+            t.w_skip.normal_(0, 0.2, generator=g)
+    return t, g
+
+
+@pytest.mark.parametrize("arch, skip", [("jumprelu", False), ("jumprelu", True), ("topk", True)])
+def test_a_transcoder_predicts_as_gemma_scope_2_defines_it(arch, skip):
+    """ŷ = JumpReLU/TopK(x W_enc + b_enc) W_dec + b_dec (+ x W_skip), written out in numpy."""
+    t, g = _transcoder(arch, skip)
+    x = torch.randn(30, 12, generator=g)
+    p = {k: v.detach().double().numpy() for k, v in t.named_parameters()}
+    pre = x.double().numpy() @ p["w_enc"] + p["b_enc"]
+    if arch == "jumprelu":
+        f = np.maximum(pre, 0) * (pre > p["threshold"])
+    else:
+        f = np.zeros_like(pre)
+        top = np.argsort(-pre, axis=1)[:, :6]
+        np.put_along_axis(f, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    y = f @ p["w_dec"] + p["b_dec"] + (x.double().numpy() @ p["w_skip"] if skip else 0)
+    out = t(x)
+    assert out.x_hat_BD.shape == (30, 20) and (out.f_BF != 0).any()
+    np.testing.assert_allclose(out.x_hat_BD.detach().numpy(), y, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch, sparse", [("jumprelu", False), ("jumprelu", True), ("topk", False)])
+def test_transcoder_gradients_equal_an_independent_computation(arch, sparse):
+    """The training loss against a target y and its gradients, against the same loss written with
+    plain autograd here (the straight-through θ terms as formulas)."""
+    from pipeline.sae import Objective
+
+    eps = 0.05
+    t, g = _transcoder(arch, True)
+    x, y = torch.randn(64, 12, generator=g), torch.randn(64, 20, generator=g)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::5] = True  # TopK's auxiliary loss on these
+    obj = Objective(bandwidth=eps, target_l0=None, aux_k=4, aux_coeff=0.25)
+    loss = t.loss(x, obj, target_BO=y, lam=0.01, dead_F=dead, sparse=sparse)
+    t.zero_grad()
+    loss.total.backward()
+    got = {k: p.grad.clone() for k, p in t.named_parameters() if p.grad is not None}
+
+    ref = {k: p.detach().clone().requires_grad_(True) for k, p in t.named_parameters()}
+    pre = x @ ref["w_enc"] + ref["b_enc"]
+    if arch == "jumprelu":
+        f = jumprelu(pre, ref["threshold"], eps)
+        y_hat = f @ ref["w_dec"] + ref["b_dec"] + x @ ref["w_skip"]
+        total = (y_hat - y).square().sum(-1).mean() + 0.01 * step(pre, ref["threshold"], eps).sum(-1).mean()
+    else:
+        vals, idx = pre.topk(6, dim=-1)
+        f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+        y_hat = f @ ref["w_dec"] + ref["b_dec"] + x @ ref["w_skip"]
+        err = (y - y_hat).detach()
+        av, ai = pre.masked_fill(~dead, -float("inf")).topk(4, dim=-1)
+        err_hat = torch.zeros_like(pre).scatter(-1, ai, av.relu()) @ ref["w_dec"]
+        aux = (err_hat - err).square().sum(-1).mean() / err.square().sum(-1).mean()
+        total = (y_hat - y).square().sum(-1).mean() + 0.25 * aux
+    total.backward()
+    torch.testing.assert_close(loss.total.detach(), total.detach(), rtol=1e-5, atol=1e-6)
+    for k, p in ref.items():
+        if p.grad is None:
+            assert k not in got or not got[k].any(), k
+            continue
+        assert p.grad.abs().max() > 0 or k == "threshold", k
+        torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_folding_two_scales_gives_the_same_transcoder_on_raw_activations():
+    t, g = _transcoder("jumprelu", True)
+    x = torch.randn(40, 12, generator=g) * 70.0
+    s, u = 0.013, 0.21  # the input's and the target's scales differ
+    scaled = t(x * s)
+    raw = t.fold_input_scale(s, u)(x)
+    torch.testing.assert_close(raw.x_hat_BD, scaled.x_hat_BD / u, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(raw.f_BF, scaled.f_BF / s, rtol=1e-4, atol=1e-4)
+    assert (raw.f_BF != 0).sum() > 0
+
+
+def test_a_skip_transcoder_round_trips_through_gemma_scope_2s_files(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from pipeline.sae import SAEConfig
+
+    t, g = _transcoder("jumprelu", True)
+    t.save(tmp_path, SAEConfig(width=48, affine_connection=True, type="transcoder",
+                                hf_hook_point_in="model.layers.3.pre_feedforward_layernorm.output",
+                                hf_hook_point_out="model.layers.3.post_feedforward_layernorm.output"))  # fmt: skip
+    keys = {k: tuple(v.shape) for k, v in load_file(tmp_path / "params.safetensors").items()}
+    assert keys == {"w_enc": (12, 48), "b_enc": (48,), "w_dec": (48, 20), "b_dec": (20,), "threshold": (48,),
+                    "affine_skip_connection": (12, 20)}  # fmt: skip
+    assert json.loads((tmp_path / "config.json").read_text())["affine_connection"] is True
+    back, config = SAE.load(tmp_path)
+    x = torch.randn(9, 12, generator=g)
+    assert back.skip and back.d_out == 20 and config.is_transcoder
+    torch.testing.assert_close(back(x).x_hat_BD, t(x).x_hat_BD)

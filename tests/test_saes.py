@@ -453,15 +453,14 @@ def test_truncated_weight_files_raise_gsp_errors(tmp_path, name):
 @pytest.mark.parametrize(
     ("config", "words"),
     [
-        ({"type": "transcoder"}, "transcoder"),
-        ({"affine_connection": True}, "transcoder"),
-        ({"hf_hook_point_out": "model.layers.12.post_feedforward_layernorm.output"}, "transcoder"),
+        ({"type": "clt"}, "'clt', which gsp cannot read"),
+        ({"affine_connection": True}, "affine_connection=True but the weights lack affine_skip_connection"),
         ({"architecture": "gated"}, "unknown architecture 'gated'"),
         ({"architecture": "topk"}, "integer k"),
         ({"architecture": "topk", "k": 500}, "k <= width"),
         ({"d_in": 17}, "d_in=17"),
         (
-            {"hf_hook_point_in": "model.layers.1.pre_feedforward_layernorm.output", "hf_hook_point_out": None},
+            {"hf_hook_point_in": "model.layers.1.input_layernorm.output", "hf_hook_point_out": None},
             "not a gsp site",
         ),
     ],
@@ -505,3 +504,47 @@ def test_hub_paths_are_told_from_local_ones(tmp_path):
         "fnlp/Llama3_1-8B-Base-LXR-8x",
         "Llama3_1-8B-Base-L15R-8x",
     )
+
+
+# ------------------------------------------------------------------------------ Gemma Scope 2 transcoders
+MLP_IN, MLP_OUT = "pre_feedforward_layernorm.output", "post_feedforward_layernorm.output"
+
+
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("root", ["transcoder", "transcoder_all"])
+def test_gemma_scope_2_transcoders_match_their_published_inference(tmp_path, affine, root):
+    """A transcoder folder as Gemma Scope 2 ships it (`transcoder/layer_L_width_…[_affine]`): it reads
+    the MLP's input at layer L and predicts the MLP's output there; a skip transcoder adds
+    x · affine_skip_connection."""
+    p = gs_weights(7)
+    if affine:
+        p["affine_skip_connection"] = np.random.default_rng(8).standard_normal((D, D)).astype(np.float32) * 0.1
+    name = "layer_9_width_16k_l0_small" + ("_affine" if affine else "")
+    folder = tmp_path / "gemma-scope-2-270m-pt" / root / name
+    hooks = {"hf_hook_point_in": f"model.layers.9.{MLP_IN}", "hf_hook_point_out": f"model.layers.9.{MLP_OUT}"}
+    write_gemma_scope_2(folder, p, **hooks, affine_connection=affine, type="transcoder")
+    loaded = load_sae(str(folder))
+    assert loaded.is_transcoder and loaded.sae.skip == affine
+    assert (loaded.layer, loaded.site, loaded.layer_out, loaded.site_out) == (9, "mlp_in", 9, "mlp_out")
+    x = inputs(seed=9)
+    want, active = gemma_scope_reference(x, p)
+    if affine:
+        want = want + x @ p["affine_skip_connection"].astype(np.float64)
+    got, got_active = run_gsp(loaded, x)
+    assert_some_fire_some_dont(active)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    assert (got_active == active).all()
+
+
+def test_a_transcoder_folder_without_hook_points_names_them_from_its_path(tmp_path):
+    folder = tmp_path / "gemma-scope-2-1b-pt" / "transcoder" / "layer_13_width_16k_l0_big"
+    write_gemma_scope_2(folder, hf_hook_point_in=None, hf_hook_point_out=None, type="transcoder")
+    loaded = load_sae(str(folder))
+    assert (loaded.layer, loaded.site, loaded.layer_out, loaded.site_out) == (13, "mlp_in", 13, "mlp_out")
+
+
+def test_an_sae_is_not_a_transcoder(tmp_path):
+    folder = tmp_path / "resid_post" / "layer_12_width_16k_l0_medium"
+    write_gemma_scope_2(folder)
+    loaded = load_sae(str(folder))
+    assert not loaded.is_transcoder and (loaded.layer_out, loaded.site_out) == (12, "resid_post")

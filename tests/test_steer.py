@@ -1,12 +1,14 @@
 """gsp steer on a tiny random Gemma 3: the edit is exactly S × the decoder row where it should be,
 strength 0 changes nothing, clamping swaps the feature's contribution, and the CLI's side-by-side."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import one_line_error
 from transformers import AutoModelForCausalLM
 
-from pipeline.hooks import splice
+from pipeline.hooks import splice_from
 from pipeline.saes import load_sae
 from pipeline.steering import steer_fn
 
@@ -30,7 +32,7 @@ def _layer_out(lm, ids, edit=None) -> torch.Tensor:
             if edit is None:
                 lm(input_ids=ids)
             else:
-                with splice(lm, 1, "resid_post", edit):
+                with splice_from(lm, (1, "resid_post"), (1, "resid_post"), edit):
                     lm(input_ids=ids)
     finally:
         handle.remove()
@@ -141,3 +143,52 @@ def test_an_empty_prompt_and_a_strength_that_is_no_number_are_one_line(gsp, tiny
     r = gsp("steer", "--sae", tiny_fit / "sae", "--max-new-tokens", 4, *args)
     one_line_error(r, *words)
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ------------------------------------------------------------------------------ transcoders
+def _mlp_out(lm, ids, edit=None):
+    """Layer 1's MLP output (post-MLP norm) as the residual add receives it: read by a hook registered
+    after the edit's, so it sees the edited value."""
+    seen = {}
+    with torch.no_grad(), splice_from(lm, (1, "mlp_in"), (1, "mlp_out"), edit) if edit else contextlib.nullcontext():
+        handle = lm.model.layers[1].post_feedforward_layernorm.register_forward_hook(
+            lambda m, a, out: seen.setdefault("y", out.clone())
+        )
+        try:
+            lm(input_ids=ids)
+        finally:
+            handle.remove()
+    return seen["y"][0]
+
+
+def test_a_transcoders_features_are_added_at_the_mlps_output(lm, transcoder):
+    t = load_sae(str(transcoder / "t"))
+    assert t.is_transcoder and (t.site, t.site_out) == ("mlp_in", "mlp_out")
+    diff = _mlp_out(lm, IDS, steer_fn(t.sae, [4], [3.0])) - _mlp_out(lm, IDS)
+    torch.testing.assert_close(diff[1:], (3.0 * t.sae.w_dec[4]).expand(7, -1), rtol=1e-4, atol=1e-5)
+    assert diff[0].abs().max() == 0  # BOS untouched
+
+
+def test_clamping_a_transcoder_feature_encodes_the_mlps_input(lm, transcoder):
+    """x' = y + (v − f(x_in))·d: the feature is read from the MLP's input, not from the output it edits."""
+    t = load_sae(str(transcoder / "t")).sae
+    f, v = 7, 5.0
+    seen = {}
+    with torch.no_grad():
+        handle = lm.model.layers[1].mlp.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
+        lm(input_ids=IDS)
+        handle.remove()
+        pre = seen["x"][0] @ t.w_enc[:, f] + t.b_enc[f]  # JumpReLU of the MLP's input, written out
+        want = (v - pre.relu() * (pre > t.threshold[f]))[:, None] * t.w_dec[f]
+    diff = _mlp_out(lm, IDS, steer_fn(t, [f], [v], clamp=True)) - _mlp_out(lm, IDS)
+    torch.testing.assert_close(diff[1:], want[1:], rtol=1e-4, atol=1e-4)
+    assert diff[0].abs().max() == 0
+
+
+def test_steer_cli_runs_a_transcoder(gsp, transcoder, tiny_model):
+    args = ["steer", "--sae", transcoder / "t", "--prompt", "alpha beta", "--max-new-tokens", 8, "--seed", 1]
+    r = gsp(*args, "--feature", 2, "--strength", 0)
+    assert r.exit_code == 0, r.output
+    cells = [c.strip() for line in r.output.splitlines() if line.startswith("│") for c in line.strip("│").split("│")]
+    assert " ".join(cells[0::2]) == " ".join(cells[1::2])  # strength 0: the same text
+    assert "layer 1 mlp_in" in " ".join(r.output.split())

@@ -11,6 +11,7 @@ from zarr.storage import LocalStore, WrapperStore
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 from pipeline.store import ActivationStore, Layout, RowSums, StoreMeta, StoreWriter, bf16_bits_to_f32, f32_to_bf16_bits
+from pipeline.tiny import SYNTHETIC_HOOK as H
 from pipeline.tiny import synthetic_meta
 
 
@@ -48,14 +49,14 @@ def _sums(stored, toks):
 
 
 def _fill(store: StoreWriter, rng):
-    rows = store.activations.shape[0]
-    acts = rng.standard_normal((rows, store.meta.d_in)).astype(np.float32) * 1000
+    rows = store.n_rows
+    acts = rng.standard_normal((rows, store.meta.hooks[0].d_in)).astype(np.float32) * 1000
     toks = rng.integers(0, 6, rows).astype(np.int32)
     bf16 = store.meta.dtype == "bfloat16"
     for shard, start in enumerate(range(0, rows, store.meta.shard_rows)):
         stop = min(start + store.meta.shard_rows, rows)
         a = f32_to_bf16_bits(acts[start:stop]) if bf16 else acts[start:stop]
-        store.write_shard(shard, a, toks[start:stop], Cursor(shard, 0), _sums(a, toks[start:stop]))
+        store.write_shard(shard, {H: a}, toks[start:stop], Cursor(shard, 0), {H: _sums(a, toks[start:stop])})
     store.finish(rows)
     return acts, toks
 
@@ -73,14 +74,14 @@ def test_round_trip_and_statistics(tmp_path, dtype):
     # statistics over non-special rows (ids 0, 1, 2 are pad/eos/bos) merged shard by shard equal one pass
     keep = ~np.isin(toks, [0, 1, 2])
     x = expect[keep].astype(np.float64)
-    st = again.meta.stats
+    st = again.hook.stats
     assert st.count == keep.sum()
     np.testing.assert_allclose(st.mean, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(st.mean_sq_norm, (x**2).sum(1).mean(), rtol=1e-12)
     # plain zarr reads the same numbers, and the attributes hold the same statistics
     g = zarr.open_group(str(tmp_path / "s"), mode="r")
-    assert g["activations"][:].dtype == (np.uint16 if dtype == "bfloat16" else np.float32)
-    np.testing.assert_allclose(g.attrs["stats"]["mean"], x.mean(0), rtol=1e-12)
+    assert g[f"{H}/activations"][:].dtype == (np.uint16 if dtype == "bfloat16" else np.float32)
+    np.testing.assert_allclose(g.attrs["hooks"][0]["stats"]["mean"], x.mean(0), rtol=1e-12)
     assert g.attrs["cursor"] == {"doc": 4, "offset": 0} and g.attrs["rows_written"] == len(acts)
 
 
@@ -96,13 +97,13 @@ def test_attributes_round_trip_through_the_record(tmp_path):
 def test_corrupt_chunk_is_named(tmp_path):
     store = _store(tmp_path)
     _fill(store, np.random.default_rng(3))
-    shard_file = tmp_path / "s" / "activations" / "c" / "1" / "0"
+    shard_file = tmp_path / "s" / H / "activations" / "c" / "1" / "0"
     data = bytearray(shard_file.read_bytes())
     data[5] ^= 0xFF
     shard_file.write_bytes(bytes(data))
     s = ActivationStore.open(tmp_path / "s")
     s.read(0, 8)  # shard 0 is intact
-    with pytest.raises(GspError, match=r"crc32c.*activations/c/1"):
+    with pytest.raises(GspError, match=rf"crc32c.*{H}/activations/c/1"):
         s.read(8, 16)
 
 
@@ -114,7 +115,7 @@ def test_missing_shard_file_is_an_error(tmp_path):
         ActivationStore.open(tmp_path / "s")
 
 
-@pytest.mark.parametrize("file", ["activations/c/3/0", "token_ids/c/1"])
+@pytest.mark.parametrize("file", [f"{H}/activations/c/3/0", "token_ids/c/1"])
 def test_a_shard_truncated_to_zero_bytes_is_an_error_not_zeros(tmp_path, file):
     """zarr reads an empty shard file as fill values (zeros, token ids −1): that must never pass."""
     store = _store(tmp_path)
@@ -152,10 +153,11 @@ def test_not_a_store(tmp_path):
 @pytest.mark.parametrize(
     "damage, words",
     [
-        (lambda a: a.pop("stats"), "attribute 'stats' (is missing)"),
+        (lambda a: a["hooks"][0].pop("stats"), "attribute 'hooks[0].stats' (is missing)"),
         (lambda a: a.update(rows_written="40"), "attribute 'rows_written' (should be int"),
         (lambda a: a.update(rows_written=2.5), "attribute 'rows_written' (should be int"),
-        (lambda a: a["stats"].update(sum=[1.0]), "statistics do not fit its d_in"),
+        (lambda a: a["hooks"][0]["stats"].update(sum=[1.0]), f"the statistics of {H} do not fit its d_in"),
+        (lambda a: a.pop("hooks"), "attribute 'hooks' (is missing)"),
         (lambda a: a["tokenizer"].pop("name"), "attribute 'tokenizer.name' (is missing)"),
         (lambda a: a.update(dtype="float16"), "dtype 'float16'"),
         (lambda a: a.update(rows_written=10**9), "rows_written is 1000000000"),
@@ -177,15 +179,16 @@ def test_damaged_attributes_are_one_gsp_error(tmp_path, damage, words):
 def test_a_damaged_array_description_is_one_gsp_error(tmp_path):
     store = _store(tmp_path)
     _fill(store, np.random.default_rng(8))
-    (tmp_path / "s" / "activations" / "zarr.json").write_text("{ not json")
-    with pytest.raises(GspError, match="activations/zarr.json is damaged"):
+    (tmp_path / "s" / H / "activations" / "zarr.json").write_text("{ not json")
+    with pytest.raises(GspError, match=f"{H}/activations/zarr.json is damaged"):
         ActivationStore.open(tmp_path / "s")
 
 
 def test_shard_written_out_of_order_is_refused(tmp_path):
     store = _store(tmp_path)
     with pytest.raises(RuntimeError, match="starts at row"):
-        store.write_shard(1, np.zeros((8, 3), np.float32), np.zeros(8, np.int32), Cursor(), RowSums(np.zeros(3), 0, 0))
+        store.write_shard(1, {H: np.zeros((8, 3), np.float32)}, np.zeros(8, np.int32), Cursor(),
+                          {H: RowSums(np.zeros(3), 0, 0)})  # fmt: skip
     assert json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"]["rows_written"] == 0
 
 
@@ -216,12 +219,16 @@ def test_commit_is_one_atomic_metadata_write(tmp_path):
     """rows_written, cursor and statistics change together: a kill can never separate them."""
     _store(tmp_path)
     writer, recording = _recorded(tmp_path / "s")
-    writer.write_shard_data(0, np.ones((8, 3), np.float32), np.full(8, 5, np.int32))
+    writer.write_shard_data(0, {H: np.ones((8, 3), np.float32)}, np.full(8, 5, np.int32))
     recording.sets.clear()
-    writer.commit(0, 8, Cursor(3, 1), RowSums(np.full(3, 8.0), 24.0, 8))
+    writer.commit(0, 8, Cursor(3, 1), {H: RowSums(np.full(3, 8.0), 24.0, 8)})
     assert recording.sets == ["zarr.json"]
     on_disk = json.loads((tmp_path / "s" / "zarr.json").read_text())["attributes"]
-    assert (on_disk["rows_written"], on_disk["cursor"], on_disk["stats"]["count"]) == (8, {"doc": 3, "offset": 1}, 8)
+    assert (on_disk["rows_written"], on_disk["cursor"], on_disk["hooks"][0]["stats"]["count"]) == (
+        8,
+        {"doc": 3, "offset": 1},
+        8,
+    )
 
 
 def test_finishing_a_huge_planned_store_touches_no_planned_shard(tmp_path):
@@ -230,7 +237,9 @@ def test_finishing_a_huge_planned_store_touches_no_planned_shard(tmp_path):
     lay = Layout.plan(4, 3, 4, shard_mib=2 * 4 * 3 * 4 / 2**20)  # 8-row shards
     StoreWriter.create(tmp_path / "s", synthetic_meta(400_000, 3, lay))  # 200,000 planned shards
     writer, recording = _recorded(tmp_path / "s")
-    writer.write_shard(0, np.ones((8, 3), np.float32), np.full(8, 5, np.int32), Cursor(), RowSums(np.zeros(3), 0, 0))
+    writer.write_shard(
+        0, {H: np.ones((8, 3), np.float32)}, np.full(8, 5, np.int32), Cursor(), {H: RowSums(np.zeros(3), 0, 0)}
+    )
     writer.finish(8)
     assert recording.deletes == []
     s = ActivationStore.open(tmp_path / "s")

@@ -81,7 +81,7 @@ def _same_store(a, b):
     sa, sb = ActivationStore.open(a), ActivationStore.open(b)
     np.testing.assert_array_equal(sa.read(0, sa.rows_written), sb.read(0, sb.rows_written))
     np.testing.assert_array_equal(sa.read_tokens(0, sa.rows_written), sb.read_tokens(0, sb.rows_written))
-    assert sa.meta.stats == sb.meta.stats and sa.meta.cursor == sb.meta.cursor
+    assert sa.meta.hooks == sb.meta.hooks and sa.meta.cursor == sb.meta.cursor
 
 
 def test_process_workers_write_the_same_store(gsp, tiny_model, corpus, tmp_path):

@@ -11,6 +11,7 @@ Both answer the same questions for the one shard loop of gsp harvest: which shar
 the corpus reader starts, how to claim a shard, and how to finish.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -36,7 +37,7 @@ class StoreClaims:
         """(corpus position, context number) where this process's reader starts: after the last claim."""
         return self.writer.meta.cursor, self.writer.meta.rows_written // self.writer.meta.context_size
 
-    def commit(self, shard: int, rows: int, cursor: Cursor, sums: RowSums) -> None:
+    def commit(self, shard: int, rows: int, cursor: Cursor, sums: dict[str, RowSums]) -> None:
         self.writer.commit(shard, rows, cursor, sums)
 
     def end(self, shards: int) -> None:
@@ -63,9 +64,10 @@ class RankLedger:
         return zarr.open_group(store=self.writer.group.store, path=f"progress/rank-{rank}-of-{self.world}", mode="a")
 
     def record(self, rank: int | None = None) -> dict:
+        """{"shards": {shard: rows}, "stats": {hook: statistics}, "cursor", maybe "ended"} of a process."""
         attrs = dict(self._group(self.rank if rank is None else rank).attrs)
-        return attrs or {"shards": {}, "stats": Stats.empty(self.writer.meta.d_in).to_json(),
-                         "cursor": {"doc": 0, "offset": 0}}  # fmt: skip
+        empty = {h.name: Stats.empty(h.d_in).to_json() for h in self.writer.meta.hooks}
+        return attrs or {"shards": {}, "stats": empty, "cursor": {"doc": 0, "offset": 0}}
 
     def done(self) -> set[int]:
         return {int(s) for s in self.record()["shards"]}
@@ -75,11 +77,11 @@ class RankLedger:
         document before it, and the tokenizing is shared among the processes."""
         return Cursor(), 0
 
-    def commit(self, shard: int, rows: int, cursor: Cursor, sums: RowSums) -> None:
+    def commit(self, shard: int, rows: int, cursor: Cursor, sums: dict[str, RowSums]) -> None:
         """Claim shard `shard` for this process: its record gains the shard, statistics and cursor at once."""
         record = self.record()
         record["shards"][str(shard)] = rows
-        record["stats"] = Stats.from_json(record["stats"]).add(sums).to_json()
+        record["stats"] = {name: Stats.from_json(s).add(sums[name]).to_json() for name, s in record["stats"].items()}
         record["cursor"] = {"doc": cursor.doc, "offset": cursor.offset}
         self._group(self.rank).update_attributes(record)
 
@@ -93,7 +95,7 @@ class RankLedger:
         """Rank 0, after every process is done: the rows the processes' records claim together."""
         records = records or [self.record(r) for r in range(self.world)]
         done = {int(k): v for rec in records for k, v in rec["shards"].items()}
-        planned = math.ceil(self.writer.activations.shape[0] / self.writer.meta.shard_rows)
+        planned = math.ceil(self.writer.n_rows / self.writer.meta.shard_rows)
         n_shards = min([planned] + [r["ended"] for r in records if "ended" in r])
         rows = 0
         for shard in range(n_shards):
@@ -110,13 +112,16 @@ class RankLedger:
         records = [self.record(r) for r in range(self.world)]
         done = {int(k) for rec in records for k in rec["shards"]}
         rows = self.total_rows(records)
-        stats = meta.stats
+        hooks = meta.hooks
         for rec in records:
-            s = Stats.from_json(rec["stats"])
-            stats = stats.add(RowSums(np.asarray(s.sum), s.sum_sq_norm, s.count))
+            sums = {}
+            for name, js in rec["stats"].items():
+                s = Stats.from_json(js)
+                sums[name] = RowSums(np.asarray(s.sum), s.sum_sq_norm, s.count)
+            hooks = dataclasses.replace(meta, hooks=hooks).with_sums(sums)
         last = max(done) if done else 0
         c = records[last % self.world]["cursor"]
-        self.writer.update(rows_written=rows, stats=stats, cursor=Cursor(c["doc"], c["offset"]))
+        self.writer.update(rows_written=rows, hooks=hooks, cursor=Cursor(c["doc"], c["offset"]))
         self.writer.finish(rows)
         return rows
 

@@ -18,7 +18,7 @@ from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 
 FORMAT = "gsp-activation-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one hook point, arrays at the root; 2: hook points in their own groups
 STORED_DTYPES = ("bfloat16", "float32")
 STORAGE = {"bfloat16": "uint16 holding bfloat16 bit patterns", "float32": "float32"}
 
@@ -178,15 +178,40 @@ class Compute:
 
 # ------------------------------------------------------------------------------ the record
 @dataclass(frozen=True)
-class StoreMeta:
-    """Everything a store's attributes hold. The first group of fields is fixed when the store is
-    created; `rows_written`, `complete`, `cursor`, `stats` and `updated_at` are its progress."""
+class HookMeta:
+    """One hook point of a store: its activations are the array `<name>/activations` (format 2) or
+    `activations` at the store's root (format 1, one hook point)."""
 
-    model: ModelRef
+    name: str  # e.g. L12.resid_post
     layer: int
     site: str
     hook_point: str  # e.g. model.layers.12.output (Gemma Scope 2's hf_hook_point_in)
     d_in: int
+    stats: Stats | None = None  # statistics of its non-special rows; None: filled with Stats.empty(d_in)
+
+    def __post_init__(self):
+        if self.stats is None:
+            object.__setattr__(self, "stats", Stats.empty(self.d_in))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "layer": self.layer, "site": self.site, "hook_point": self.hook_point,
+                "d_in": self.d_in, "stats": self.stats.to_json()}  # fmt: skip
+
+    @staticmethod
+    def from_json(d: dict, prefix: str) -> "HookMeta":
+        g = lambda k, kind: _get(d, k, kind, prefix=prefix)  # noqa: E731
+        stats = Stats.from_json(g("stats", dict), prefix=prefix + "stats.")
+        return HookMeta(g("name", str), g("layer", int), g("site", str), g("hook_point", str), g("d_in", int), stats)
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """Everything a store's attributes hold. The first group of fields is fixed when the store is
+    created; `rows_written`, `complete`, `cursor`, the hooks' `stats` and `updated_at` are its progress,
+    rewritten together in one write, so every hook point has the same committed rows."""
+
+    model: ModelRef
+    hooks: tuple[HookMeta, ...]  # in forward order
     context_size: int
     dataset: CorpusRef
     tokenizer: TokenizerRef
@@ -200,15 +225,10 @@ class StoreMeta:
     rows_written: int = 0
     complete: bool = False
     cursor: Cursor = Cursor()
-    stats: Stats | None = None  # None: filled with Stats.empty(d_in)
     created_at: str = ""
     updated_at: str = ""
     gsp_version: str = __version__
     format_version: int = FORMAT_VERSION
-
-    def __post_init__(self):
-        if self.stats is None:
-            object.__setattr__(self, "stats", Stats.empty(self.d_in))
 
     @property
     def special_ids(self) -> list[int]:
@@ -218,26 +238,33 @@ class StoreMeta:
     def seed(self) -> int:
         return self.dataset.seed
 
+    def hook(self, name: str) -> HookMeta:
+        return next(h for h in self.hooks if h.name == name)
+
+    def array_path(self, hook: HookMeta) -> str:
+        """Where a hook point's activations are, relative to the store's root."""
+        return "activations" if self.format_version == 1 else f"{hook.name}/activations"
+
     def progressed(self, **changes) -> "StoreMeta":
         """This record with progress fields changed and `updated_at` now."""
         return dataclasses.replace(self, **changes, updated_at=now())
 
+    def with_sums(self, sums: dict[str, RowSums]) -> tuple[HookMeta, ...]:
+        """The hooks with each one's statistics grown by its shard's sums."""
+        return tuple(dataclasses.replace(h, stats=h.stats.add(sums[h.name])) for h in self.hooks)
+
     def to_attrs(self) -> dict:
-        return {
+        common = {
             "format": FORMAT,
             "format_version": self.format_version,
             "gsp_version": self.gsp_version,
             "spec": self.spec,
             "model": self.model.to_json(),
-            "layer": self.layer,
-            "site": self.site,
-            "hook_point": self.hook_point,
             "dataset": self.dataset.to_json(),
             "seed": self.seed,
             "tokenizer": self.tokenizer.to_json(),
             "compute": self.compute.to_json(),
             "packing": self.packing,
-            "d_in": self.d_in,
             "context_size": self.context_size,
             "dtype": self.dtype,
             "storage": STORAGE[self.dtype],
@@ -247,10 +274,14 @@ class StoreMeta:
             "rows_written": self.rows_written,
             "complete": self.complete,
             "cursor": {"doc": self.cursor.doc, "offset": self.cursor.offset},
-            "stats": self.stats.to_json(),
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
+        if self.format_version == 1:  # one hook point, its fields at the top level
+            (h,) = self.hooks
+            return {**common, "layer": h.layer, "site": h.site, "hook_point": h.hook_point, "d_in": h.d_in,
+                    "stats": h.stats.to_json()}  # fmt: skip
+        return {**common, "hooks": [h.to_json() for h in self.hooks]}
 
     @staticmethod
     def from_attrs(a: dict, path: str) -> "StoreMeta":
@@ -264,10 +295,7 @@ class StoreMeta:
             cursor = _get(a, "cursor", dict)
             meta = StoreMeta(
                 model=ModelRef.from_json(_get(a, "model", dict)),
-                layer=_get(a, "layer", int),
-                site=_get(a, "site", str),
-                hook_point=_get(a, "hook_point", str),
-                d_in=_get(a, "d_in", int),
+                hooks=_hooks_from_attrs(a, version),
                 context_size=_get(a, "context_size", int),
                 dataset=CorpusRef.from_json(_get(a, "dataset", dict)),
                 tokenizer=TokenizerRef.from_json(_get(a, "tokenizer", dict)),
@@ -276,12 +304,11 @@ class StoreMeta:
                 n_contexts_planned=_get(a, "n_contexts_planned", int),
                 chunk_rows=_get(a, "chunk_rows", int),
                 shard_rows=_get(a, "shard_rows", int),
-                spec=_get(a, "spec", dict),
+                spec=_spec(_get(a, "spec", dict), version),
                 packing=_get(a, "packing", str),
                 rows_written=_get(a, "rows_written", int),
                 complete=_get(a, "complete", bool),
                 cursor=Cursor(*(_get(cursor, k, int, prefix="cursor.") for k in ("doc", "offset"))),
-                stats=Stats.from_json(_get(a, "stats", dict)),
                 created_at=_get(a, "created_at", str),
                 updated_at=_get(a, "updated_at", str),
                 gsp_version=_get(a, "gsp_version", str),
@@ -299,15 +326,36 @@ class StoreMeta:
         problems = []
         if self.dtype not in STORED_DTYPES:
             problems.append(f"dtype '{self.dtype}' is not one of {', '.join(STORED_DTYPES)}")
-        for name in ("d_in", "context_size", "chunk_rows", "shard_rows"):
+        for name in ("context_size", "chunk_rows", "shard_rows"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} is {getattr(self, name)}")
         if self.shard_rows % max(self.chunk_rows, 1) or self.chunk_rows % max(self.context_size, 1):
             problems.append("chunks and shards are not whole contexts")
         if not 0 <= self.rows_written <= self.n_contexts_planned * self.context_size:
             problems.append(f"rows_written is {self.rows_written}")
-        if len(self.stats.sum) != self.d_in or not math.isfinite(self.stats.sum_sq_norm) or self.stats.count < 0:
-            problems.append("its statistics do not fit its d_in")
+        if not self.hooks or len({h.name for h in self.hooks}) != len(self.hooks):
+            problems.append("its hook points are missing or repeated")
+        for h in self.hooks:
+            s = h.stats
+            if h.d_in <= 0 or len(s.sum) != h.d_in or not math.isfinite(s.sum_sq_norm) or s.count < 0:
+                problems.append(f"the statistics of {h.name} do not fit its d_in")
         if problems:
             raise GspError(f"store {path} has inconsistent attributes ({'; '.join(problems)}); it is damaged: "
                            "harvest it again with --overwrite")  # fmt: skip
+
+
+def _hooks_from_attrs(a: dict, version: int) -> tuple[HookMeta, ...]:
+    if version == 1:  # one hook point, its fields at the top level
+        layer, site = _get(a, "layer", int), _get(a, "site", str)
+        return (HookMeta(f"L{layer}.{site}", layer, site, _get(a, "hook_point", str), _get(a, "d_in", int),
+                         Stats.from_json(_get(a, "stats", dict))),)  # fmt: skip
+    hooks = _get(a, "hooks", list)
+    return tuple(HookMeta.from_json(h, f"hooks[{i}].") for i, h in enumerate(hooks))
+
+
+def _spec(spec: dict, version: int) -> dict:
+    """Format 1 recorded one layer and site as `layer: 12`; the harvest options now take lists
+    (`"12"`, `"5,9,12"`), so an old spec reads as the option a resume would give."""
+    if version == 1 and isinstance(spec.get("layer"), int):
+        return {**spec, "layer": str(spec["layer"])}
+    return spec

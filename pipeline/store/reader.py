@@ -15,7 +15,7 @@ from zarr.core.sync import sync
 
 from pipeline.errors import GspError
 from pipeline.store.location import open_group
-from pipeline.store.meta import StoreMeta
+from pipeline.store.meta import FORMAT, HookMeta, StoreMeta
 
 ARRAYS = ("activations", "token_ids")
 
@@ -37,46 +37,73 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def shard_key(array: str, shard: int) -> str:
-    """The file (object key) of one shard of an array, relative to the store."""
-    return f"{array}/c/{shard}/0" if array == "activations" else f"{array}/c/{shard}"
+    """The file (object key) of one shard of an array (`token_ids`, `activations` or
+    `<hook>/activations`), relative to the store."""
+    return f"{array}/c/{shard}/0" if array.endswith("activations") else f"{array}/c/{shard}"
 
 
-def open_arrays(group: zarr.Group, path: str) -> tuple[zarr.Array, zarr.Array]:
-    """The store's two arrays; a missing or unreadable array description is a GspError."""
-    arrays = []
-    for name in ARRAYS:
-        try:
-            arrays.append(group[name])
-        except KeyError:
-            raise GspError(f"store {path} has no '{name}' array; it is damaged, harvest it again") from None
-        except (ValueError, TypeError, UnicodeDecodeError) as e:
-            raise GspError(f"store {path}: {name}/zarr.json is damaged ({type(e).__name__}); harvest it again "
-                           "with --overwrite") from None  # fmt: skip
-    return arrays[0], arrays[1]
+def open_array(group: zarr.Group, name: str, path: str) -> zarr.Array:
+    try:
+        return group[name]
+    except KeyError:
+        raise GspError(f"store {path} has no '{name}' array; it is damaged, harvest it again") from None
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise GspError(f"store {path}: {name}/zarr.json is damaged ({type(e).__name__}); harvest it again "
+                       "with --overwrite") from None  # fmt: skip
 
 
 class ActivationStore:
-    """A store opened for reading. `meta` is its typed attributes; rows are read as float32."""
+    """One hook point of a store, opened for reading: `meta` is the store's typed attributes, `hook`
+    the hook point's (layer, site, d_in, statistics); rows are read as float32."""
 
-    def __init__(self, group: zarr.Group, path: str, meta: StoreMeta):
-        self.group, self.path, self.meta = group, path, meta
-        self.activations, self.token_ids = open_arrays(group, path)
-        if self.activations.shape[1:] != (meta.d_in,) or self.activations.shape[0] != self.token_ids.shape[0]:
+    def __init__(self, group: zarr.Group, path: str, meta: StoreMeta, hook: HookMeta, root: str | None = None):
+        self.group, self.path, self.meta, self.hook = group, path, meta, hook
+        self.root = root or path  # the store's own path (for one hook point of several, the parent)
+        self.array_name = meta.array_path(hook)
+        self.activations = open_array(group, self.array_name, path)
+        self.token_ids = open_array(group, "token_ids", path)
+        if self.activations.shape[1:] != (hook.d_in,) or self.activations.shape[0] != self.token_ids.shape[0]:
             raise GspError(f"store {path}: its arrays' shapes {self.activations.shape}, {self.token_ids.shape} "
-                           f"do not match its attributes (d_in {meta.d_in}); it is damaged")  # fmt: skip
+                           f"do not match its attributes (d_in {hook.d_in}); it is damaged")  # fmt: skip
 
     @classmethod
     def open(cls, path) -> "ActivationStore":
-        """Open and check a store; every problem is a GspError naming the store."""
-        group = open_group(path, "r")
-        store = cls(group, str(path), StoreMeta.from_attrs(dict(group.attrs), str(path)))
+        """Open and check one hook point: `STORE` when it holds one, else `STORE/L12.resid_post`.
+        Every problem is a GspError naming the store."""
+        path = str(path)
+        root, name = _root_and_hook(path)
+        group = open_group(root, "r")
+        meta = StoreMeta.from_attrs(dict(group.attrs), root)
+        names = [h.name for h in meta.hooks]
+        if name is None and len(names) > 1:
+            raise GspError(f"store {root} holds {len(names)} hook points ({', '.join(names)}); name one, "
+                           f"e.g. {root.rstrip('/')}/{names[0]}")  # fmt: skip
+        if name is not None and name not in names:
+            raise GspError(f"store {root} has no hook point {name}; it holds {', '.join(names)}")
+        store = cls(group, path, meta, meta.hook(name or names[0]), root)
         store.check_shards()
         return store
 
-    def check_shards(self) -> None:
+    @classmethod
+    def open_some(cls, path) -> list["ActivationStore"]:
+        """The hook point `path` names (`STORE/L12.resid_post`), or every hook point of the store `path`."""
+        root, name = _root_and_hook(str(path))
+        return [cls.open(path)] if name is not None else cls.open_all(root)
+
+    @classmethod
+    def open_all(cls, path) -> list["ActivationStore"]:
+        """Every hook point of the store at `path` (its root)."""
+        group = open_group(path, "r")
+        meta = StoreMeta.from_attrs(dict(group.attrs), str(path))
+        base = str(path).rstrip("/")
+        stores = [cls(group, base if len(meta.hooks) == 1 else f"{base}/{h.name}", meta, h, str(path))
+                  for h in meta.hooks]  # fmt: skip
+        stores[0].check_shards(all_hooks=True)
+        return stores
+
+    def check_shards(self, all_hooks: bool = False) -> None:
         """Every shard that rows_written claims must be on disk and non-empty: a missing or
         zero-byte shard file would read as zeros (and token ids −1) instead of failing."""
-
         store = self.group.store
 
         async def size_of(key):
@@ -89,8 +116,10 @@ class ActivationStore:
             return out
 
         n = math.ceil(self.rows_written / self.shard_rows)
-        for name in ARRAYS:
-            keys = [f"{self.group.path + '/' if self.group.path else ''}{shard_key(name, s)}" for s in range(n)]
+        hooks = self.meta.hooks if all_hooks else (self.hook,)
+        prefix = f"{self.group.path}/" if self.group.path else ""
+        for name in ["token_ids", *(self.meta.array_path(h) for h in hooks)]:
+            keys = [prefix + shard_key(name, s) for s in range(n)]
             for shard, nbytes in enumerate(sync(sizes(keys))):
                 if not nbytes:
                     what = "missing" if nbytes is None else "empty (0 bytes)"
@@ -110,7 +139,7 @@ class ActivationStore:
 
     @property
     def d_in(self) -> int:
-        return self.meta.d_in
+        return self.hook.d_in
 
     @property
     def context_size(self) -> int:
@@ -161,17 +190,18 @@ class ActivationStore:
         except ValueError as e:
             if "checksum" not in str(e):
                 raise
+            name = self.array_name if array is self.activations else "token_ids"
             raise GspError(
                 f"corrupt data in store {self.path}: rows {start}..{stop - 1} failed their crc32c checksum "
-                f"(shard file {self._files(array.name.strip('/'), start, stop)}); restore the file or harvest "
-                "again with --overwrite"
+                f"(shard file {self._files(name, start, stop)}); restore the file or harvest again with --overwrite"
             ) from None
 
     def ordinary_rows(
-        self, limit: int, batch: int, part: tuple[int, int] = (0, 1)
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self, limit: int, batch: int, part: tuple[int, int] = (0, 1), target: "ActivationStore | None" = None
+    ) -> Iterator[tuple]:
         """Batches (x (B, D) float32, row indices (B,)) of the first `limit` rows that hold no special
-        token, read span by span in store order.
+        token, read span by span in store order; with `target` (another hook point of the same rows,
+        a transcoder's), (x, y (B, O), row indices).
 
         With `part=(rank, world)` this process reads and serves only spans rank, rank + world, ...:
         every process reads the (small) token ids to know which rows count, and only its own
@@ -185,9 +215,10 @@ class ActivationStore:
             keep = np.flatnonzero(~np.isin(self.read_tokens(start, stop), special))[: limit - seen]
             if index % world == rank and len(keep):
                 x = self.read(start, stop)
+                y = target.read(start, stop) if target is not None else None
                 for piece in np.array_split(keep, max(1, -(-len(keep) // batch))):
                     if len(piece):
-                        yield x[piece], start + piece
+                        yield (x[piece], start + piece) if y is None else (x[piece], y[piece], start + piece)
             seen += len(keep)
             if seen >= limit:
                 return
@@ -199,3 +230,53 @@ class ActivationStore:
             self.read(start, stop)
             self.read_tokens(start, stop)
             advance(stop - start)
+
+
+def _root_and_hook(path: str) -> tuple[str, str | None]:
+    """(the store's root, the hook point named by the path's last part, or None for the root itself).
+
+    `STORE/L12.resid_post` names a hook point when STORE is a store and the last part is not."""
+    from pipeline.store.location import path_state
+
+    base = path.rstrip("/")
+    if "/" in base and path_state(base) != "zarr":
+        parent, last = base.rsplit("/", 1)
+        if path_state(parent) == "zarr":
+            return parent, last
+    if "/" in base and path_state(base) == "zarr":
+        parent, last = base.rsplit("/", 1)
+        if path_state(parent) == "zarr" and _is_store(parent):
+            return parent, last  # a hook point's own group (format 2): its parent is the store
+    return path, None
+
+
+def _is_store(path: str) -> bool:
+    try:
+        return open_group(path, "r").attrs.get("format") == FORMAT
+    except GspError:
+        return False
+
+
+def same_rows(a: ActivationStore, b: ActivationStore) -> None:
+    """Two hook points must hold the same rows (a transcoder's input and target): hook points of one
+    store do; two stores do when one harvest's settings wrote both. Else one error naming the difference."""
+    if a.root == b.root:
+        return
+    ma, mb = a.meta, b.meta
+    where = ("layer", "site")  # what may differ: where the activations were taken
+    checks = {
+        "model": ((ma.model.name, ma.model.revision), (mb.model.name, mb.model.revision)),
+        "corpus": (ma.dataset, mb.dataset),
+        "context size": (ma.context_size, mb.context_size),
+        "harvest settings": tuple({k: v for k, v in m.spec.items() if k not in where} for m in (ma, mb)),
+        "rows written": (ma.rows_written, mb.rows_written),
+        "chunk rows": (ma.chunk_rows, mb.chunk_rows),
+    }
+    for what, (x, y) in checks.items():
+        if x != y:
+            raise GspError(
+                f"stores {a.path} and {b.path} do not hold the same rows: their {what} differ "
+                f"({x!r} vs {y!r}); harvest both hook points in one run (--site mlp_in,mlp_out)"
+            )
+    if a.rows_written and not np.array_equal(a.read_tokens(0, a.chunk_rows), b.read_tokens(0, b.chunk_rows)):
+        raise GspError(f"stores {a.path} and {b.path} do not hold the same rows: their token ids differ")

@@ -21,7 +21,7 @@ from pipeline.errors import GspError
 from pipeline.faults import fault
 from pipeline.store.location import filesystem, is_url, open_group, zarr_path
 from pipeline.store.meta import STORED_DTYPES, RowSums, StoreMeta, now
-from pipeline.store.reader import ActivationStore
+from pipeline.store.reader import ActivationStore, open_array
 
 
 @dataclass(frozen=True)
@@ -51,69 +51,83 @@ class Layout:
 
 
 class StoreWriter:
-    """A store opened for writing: shard data, claims (commits) in shard order, and the end."""
+    """A store opened for writing: shard data of every hook point, claims (commits) in shard order, the end."""
 
     def __init__(self, group: zarr.Group, path: str, meta: StoreMeta):
         self.group, self.path, self.meta = group, path, meta
-        self.reader = ActivationStore(group, path, meta)
-        self.activations, self.token_ids = self.reader.activations, self.reader.token_ids
+        self.token_ids = open_array(group, "token_ids", path)
+        self.activations = {h.name: open_array(group, meta.array_path(h), path) for h in meta.hooks}
+
+    @property
+    def n_rows(self) -> int:
+        """Rows the arrays have room for."""
+        return self.token_ids.shape[0]
 
     @classmethod
     def create(cls, path: str | Path, meta: StoreMeta) -> "StoreWriter":
-        """A new, empty store at `path` (replacing a gsp store there: the caller has checked that)."""
+        """A new, empty store at `path` (replacing a gsp store there: the caller has checked that):
+        token ids at the root, and a group per hook point holding its activations."""
         if meta.dtype not in STORED_DTYPES:
             raise GspError(f"store dtype '{meta.dtype}' is not supported: use one of {', '.join(STORED_DTYPES)}")
-        n_rows, d = meta.n_contexts_planned * meta.context_size, meta.d_in
         if is_url(path):
             filesystem(str(path))  # an unknown scheme or a missing package: one clear error
+        n_rows = meta.n_contexts_planned * meta.context_size
         group = zarr.open_group(zarr_path(path), mode="w", zarr_format=3)
         bf16 = meta.dtype == "bfloat16"
-        group.create_array(
-            "activations", shape=(n_rows, d), chunks=(meta.chunk_rows, d), shards=(meta.shard_rows, d),
-            dtype="uint16" if bf16 else "float32", compressors=[Crc32cCodec()], fill_value=0,
-            attributes={"dtype": meta.dtype, "note": "bfloat16 bit patterns" if bf16 else ""},
-        )  # fmt: skip
+        for h in meta.hooks:
+            about = {"layer": h.layer, "site": h.site, "hook_point": h.hook_point, "d_in": h.d_in, "dtype": meta.dtype}
+            home = group if meta.format_version == 1 else group.create_group(h.name, attributes=about)
+            home.create_array(
+                "activations", shape=(n_rows, h.d_in), chunks=(meta.chunk_rows, h.d_in),
+                shards=(meta.shard_rows, h.d_in), dtype="uint16" if bf16 else "float32",
+                compressors=[Crc32cCodec()], fill_value=0,
+                attributes={"dtype": meta.dtype, "note": "bfloat16 bit patterns" if bf16 else ""},
+            )  # fmt: skip
         group.create_array(
             "token_ids", shape=(n_rows,), chunks=(meta.chunk_rows,), shards=(meta.shard_rows,), dtype="int32",
             compressors=[Crc32cCodec()], fill_value=-1,
         )  # fmt: skip
-        stamp = now()
-        meta = meta.progressed(created_at=stamp)
+        meta = meta.progressed(created_at=now())
         group.update_attributes(meta.to_attrs())
         return cls(group, str(path), meta)
 
     @classmethod
     def open(cls, path: str | Path) -> "StoreWriter":
-        reader = ActivationStore.open(path)
-        return cls(open_group(path, "r+"), str(path), reader.meta)
+        stores = ActivationStore.open_all(path)  # checks the attributes and every claimed shard
+        return cls(open_group(path, "r+"), str(path), stores[0].meta)
 
     # ---------------------------------------------------------------- shards
-    def write_shard_data(self, shard: int, acts: np.ndarray, tokens: np.ndarray) -> None:
-        """Write one whole shard's two files (in any order; nothing is claimed until `commit`)."""
+    def write_shard_data(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray) -> None:
+        """Write one whole shard's files, one per hook point and the token ids (in any order; nothing
+        is claimed until `commit`)."""
         rows = slice(shard * self.meta.shard_rows, shard * self.meta.shard_rows + len(tokens))
+        if set(acts) != set(self.activations):
+            raise RuntimeError(f"shard {shard} holds hook points {sorted(acts)}, the store {sorted(self.activations)}")
 
-        async def both():
-            await asyncio.gather(
-                self.activations.async_array.setitem(rows, acts), self.token_ids.async_array.setitem(rows, tokens)
-            )
+        async def every():
+            writes = [self.activations[name].async_array.setitem(rows, a) for name, a in acts.items()]
+            await asyncio.gather(*writes, self.token_ids.async_array.setitem(rows, tokens))
 
         if is_url(self.path):  # remote filesystems' clients live on zarr's own event loop
-            self.activations[rows] = acts
+            for name, a in acts.items():
+                self.activations[name][rows] = a
             self.token_ids[rows] = tokens
         else:
             # An event loop per call, rather than zarr's one shared loop: checksumming and assembling
             # shards then runs on as many writer threads as the caller uses, not on one thread.
-            asyncio.run(both())
+            asyncio.run(every())
         fault("shard-data-written")
 
-    def commit(self, shard: int, rows: int, cursor: Cursor, sums: RowSums) -> None:
-        """Claim shard `shard` (`rows` rows, already written): rows_written, cursor and statistics at once."""
+    def commit(self, shard: int, rows: int, cursor: Cursor, sums: dict[str, RowSums]) -> None:
+        """Claim shard `shard` (`rows` rows, already written): rows_written, cursor and every hook
+        point's statistics at once."""
         start = shard * self.meta.shard_rows
         if start != self.meta.rows_written:
             raise RuntimeError(f"shard {shard} starts at row {start}, but {self.meta.rows_written} rows are written")
-        self._update(self.meta.progressed(rows_written=start + rows, cursor=cursor, stats=self.meta.stats.add(sums)))
+        self._update(self.meta.progressed(rows_written=start + rows, cursor=cursor, hooks=self.meta.with_sums(sums)))
 
-    def write_shard(self, shard: int, acts: np.ndarray, tokens: np.ndarray, cursor: Cursor, sums: RowSums) -> None:
+    def write_shard(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray, cursor: Cursor,
+                    sums: dict[str, RowSums]) -> None:  # fmt: skip
         self.write_shard_data(shard, acts, tokens)
         self.commit(shard, len(tokens), cursor, sums)
 
@@ -123,15 +137,15 @@ class StoreWriter:
         Only the arrays' shapes change: no shard past `rows` was ever written, so nothing is deleted
         (zarr's default resize would visit every planned shard key, which for a huge planned store is
         millions of requests)."""
-        if rows < self.activations.shape[0]:
-            for array, shape in ((self.activations, (rows, self.meta.d_in)), (self.token_ids, (rows,))):
-                sync(array.async_array.resize(shape, delete_outside_chunks=False))
+        if rows < self.n_rows:
+            for array in (*self.activations.values(), self.token_ids):
+                sync(array.async_array.resize((rows, *array.shape[1:]), delete_outside_chunks=False))
         self._update(self.meta.progressed(complete=True))
-        self.reader = ActivationStore.open(self.path)
-        self.activations, self.token_ids = self.reader.activations, self.reader.token_ids
+        self.token_ids = open_array(self.group, "token_ids", self.path)
+        self.activations = {h.name: open_array(self.group, self.meta.array_path(h), self.path) for h in self.meta.hooks}
 
     def update(self, **progress) -> None:
-        """Set progress fields (rows_written, cursor, stats, complete) in one atomic write."""
+        """Set progress fields (rows_written, cursor, hooks' stats, complete) in one atomic write."""
         self._update(self.meta.progressed(**progress))
 
     def _update(self, meta: StoreMeta) -> None:
