@@ -90,7 +90,7 @@ def check_width(model: torch.nn.Module, layer: int, site: str, d_in: int, what: 
                        "use the model the SAE was trained on (--model)")  # fmt: skip
 
 
-def _register(module: torch.nn.Module, site: str, fn: Callable) -> torch.utils.hooks.RemovableHandle:
+def register_at_module(module: torch.nn.Module, site: str, fn: Callable) -> torch.utils.hooks.RemovableHandle:
     """Call `fn(activation)` with the site's activation; a non-None return value replaces it."""
     if site == "attn_out":
         return module.register_forward_pre_hook(lambda m, args: _replace_args(args, fn(args[0])))
@@ -127,7 +127,7 @@ def capture(model: torch.nn.Module, points: list[Point], *, stop: bool = True) -
 
     try:
         for point in order:
-            handles.append(_register(modules[point], point[1], keeper(point)))
+            handles.append(register_at_module(modules[point], point[1], keeper(point)))
         yield box
     finally:
         for handle in handles:
@@ -137,7 +137,7 @@ def capture(model: torch.nn.Module, points: list[Point], *, stop: bool = True) -
 @contextlib.contextmanager
 def splice(model: torch.nn.Module, layer: int, site: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the block, the site's activation (B, S, D) is replaced by `fn(activation)` and the pass goes on."""
-    handle = _register(site_module(model, layer, site), site, fn)
+    handle = register_at_module(site_module(model, layer, site), site, fn)
     try:
         yield
     finally:

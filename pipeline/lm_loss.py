@@ -47,25 +47,35 @@ class DeltaLoss:
     ) -> None:
         """Score one batch of contexts (token ids on the model's device). For a transcoder, `source` is
         the point it reads (the MLP's input) and (layer, site) the one its prediction replaces."""
+
+        def spliced(special_BS1):
+            def fn(src, acts):
+                x_hat = sae(src.reshape(-1, src.shape[-1]).float()).x_hat_BD.reshape(acts.shape)
+                return torch.where(special_BS1, acts, x_hat.to(acts.dtype))
+
+            return splice_from(model, source or (layer, site), (layer, site), fn)
+
+        def zeroed(special_BS1):
+            return splice(model, layer, site, lambda acts: torch.where(special_BS1, acts, torch.zeros_like(acts)))
+
+        self.run_with(model, ids_BS, special_ids, spliced, zeroed)
+
+    @torch.no_grad()
+    def run_with(self, model: torch.nn.Module, ids_BS: torch.Tensor, special_ids: list[int], replaced, zeroed) -> None:
+        """Score one batch of contexts; `replaced(special_BS1)` and `zeroed(special_BS1)` are context
+        managers under which the model runs with its activations replaced by the reconstruction, and
+        zero-ablated (special-token positions, True in special_BS1, kept as they are)."""
         special_BS1 = torch.isin(ids_BS, torch.tensor(special_ids, device=ids_BS.device))[..., None]
         mask = prediction_mask(ids_BS, special_ids)
         targets = ids_BS[:, 1:]
-
-        def spliced(src, acts):
-            x_hat = sae(src.reshape(-1, src.shape[-1]).float()).x_hat_BD.reshape(acts.shape)
-            return torch.where(special_BS1, acts, x_hat.to(acts.dtype))
-
-        def zeroed(acts):
-            return torch.where(special_BS1, acts, torch.zeros_like(acts))
-
         logp_clean = _log_probs(model, ids_BS)
         ce_clean = -logp_clean.gather(-1, targets[..., None])[..., 0]
-        with splice_from(model, source or (layer, site), (layer, site), spliced):
+        with replaced(special_BS1):
             logp = _log_probs(model, ids_BS)
         ce_spliced = -logp.gather(-1, targets[..., None])[..., 0]
         kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
         del logp, logp_clean
-        with splice(model, layer, site, zeroed):
+        with zeroed(special_BS1):
             logp = _log_probs(model, ids_BS)
         ce_zero = -logp.gather(-1, targets[..., None])[..., 0]
         m = mask.double()

@@ -218,3 +218,43 @@ def reconstruction(sae, store, tokens: int, batch_size: int, group=None, target=
     result["_frequency"] = run.frequencies()
     result["dense_threshold"] = DENSE_FREQUENCY
     return result
+
+
+@torch.no_grad()
+def clt_reconstruction(clt, inputs: list, targets: list, tokens: int, batch_size: int, group=None) -> dict:
+    """`Running` metrics of a cross-layer transcoder's prediction of every layer's MLP output from every
+    layer's MLP input (the stores of one harvest, `inputs[l]` and `targets[l]` for layer l), taken over
+    all layers together (L0 counts every layer's latents; FVU pools every layer's dimensions), plus
+    each layer's own FVU (`layer_fvu`)."""
+    from pipeline import dist
+    from pipeline.console import progress
+    from pipeline.errors import GspError
+    from pipeline.store.reader import ordinary_rows_of
+
+    group = group or dist.Group()
+    first, device, L, D = inputs[0], group.device, clt.n_layers, clt.d_model
+    run = Running(L * D, clt.width, first.context_size, device)
+    err_L = torch.zeros(L, dtype=torch.float64, device=device)
+    with progress("tok", show=group.main) as bar:
+        task = bar.add_task("reconstruction (every layer)", total=min(tokens, first.rows_written))
+        for arrays, rows in ordinary_rows_of(inputs + targets, tokens, batch_size, (group.rank, group.world)):
+            xs = [torch.from_numpy(a).to(device) for a in arrays[:L]]
+            ys = [torch.from_numpy(a).to(device) for a in arrays[L:]]
+            preds, latents = clt(xs)
+            err_L += torch.stack([(y.double() - p.double()).square().sum() for y, p in zip(ys, preds, strict=True)])
+            run.update(torch.cat(ys, 1), torch.cat(preds, 1), torch.cat(latents, 1),
+                       torch.from_numpy(rows % first.context_size).to(device))  # fmt: skip
+            bar.update(task, completed=run.n * group.world)
+    shares = dist.gather(group, (run.to("cpu"), err_L.cpu()))
+    run, err_L = shares[0]
+    for other, err in shares[1:]:
+        run.merge(other)
+        err_L += err
+    if run.n < 2:
+        raise GspError(f"store {first.path} has fewer than 2 ordinary tokens to measure on")
+    result = run.result()
+    var_L = run.m2_D.cpu().view(L, D).sum(1)
+    result["layer_fvu"] = (err_L / var_L).tolist()
+    result["_frequency"] = run.frequencies()
+    result["dense_threshold"] = DENSE_FREQUENCY
+    return result

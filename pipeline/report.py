@@ -108,6 +108,10 @@ def _transcoder_line(r: dict) -> list[str]:
     if not s.get("transcoder"):
         return []
     skip = ", with an affine skip connection" if s["skip"] else ""
+    if s.get("clt_layers"):
+        return [f"- **Cross-layer transcoder** over {s['clt_layers']} layers{skip}: reads every layer's MLP input, "
+                f"predicts every layer's MLP output; the figures pool all layers (per-layer FVU in the JSON, "
+                f"`reconstruction.layer_fvu`); the delta loss replaces every MLP's output at once"]  # fmt: skip
     return [f"- **Transcoder**: reads layer {s['layer']} {s['site']}, predicts layer {s['layer_out']} "
             f"{s['site_out']} (d_out {s['d_out']}{skip}); the figures are of its prediction of "
             f"`{r['target_store']['path']}`"]  # fmt: skip

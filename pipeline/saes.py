@@ -8,8 +8,11 @@ The format is told by the folder's files, never by its name:
       pre = x @ w_enc + b_enc;  f = ReLU(pre)·1[pre > threshold]  (topk: the k largest of ReLU(pre))
       x̂ = f @ w_dec + b_dec
   Layer and site come from "hf_hook_point_in" (`model.layers.L.output` → resid_post,
-  `….post_feedforward_layernorm.output` → mlp_out, `….self_attn.o_proj.input` → attn_out), else from gsp's
-  "layer"/"site", else from the path (`<site>[_all]/layer_L_width_…`). Transcoders and CLTs are refused.
+  `….post_feedforward_layernorm.output` → mlp_out, `….self_attn.o_proj.input` → attn_out,
+  `….pre_feedforward_layernorm.output` → mlp_in), else from gsp's "layer"/"site", else from the path
+  (`<site>[_all]/layer_L_width_…`). Transcoders (`type` "transcoder", plain or with an
+  affine_skip_connection; `transcoder[_all]/layer_L_…`) read mlp_in and predict "hf_hook_point_out"
+  (mlp_out). Cross-layer transcoders: pipeline/clt.py.
 - **Gemma Scope 1** (`google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}`): `params.npz`, keys W_enc (D, F),
   W_dec (F, D), b_enc, b_dec, threshold; the same JumpReLU inference. No config: the layer comes from a
   `layer_L` path part, the site and model from the repo name in the path (res/mlp/att → resid_post/mlp_out/attn_out;
@@ -51,6 +54,7 @@ SAE_FILES = (
     "hyperparams.json",
     "lm_config.json",
     "checkpoints/final.safetensors",
+    "params_layer_*.safetensors",  # a cross-layer transcoder's per-layer files (pipeline/clt.py)
 )
 _EXPECTED = (
     "config.json + params.safetensors (gsp, Gemma Scope 2), params.npz (Gemma Scope), "
@@ -87,16 +91,24 @@ class LoadedSAE:
         return self.sae.is_transcoder or (self.layer_out, self.site_out) != (self.layer, self.site)
 
 
-def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
-    """An SAE from a local folder (or a file in it) or a Hub path `owner/repo/sub/folder`."""
+def sae_folder(spec: str, *, revision: str | None = None, token: str | None = None) -> Path:
+    """The local folder of an SAE: `spec` itself (or the folder of a file in it), or a Hub path's
+    files fetched into the Hub cache."""
     path = Path(spec).expanduser()
     if not path.exists():
         hub = hub_sae_path(spec)
         if hub is None:
             raise GspError(f"no SAE at '{spec}': give an SAE folder that exists, or a Hub path owner/repo/sub/folder")
         path = fetch_sae(*hub, revision=revision, token=token)
-    if path.is_file():
-        path = path.parent
+    return path.parent if path.is_file() else path
+
+
+def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
+    """An SAE from a local folder (or a file in it) or a Hub path `owner/repo/sub/folder`."""
+    path = sae_folder(spec, revision=revision, token=token)
+    if (path / "params_layer_0.safetensors").is_file():
+        raise GspError(f"{path} is a cross-layer transcoder: gsp evaluate measures it (a store of every layer's "
+                       "mlp_in and mlp_out); it has no single hook point for this command")  # fmt: skip
     has = {name for name in SAE_FILES if (path / name).is_file()}
     if {"config.json", "params.safetensors"} <= has:
         loaded = _read_gemma_scope_2(path)
@@ -139,7 +151,7 @@ def fetch_sae(
             local_dir=local_dir,
         )
     folder = Path(root) / subfolder
-    if not any((folder / name).is_file() for name in SAE_FILES):
+    if not any(folder.glob(name) for name in SAE_FILES):
         raise GspError(f"Hub repository {repo_id} has no SAE under '{subfolder}' (expected {_EXPECTED})")
     return folder
 

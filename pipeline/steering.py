@@ -1,7 +1,8 @@
 """Steering: edit the model's activation at an SAE's hook point along the SAE's decoder directions.
 
 Two edits, per feature i with decoder row d_i (unit norm for gsp and Gemma Scope SAEs, so a strength
-is in the residual stream's own units):
+is in the residual stream's own units; a gsp transcoder's rows have norm s/t, its input and output
+scales):
 - add:   x' = x + s_i · d_i
 - clamp: x' = x + (v_i − f_i(x)) · d_i, f_i(x) the SAE's activation of feature i on x: the feature
   reads v_i afterwards while the SAE's reconstruction error is left in place.

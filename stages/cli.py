@@ -77,9 +77,9 @@ RESUME = _flag("resume", bool, False, "Continue from the checkpoint in --out (sa
 
 
 def fit(cfg: FitConfig, *, resume: bool, smoke_test: bool) -> None:
-    """Train a JumpReLU or TopK SAE from a store (the language model is never loaded).
+    """Train a JumpReLU or TopK SAE, or a transcoder (--target-store), from a store; the model is never loaded.
 
-    Writes params.safetensors + config.json in Gemma Scope 2's format, input scale folded in.
+    Writes params.safetensors + config.json in Gemma Scope 2's format, scales folded in.
     """
     run_fit(fit_stage.smoke_config(cfg) if smoke_test else cfg, resume=resume)
 
@@ -217,7 +217,7 @@ def info(
         for k, v in rows.items():
             table.add_row(k, str(v))
         console.print(table)
-        several = " (each is a store of its own: STORE/NAME)" if len(m.hooks) > 1 else ""
+        several = " (each is a store of its own: STORE/NAME)" if len(hooks) > 1 else ""
         console.print(f"[bold]hook points[/]{several}:", highlight=False)
         for h in hooks:
             st = h.hook.stats

@@ -19,15 +19,17 @@ import numpy as np
 import torch
 
 from pipeline import __version__, dist
+from pipeline.clt import is_clt_folder
 from pipeline.config import opt, stage_config
 from pipeline.console import info, progress, warn
 from pipeline.errors import GspError
 from pipeline.lm_loss import DeltaLoss
-from pipeline.metrics import reconstruction
+from pipeline.metrics import clt_reconstruction, reconstruction
 from pipeline.models import rerun_model
 from pipeline.paths import cache_dir
-from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store
+from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store, sae_folder
 from pipeline.store import ActivationStore
+from pipeline.store.reader import same_rows
 
 
 @stage_config("evaluate")
@@ -43,8 +45,9 @@ class EvaluateConfig:
         None, "Store to measure on (default: the store a gsp fit SAE was trained on; a held-out store is honest)."
     )
     target_store: str | None = opt(
-        None, "Transcoder: the store of the hook point it predicts (default: that point of --store's store)."
-    )
+        None, "Transcoder: the store of the hook point it predicts (default: a gsp transcoder's training target, "
+        "else that hook point of --store's store).",
+    )  # fmt: skip
     tokens: int = opt(262_144, "Ordinary tokens (store rows) for the reconstruction metrics; all if fewer.")
     batch_size: int = opt(4096, "Rows per SAE batch.")
     delta_loss: bool = opt(True, "Re-run the model with the reconstruction spliced in (--no-delta-loss skips it).")
@@ -78,10 +81,12 @@ def smoke_config(cfg: EvaluateConfig) -> EvaluateConfig:
 
 def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     """Measure, print the table, write the report; returns the Markdown report's path."""
-    from pipeline import report
 
     if not cfg.sae:
         raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
+    folder = sae_folder(cfg.sae, revision=cfg.sae_revision, token=token)
+    if is_clt_folder(folder):
+        return _evaluate_clt(cfg, folder, token)
     loaded = load_sae(cfg.sae, revision=cfg.sae_revision, token=token)
     store, target = _open_stores(cfg, loaded)
     layer, site = check_against_store(loaded, store, target)
@@ -89,21 +94,31 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     device = group.device
     sae = loaded.sae.to(device)
 
+    dest = (loaded.layer_out, loaded.site_out) if loaded.is_transcoder else (layer, site)
+    return _measure(
+        cfg, group, _sae_info(loaded), store, target,
+        lambda: reconstruction(sae, store, cfg.tokens, cfg.batch_size, group, target),
+        lambda: _delta_loss(cfg, sae, store, (layer, site), dest, token, group),
+    )  # fmt: skip
+
+
+def _measure(cfg: EvaluateConfig, group, sae_info: dict, store, target, recon_fn, delta_fn) -> Path:
+    """The reconstruction metrics and (unless --no-delta-loss) the delta loss, timed; the report."""
+    from pipeline import report
+
     t0 = time.perf_counter()
-    recon = reconstruction(sae, store, cfg.tokens, cfg.batch_size, group, target)
+    recon = recon_fn()
     if recon["tokens"] < cfg.tokens and group.main:
         info(f"the store holds {recon['tokens']:,} ordinary tokens; all were used (asked for {cfg.tokens:,})")
     t_recon = time.perf_counter() - t0
     delta, lm_info, t_delta = None, None, 0.0
     if cfg.delta_loss:
         t0 = time.perf_counter()
-        dest = (loaded.layer_out, loaded.site_out) if loaded.is_transcoder else (layer, site)
-        delta, lm_info = _delta_loss(cfg, sae, store, (layer, site), dest, token, group)
+        delta, lm_info = delta_fn()
         t_delta = time.perf_counter() - t0
-
     results = {
         "gsp_version": __version__,
-        "sae": _sae_info(loaded),
+        "sae": sae_info,
         "store": _store_info(store),
         "target_store": _store_info(target) if target is not None else None,
         "model": lm_info,
@@ -111,7 +126,7 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
         "reconstruction": {k: v for k, v in recon.items() if not k.startswith("_")},
         "delta_loss": delta,
         "timing": {
-            "device": str(device),
+            "device": str(group.device),
             "processes": group.world,
             "reconstruction_s": t_recon,
             "reconstruction_tokens_per_s": recon["tokens"] / t_recon if t_recon else None,
@@ -122,6 +137,50 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     path = report.write(results, recon["_frequency"], Path(cfg.reports)) if group.main else None
     dist.teardown(group)
     return path
+
+
+def _evaluate_clt(cfg: EvaluateConfig, folder: Path, token) -> Path:
+    """A cross-layer transcoder on a store of every layer's MLP input and output (one harvest): its
+    prediction of every MLP output; the delta loss with every MLP's output replaced at once."""
+    from pipeline.clt import CrossLayerTranscoder, replace_mlps, zero_mlps
+
+    clt = CrossLayerTranscoder.load(folder)
+    L = clt.n_layers
+    how = f"gsp harvest --layer all --site mlp_in,mlp_out (a store of all {L} layers' MLP inputs and outputs)"
+    if not cfg.store:
+        raise GspError(f"--store is required for a cross-layer transcoder: {how}")
+    hooks = {h.hook.name: h for h in ActivationStore.open_some(cfg.store)}
+    missing = [f"L{layer}.{site}" for site in ("mlp_in", "mlp_out") for layer in range(L)]
+    missing = [name for name in missing if name not in hooks]
+    if missing:
+        raise GspError(f"store {cfg.store} lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}, "
+                       f"which this {L}-layer CLT reads or predicts: {how}")  # fmt: skip
+    inputs = [hooks[f"L{layer}.mlp_in"] for layer in range(L)]
+    targets = [hooks[f"L{layer}.mlp_out"] for layer in range(L)]
+    if inputs[0].d_in != clt.d_model:
+        raise GspError(f"the CLT has d_model {clt.d_model} but store {cfg.store} holds d_in {inputs[0].d_in}")
+    group = dist.setup(cfg.device)
+    clt.to(group.device)
+
+    def check(lm) -> None:
+        from pipeline.models import decoder_layers
+
+        if len(decoder_layers(lm.model)) != L:
+            raise GspError(f"model {lm.spec} has {len(decoder_layers(lm.model))} layers, the CLT {L}")
+
+    def score(acc, model, ids) -> None:
+        acc.run_with(model, ids, inputs[0].special_ids, lambda sp: replace_mlps(model, clt, sp),
+                     lambda sp: zero_mlps(model, L, sp))  # fmt: skip
+
+    info_ = {"source": cfg.sae, "format": "gemma-scope-2-clt", "path": str(folder), "model_name": None,
+             "layer": 0, "site": "mlp_in", "d_in": clt.d_model, "width": clt.width, "architecture": "jumprelu",
+             "k": None, "transcoder": True, "layer_out": L - 1, "site_out": "mlp_out", "d_out": clt.d_model,
+             "skip": clt.skip, "clt_layers": L}  # fmt: skip
+    return _measure(
+        cfg, group, info_, inputs[0], targets[0],
+        lambda: clt_reconstruction(clt, inputs, targets, cfg.tokens, cfg.batch_size, group),
+        lambda: rerun(cfg, inputs[0], (0, "mlp_in"), token, group, check, score),
+    )  # fmt: skip
 
 
 def _open_stores(cfg: EvaluateConfig, loaded: LoadedSAE) -> tuple[ActivationStore, ActivationStore | None]:
@@ -139,6 +198,7 @@ def _open_stores(cfg: EvaluateConfig, loaded: LoadedSAE) -> tuple[ActivationStor
     except GspError as e:
         raise GspError(f"this transcoder predicts layer {loaded.layer_out} {loaded.site_out}: pass --target-store, "
                        f"or a --store that holds both hook points ({e})") from None  # fmt: skip
+    same_rows(store, target)
     return store, target
 
 
@@ -166,15 +226,28 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, source, dest, 
     """The model re-run on the store's contexts with `dest` replaced by the SAE's output from `source`
     (the same point for an SAE; a transcoder's input and output)."""
     from pipeline.hooks import site_width
+
+    def check(lm) -> None:
+        for (lay, s), width in ((source, sae.d_in), (dest, sae.d_out)):
+            if site_width(lm.model, lay, s) != width:
+                raise GspError(f"model {lm.spec} has width {site_width(lm.model, lay, s)} at layer {lay} {s}, the "
+                               f"SAE {width}: pass the --model the store was harvested from")  # fmt: skip
+
+    def score(acc: DeltaLoss, model, ids) -> None:
+        acc.run(model, sae, ids, *dest, store.special_ids, source=source)
+
+    return rerun(cfg, store, source, token, group, check, score)
+
+
+def rerun(cfg: EvaluateConfig, store: ActivationStore, point, token, group, check, score) -> tuple:
+    """Delta LM loss over the store's first contexts: the model (checked by `check(lm)`) re-runs them in
+    batches, `score(acc, model, ids)` running one batch; the activations at `point` are compared with
+    the store's first."""
     from pipeline.models import load_model
 
-    layer, site = source
     spec, revision = rerun_model(store.meta.model, cfg.model, cfg.revision)
     lm = load_model(spec, device=str(group.device), dtype=cfg.dtype, revision=revision, token=token)
-    for (lay, s), width in ((source, sae.d_in), (dest, sae.d_out)):
-        if site_width(lm.model, lay, s) != width:
-            raise GspError(f"model {spec} has width {site_width(lm.model, lay, s)} at layer {lay} {s}, the SAE "
-                           f"{width}: pass the --model the store was harvested from")  # fmt: skip
+    check(lm)
     C = store.context_size
     n_ctx = min(math.ceil(cfg.delta_tokens / C), store.rows_written // C)
     if n_ctx == 0:
@@ -182,7 +255,7 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, source, dest, 
     per_batch = max(1, cfg.lm_batch_tokens // C)
     ids_all = torch.from_numpy(store.read_tokens(0, n_ctx * C).astype(np.int64)).view(n_ctx, C)
 
-    mismatch = _rerun_mismatch(lm.model, store, ids_all[:per_batch].to(lm.device), layer, site)
+    mismatch = _rerun_mismatch(lm.model, store, ids_all[:per_batch].to(lm.device), *point)
     acc = DeltaLoss()
     with progress("tok", show=group.main) as bar:
         task = bar.add_task("delta loss (3 passes)", total=n_ctx * C)
@@ -190,7 +263,7 @@ def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, source, dest, 
             if b % group.world != group.rank:
                 continue
             ids = ids_all[i : i + per_batch].to(lm.device)
-            acc.run(lm.model, sae, ids, *dest, store.special_ids, source=source)
+            score(acc, lm.model, ids)
             bar.advance(task, ids.numel() * group.world)
     shares = dist.gather(group, acc)  # a collective: every process takes part
     acc = shares[0]

@@ -56,7 +56,11 @@ class FitConfig:
         "with --store STORE/L12.mlp_in).", path=True,
     )  # fmt: skip
     skip: bool = opt(False, "Transcoder: add an affine skip connection from the input (a skip transcoder).")
-    out: str | None = opt(None, "Output folder (default: cache/saes/<store>_<arch>_<width>).", run_only=True)
+    out: str | None = opt(
+        None,
+        "Output folder (default: cache/saes/<store>[_<hook>][_to_<target hook>[_skip]]_<arch>_<width>).",
+        run_only=True,
+    )
     arch: Literal["jumprelu", "topk"] = opt("jumprelu", "jumprelu (Gemma Scope) or topk (Llama Scope).")
     width: int = opt(4096, "Number of latents F.", aliases=("d_sae",))
     k: int = opt(60, "TopK: latents kept per token.")

@@ -1,4 +1,5 @@
-"""gsp harvest: run a model up to one hook point and write its activations into a Zarr store.
+"""gsp harvest: run a model up to its deepest hook point and write every hook point's activations into one
+Zarr store (a group per hook point, token ids shared).
 
 One path for one process and for many (torchrun): process r of W fills shards r, r + W, ... of one
 store; with W = 1 that is every shard, claimed straight into the store in order (StoreClaims), and
@@ -30,7 +31,7 @@ from pipeline.console import console, info, progress, warn
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 from pipeline.files import OutputLock
-from pipeline.hooks import SITES, Point, activations_at, forward_order, hook_point, point_name, site_width
+from pipeline.hooks import ORDER, SITES, Point, activations_at, forward_order, hook_point, point_name, site_width
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, decoder_layers, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter, is_url, local, path_state
@@ -97,11 +98,14 @@ class HarvestConfig:
                 raise GspError(f"--layer should be a block index, a list like 5,9,12,15, or all; got '{self.layer}'")
             if any(int(v) < 0 for v in layers):
                 raise GspError(f"--layer must be 0 or more, got {self.layer}")
+            # one spelling per set of layers and sites: 12,5 is 5,12 (the store's name and its resume)
+            self.layer = ",".join(str(v) for v in sorted({int(v) for v in layers}))
         if not 0 < self.heldout_fraction < 1:
             raise GspError(f"--heldout-fraction must be between 0 and 1, got {self.heldout_fraction}")
         for site in self.site.split(","):
             if site.strip() not in SITES:
                 raise GspError(f"unknown site '{site}': choose one of {', '.join(SITES)}")
+        self.site = ",".join(sorted({s.strip() for s in self.site.split(",")}, key=ORDER.__getitem__))
 
     def points(self, n_layers: int) -> list[Point]:
         """Every (layer, site) to harvest, in forward order; `all` is every block of the model."""

@@ -93,7 +93,8 @@ def run_steer(cfg: SteerConfig, *, token: str | None = None) -> tuple[str, str]:
 
     how = "clamped to" if cfg.clamp else "+"
     edits = ", ".join(f"#{f} {how} {v:g}" for f, v in zip(cfg.feature, cfg.values, strict=True))
-    table = Table(title=f"{cfg.prompt!r} · layer {layer} {site} · seed {cfg.seed}", title_justify="left")
+    where = f"layer {dest[0]} {dest[1]}" + (f" (read at layer {layer} {site})" if dest != (layer, site) else "")
+    table = Table(title=f"{cfg.prompt!r} · {where} · seed {cfg.seed}", title_justify="left")
     table.add_column("unsteered", ratio=1)
     table.add_column(f"steered: {edits} ({cfg.positions} positions)", ratio=1)
     table.add_row(*texts)

@@ -1,12 +1,14 @@
 """The activation store: a self-describing Zarr v3 group that plain zarr can read.
 
-Layout (docs/store-format.md has every attribute):
-    <store>/zarr.json            group attributes (meta.StoreMeta): what made the store and its progress
-    <store>/activations          (n_contexts × C, d_in), uint16 bfloat16 bit patterns or float32
-    <store>/token_ids            (n_contexts × C,), int32
-Row r is context r // C, position r % C; BOS/EOS/PAD rows are kept (readers mask them).
+Layout, format 2 (docs/store-format.md has every attribute):
+    <store>/zarr.json                    attributes (meta.StoreMeta): what made it, its hook points, progress
+    <store>/token_ids                    (n_contexts × C,), int32, shared by every hook point
+    <store>/L12.resid_post/activations   (n_contexts × C, d_in), uint16 bfloat16 bit patterns or float32
+    ...                                  a group per hook point (`STORE/L12.resid_post` opens one)
+Row r is context r // C, position r % C; BOS/EOS/PAD rows are kept (readers mask them). Format 1 (one
+hook point, `activations` at the root) is still read and resumed.
 
-Both arrays are sharded: each shard file holds `shard_rows` rows as inner chunks of `chunk_rows`
+The arrays are sharded: each shard file holds `shard_rows` rows as inner chunks of `chunk_rows`
 rows, each chunk and the shard index carrying a crc32c checksum, so corruption is detected on read.
 
 The package: `meta` (the typed attributes), `location` (local paths and fsspec URLs), `reader`

@@ -67,6 +67,8 @@ class RankLedger:
         """{"shards": {shard: rows}, "stats": {hook: statistics}, "cursor", maybe "ended"} of a process."""
         attrs = dict(self._group(self.rank if rank is None else rank).attrs)
         empty = {h.name: Stats.empty(h.d_in).to_json() for h in self.writer.meta.hooks}
+        if "count" in attrs.get("stats", {}):  # a format-1 store's record: one hook point's statistics
+            attrs["stats"] = {self.writer.meta.hooks[0].name: attrs["stats"]}
         return attrs or {"shards": {}, "stats": empty, "cursor": {"doc": 0, "offset": 0}}
 
     def done(self) -> set[int]:

@@ -207,21 +207,9 @@ class ActivationStore:
         every process reads the (small) token ids to know which rows count, and only its own
         share of the activations; together the processes serve each row once.
         """
-        rank, world = part
-        special = np.array(self.special_ids, dtype=np.int64)
-        seen, span = 0, max(batch, self.chunk_rows)
-        for index, start in enumerate(range(0, self.rows_written, span)):
-            stop = min(start + span, self.rows_written)
-            keep = np.flatnonzero(~np.isin(self.read_tokens(start, stop), special))[: limit - seen]
-            if index % world == rank and len(keep):
-                x = self.read(start, stop)
-                y = target.read(start, stop) if target is not None else None
-                for piece in np.array_split(keep, max(1, -(-len(keep) // batch))):
-                    if len(piece):
-                        yield (x[piece], start + piece) if y is None else (x[piece], y[piece], start + piece)
-            seen += len(keep)
-            if seen >= limit:
-                return
+        stores = [self] if target is None else [self, target]
+        for arrays, rows in ordinary_rows_of(stores, limit, batch, part):
+            yield (*arrays, rows)
 
     def verify(self, advance=lambda n: None) -> None:
         """Read every written row back (checksums, token ids); `advance(rows)` after each shard."""
@@ -230,6 +218,27 @@ class ActivationStore:
             self.read(start, stop)
             self.read_tokens(start, stop)
             advance(stop - start)
+
+
+def ordinary_rows_of(
+    stores: list[ActivationStore], limit: int, batch: int, part: tuple[int, int] = (0, 1)
+) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """([x (B, D_i) of each store], row indices (B,)) for hook points of the same rows (the first
+    store's token ids decide which rows count); see ActivationStore.ordinary_rows."""
+    first, (rank, world) = stores[0], part
+    special = np.array(first.special_ids, dtype=np.int64)
+    seen, span = 0, max(batch, first.chunk_rows)
+    for index, start in enumerate(range(0, first.rows_written, span)):
+        stop = min(start + span, first.rows_written)
+        keep = np.flatnonzero(~np.isin(first.read_tokens(start, stop), special))[: limit - seen]
+        if index % world == rank and len(keep):
+            arrays = [s.read(start, stop) for s in stores]
+            for piece in np.array_split(keep, max(1, -(-len(keep) // batch))):
+                if len(piece):
+                    yield [a[piece] for a in arrays], start + piece
+        seen += len(keep)
+        if seen >= limit:
+            return
 
 
 def _root_and_hook(path: str) -> tuple[str, str | None]:
