@@ -151,7 +151,7 @@ def fetch_sae(
             local_dir=local_dir,
         )
     folder = Path(root) / subfolder
-    if not any(folder.glob(name) for name in SAE_FILES):
+    if not any(any(folder.glob(name)) for name in SAE_FILES):
         raise GspError(f"Hub repository {repo_id} has no SAE under '{subfolder}' (expected {_EXPECTED})")
     return folder
 

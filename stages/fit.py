@@ -318,6 +318,7 @@ def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
 
 
 def _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, group, ckpt, logger) -> dict:
+    paired = loader.target is not None  # a transcoder's batches: input columns, then the target's
     n = cfg.total_steps
     metrics: dict = {}
     t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
@@ -329,7 +330,7 @@ def _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, gro
             lr, lam = _schedule(cfg, step_)
             for pg in opt_.param_groups:
                 pg["lr"] = lr
-            x, y = _unit_scaled(next(batches).to(group.device, non_blocking=True), sae, scales)  # this share
+            x, y = _unit_scaled(next(batches).to(group.device, non_blocking=True), sae, scales, paired)
 
             # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
             cpu = group.device.type == "cpu"
@@ -365,10 +366,10 @@ def _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, gro
     return metrics
 
 
-def _unit_scaled(batch: torch.Tensor, sae: SAE, scales: tuple[float, float]):
-    """(x (B, D), y (B, O) or None) unit-scaled: an SAE's batch is its input; a transcoder's holds the
-    input's columns, then the target's."""
-    if not sae.is_transcoder:
+def _unit_scaled(batch: torch.Tensor, sae: SAE, scales: tuple[float, float], paired: bool):
+    """(x (B, D), y (B, O) or None) unit-scaled, this process's share: an SAE's batch is its input; a
+    transcoder's (`paired`, whatever its widths) holds the input's columns, then the target's."""
+    if not paired:
         return batch * scales[0], None
     return batch[:, : sae.d_in] * scales[0], batch[:, sae.d_in :] * scales[1]
 

@@ -108,29 +108,35 @@ def test_two_processes_evaluate_what_one_process_evaluates(tiny_fit, tmp_path):
 
 
 def _same_store(a_path, b_path):
+    """Every hook point of the two stores holds the same rows and statistics; their row count."""
     from pipeline.store import ActivationStore
 
-    a, b = ActivationStore.open(a_path), ActivationStore.open(b_path)
-    assert a.complete and b.complete and a.rows_written == b.rows_written > 0
-    np.testing.assert_array_equal(a.read(0, a.rows_written), b.read(0, b.rows_written))
-    np.testing.assert_array_equal(a.read_tokens(0, a.rows_written), b.read_tokens(0, b.rows_written))
-    assert a.hook.stats.count == b.hook.stats.count
-    np.testing.assert_allclose(a.hook.stats.sum, b.hook.stats.sum, rtol=1e-12)
-    return a.rows_written
+    hooks_a, hooks_b = ActivationStore.open_all(a_path), ActivationStore.open_all(b_path)
+    assert [h.hook.name for h in hooks_a] == [h.hook.name for h in hooks_b]
+    for a, b in zip(hooks_a, hooks_b, strict=True):
+        assert a.complete and b.complete and a.rows_written == b.rows_written > 0
+        np.testing.assert_array_equal(a.read(0, a.rows_written), b.read(0, b.rows_written))
+        np.testing.assert_array_equal(a.read_tokens(0, a.rows_written), b.read_tokens(0, b.rows_written))
+        assert a.hook.stats.count == b.hook.stats.count
+        np.testing.assert_allclose(a.hook.stats.sum, b.hook.stats.sum, rtol=1e-12)
+    return hooks_a[0].rows_written
 
 
 def test_two_processes_harvest_the_store_one_process_harvests(tiny_model, corpus, tmp_path):
+    """Several hook points (two layers × two sites) from one forward pass, in 2 processes."""
     from conftest import tiny_harvest_args
 
-    one = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, tmp_path / "one"))
+    hooks = {"layer": "1,2", "site": "resid_post,mlp_in"}
+    one = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, tmp_path / "one", **hooks))
     assert one.returncode == 0, one.stderr
-    two = torchrun(2, "harvest", *tiny_harvest_args(tiny_model, corpus, tmp_path / "two")[1:], "--device", "cpu")
+    two = torchrun(2, "harvest", *tiny_harvest_args(tiny_model, corpus, tmp_path / "two", **hooks)[1:], "--device",
+                   "cpu")  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes wrote 1,024 rows" in two.stderr + two.stdout
     assert _same_store(tmp_path / "one", tmp_path / "two") == 1024
 
     # killed: each process dies right after claiming its first shard; the rerun finishes the rest
-    args = tiny_harvest_args(tiny_model, corpus, tmp_path / "killed")[1:]
+    args = tiny_harvest_args(tiny_model, corpus, tmp_path / "killed", **hooks)[1:]
     killed = torchrun(2, "harvest", *args, "--device", "cpu", env={"GSP_FAULT": "shard-committed:1"})
     assert killed.returncode != 0
     alone = gsp_subprocess("harvest", *args)  # one process would redo the others' shards: refused

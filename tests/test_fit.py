@@ -582,3 +582,17 @@ def test_input_and_target_must_be_the_same_rows(gsp, paired, synthetic, tmp_path
     assert r.exit_code == 1 and "rows written differ" in line and not (tmp_path / "t").exists()
     r = gsp("fit", "--store", store / "L0.mlp_in", "--skip", "--out", tmp_path / "t", "--steps", 5)
     assert r.exit_code == 1 and "--skip makes a skip transcoder" in error_line(r.output)
+
+
+def test_a_plain_transcoder_of_equal_widths_reads_input_and_target_apart(gsp, paired, tmp_path):
+    """No skip, input and target of one width: nothing in the SAE's shapes tells it from an SAE, so the
+    batches must still be split into input and target (here the target is x itself, from another
+    hook point, which the transcoder learns to predict)."""
+    store, _ = paired
+    r = gsp("fit", "--store", store / "L0.mlp_in", "--target-store", store / "L0.resid_post", "--out",
+            tmp_path / "t", "--width", 96, "--batch-size", 256, "--steps", 300, "--lr", "5e-3", "--target-l0", 6,
+            "--sparsity-coeff", "0.1")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["type"] == "transcoder" and config["hf_hook_point_out"] == "model.layers.0.output"
+    assert config["final_train_metrics"]["fvu"] < 0.3

@@ -17,8 +17,6 @@ from pipeline.errors import GspError
 from pipeline.store.location import open_group
 from pipeline.store.meta import FORMAT, HookMeta, StoreMeta
 
-ARRAYS = ("activations", "token_ids")
-
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bit patterns -> float32 (exact: bfloat16 is float32's top half)."""
