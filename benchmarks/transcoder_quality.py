@@ -31,7 +31,9 @@ def linear_map(x_store: ActivationStore, y_store: ActivationStore) -> np.ndarray
         x1 = np.hstack([x.astype(np.float64), np.ones((len(x), 1))])
         xtx += x1.T @ x1
         xty += x1.T @ y.astype(np.float64)
-    return np.linalg.solve(xtx, xty)
+    # the minimum-norm solution of the normal equations: the MLP's input (a norm's output) can leave
+    # directions with no variance, which makes XᵀX singular
+    return np.linalg.lstsq(xtx, xty, rcond=None)[0]
 
 
 def linear_fvu(ab: np.ndarray, x_store: ActivationStore, y_store: ActivationStore) -> float:
