@@ -81,7 +81,6 @@ def smoke_config(cfg: EvaluateConfig) -> EvaluateConfig:
 
 def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     """Measure, print the table, write the report; returns the Markdown report's path."""
-
     if not cfg.sae:
         raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
     folder = sae_folder(cfg.sae, revision=cfg.sae_revision, token=token)
