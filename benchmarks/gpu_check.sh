@@ -120,3 +120,22 @@ r = json.loads(sorted(pathlib.Path(sys.argv[1]).glob("*.json"))[-1].read_text())
 print(f"evaluate on {r['device']}: reconstruction {r['reconstruction_tokens_per_s']:,.0f} tok/s, "
       f"delta loss {r['delta_loss_tokens_per_s']:,.0f} tok/s (three passes)")
 PY
+
+echo "== the fit step on CUDA against a bare step (width 16k and 64k, batch 4096, TF32), and the loader on CUDA"
+for w in 16384 65536; do
+  $PY benchmarks/fit.py --store "$STORE" --device cuda --width $w --batch-size 4096 --steps 50 2>&1 \
+      | grep -E "^\||machine|rror"
+done
+$PY benchmarks/loader.py --store "$STORE" --device cuda --fit-steps 200 2>&1 | grep -E "^\||machine|raw read|rror"
+
+echo "== the main job's SAE on CUDA with --matmul tf32 (the default there) and fp32: held-out FVU"
+MAIN=$WORK/main-train; HELD=$WORK/main-heldout
+$PY -m stages harvest --model "$MODEL" --device cuda --store "$MAIN" 2>&1 | grep -E "wrote|rror"
+$PY -m stages harvest --model "$MODEL" --device cuda --part heldout --tokens 32768 --store "$HELD" 2>&1 | grep -E "wrote|rror"
+for mm in tf32 fp32; do
+  rm -rf "$WORK/main-$mm"
+  $PY -m stages fit --store "$MAIN" --out "$WORK/main-$mm" --target-l0 60 --device cuda --matmul $mm 2>&1 \
+      | grep -E "saved|rror"
+  $PY -m stages evaluate --sae "$WORK/main-$mm" --store "$HELD" --device cuda --no-delta-loss \
+      --reports "$WORK/reports-$mm" 2>&1 | grep -E "FVU|L0|rror"
+done

@@ -19,6 +19,18 @@ processes, so one SAE trains the same on 1, 2, 4 or 8 GPUs (with the default 8 l
 The position is, per lane, (epoch, rows of that epoch's lane stream served): the stream is a pure
 function of the seed, so a checkpoint only needs those numbers to resume exactly, at any world size
 that divides the lanes. With one lane the stream is that of a single shuffle buffer.
+
+How rows travel (bound by reading, not by decoding): each lane's reader thread reads its window's
+chunks straight from the shard files (pipeline.store.shards) into one of three reused buffers, in
+the stored dtype (bfloat16 bits stay 2 bytes), checking every chunk's crc32c, and shuffles an array
+of row indices, never the rows. When one process serves every lane and the whole store fits the
+memory budget in its stored dtype, the store is instead read once, chunk by chunk as the windows
+first need them, and held (`resident`): later epochs read nothing. Either way the stream is the
+same. One assembler thread gathers each batch's rows by those indices into one of three reused
+batch buffers. On CPU it also decodes them there to float32 and scales them; on CUDA the buffers
+are pinned, the rows leave the host in the stored dtype and are decoded and scaled on the device,
+and a buffer is refilled only once its copy to the device has finished. A yielded batch is valid
+until the next one is taken (copy it to keep it).
 """
 
 import math
@@ -32,8 +44,11 @@ import torch
 
 from pipeline.console import warn
 from pipeline.errors import GspError
-from pipeline.store import ActivationStore
+from pipeline.store import ActivationStore, bf16_bits_to_f32
 from pipeline.store.reader import same_rows
+
+SLOTS = 3  # buffers per lane and per batch: one being served, one queued, one being filled
+BF16 = np.dtype(np.uint16)  # how a bfloat16 store holds its values
 
 
 @dataclass
@@ -66,7 +81,8 @@ def effective_lanes(lanes: int, n_chunks: int) -> int:
 
 
 class ShuffledLoader:
-    """Iterates (B/W, D) float32 CPU tensors (pinned when `pin` is set) forever, epoch after epoch.
+    """Iterates (B/W, D) float32 batches on `device` forever, epoch after epoch, each row times its
+    store's scale (`scales`, one per store; default 1).
 
     With `part=(rank, world)` each batch is this process's share of the global batch (its lanes' rows).
     With `target` (a transcoder's: another hook point of the same rows) each row is the input's
@@ -81,15 +97,23 @@ class ShuffledLoader:
         seed: int = 0,
         buffer_mib: float = 1024,
         mask_special: bool = True,
-        pin: bool = False,
+        device: torch.device | str = "cpu",
+        scales: tuple[float, ...] | None = None,
         state: LoaderState | None = None,
         part: tuple[int, int] = (0, 1),
         lanes: int = 1,
         target: ActivationStore | None = None,
+        resident: bool | None = None,
     ):
-        self.store, self.batch_size, self.seed, self.pin, self.target = store, batch_size, seed, pin, target
+        self.store, self.batch_size, self.seed, self.target = store, batch_size, seed, target
+        self.buffer_mib, self._resident = buffer_mib, resident
         if target is not None:
             same_rows(store, target)
+        self.stores = [store] if target is None else [store, target]
+        self.scales = tuple(scales) if scales is not None else (1.0,) * len(self.stores)
+        if len(self.scales) != len(self.stores):
+            raise ValueError(f"{len(self.stores)} stores but {len(self.scales)} scales")
+        self.device = torch.device(device)
         self.rows = store.rows_written
         if self.rows == 0:
             raise GspError(f"store {store.path} holds no rows yet; harvest into it first")
@@ -110,8 +134,10 @@ class ShuffledLoader:
         per = self.lanes // world
         self.served = range(rank * per, (rank + 1) * per)  # this process's lanes
         self.lane_rows = batch_size // self.lanes
-        chunk_bytes = self.chunk_rows * (store.d_in + (target.d_in if target is not None else 0)) * 4
-        # two windows of each lane live at once (one served, one read ahead)
+        self.widths = [s.d_in for s in self.stores]
+        # The window's size is part of the stream's definition: counted at 4 bytes a value (float32
+        # rows, as the loader once held them), two windows of every lane in the budget.
+        chunk_bytes = self.chunk_rows * sum(self.widths) * 4
         self.window_chunks = max(1, min(self.n_chunks, int(buffer_mib * 2**20 / 2 // chunk_bytes)))
         self.lane_window_chunks = max(1, self.window_chunks // self.lanes)
         self.special = store.special_ids if mask_special else []
@@ -135,81 +161,276 @@ class ShuffledLoader:
         return [chunks[i : i + w] for i in range(0, len(chunks), w)]
 
     def read_window(self, epoch: int, index: int, lane: int = 0) -> np.ndarray:
-        """The lane window's non-special rows, permuted: (rows, D) float32."""
-        parts = []
-        for chunk in np.sort(self.windows(epoch, lane)[index]):  # read in store order; the permutation mixes
-            start, stop = chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.rows)
-            acts = self.store.read(start, stop)
-            if self.target is not None:
-                acts = np.concatenate([acts, self.target.read(start, stop)], axis=1)
-            if self.special:
-                acts = acts[~np.isin(self.store.read_tokens(start, stop), self.special)]
-            parts.append(acts)
-        pool = np.concatenate(parts)
+        """The lane window's non-special rows in stream order, unscaled: (rows, D [+ O]) float32."""
+        buffers = self._window_buffers()
+        order = self._fill_window(epoch, index, lane, buffers, np.empty(self.chunk_rows, np.int32))
+        return np.concatenate([_decoded(b[order]) for b in buffers], axis=1)
+
+    def _window_buffers(self) -> list[np.ndarray]:
+        rows = self.lane_window_chunks * self.chunk_rows
+        return [np.empty((rows, s.d_in), s.stored_dtype) for s in self.stores]
+
+    def _fill_window(self, epoch: int, index: int, lane: int, buffers: list[np.ndarray], tokens: np.ndarray,
+                     resident: "_Resident | None" = None):  # fmt: skip
+        """Read the lane window's chunks into `buffers` (in the stored dtype; chunk i at rows
+        i·chunk_rows ...), or make sure `resident` holds them; return the window's non-special rows'
+        indices (into `buffers`, or into the resident copy) in stream order."""
+        keep = []
+        for i, chunk in enumerate(np.sort(self.windows(epoch, lane)[index])):  # store order; the shuffle mixes
+            if resident is not None:
+                keep.append(resident.load(int(chunk)))
+                continue
+            keep.append(i * self.chunk_rows + self._read_chunk(int(chunk), buffers, i * self.chunk_rows, tokens))
+        rows_ = np.concatenate(keep)
         rng = np.random.default_rng([self.seed, epoch, 1 + index * self.lanes + lane])
-        return pool[rng.permutation(len(pool))]
+        return rows_[rng.permutation(len(rows_))]
+
+    def _read_chunk(self, chunk: int, buffers: list[np.ndarray], at: int, tokens: np.ndarray) -> np.ndarray:
+        """Chunk `chunk` of every store into rows at ... of `buffers`; its non-special rows (0-based)."""
+        for s, buffer in zip(self.stores, buffers, strict=True):
+            rows = s.read_chunk(chunk, buffer[at : at + self.chunk_rows])
+        if not self.special:
+            return np.arange(rows)
+        self.store.read_chunk(chunk, tokens, tokens=True)
+        return np.flatnonzero(~np.isin(tokens[:rows], self.special))
+
+    @property
+    def resident(self) -> bool:
+        """Whether the rows this process serves are held in memory after their first read: one process
+        whose store (in the stored dtype) fits in the buffer budget, unless `resident` said otherwise.
+        The stream is the same either way."""
+        if self._resident is not None:
+            return self._resident
+        nbytes = self.n_chunks * self.chunk_rows * sum(s.d_in * s.stored_dtype.itemsize for s in self.stores)
+        return len(self.served) == self.lanes and nbytes <= self.buffer_mib * 2**20
 
     # ------------------------------------------------------------------ serving
     def __iter__(self) -> Iterator[torch.Tensor]:
         stop = threading.Event()
-        lanes = {}
+        lanes, threads = {}, []
+        resident = _Resident(self) if self.resident else None
         for lane in self.served:  # one reader thread per lane: the lanes' reads overlap
             ahead: queue.Queue = queue.Queue(maxsize=1)
-            threading.Thread(
-                target=self._read_ahead, args=(lane, ahead, stop), daemon=True, name=f"gsp-loader-{lane}"
-            ).start()
-            lanes[lane] = _Lane(ahead)
+            free: queue.Queue = queue.Queue()
+            for slot in range(SLOTS):
+                free.put(slot)
+            slots = [resident.buffers if resident else self._window_buffers() for _ in range(SLOTS)]
+            threads.append(threading.Thread(target=self._read_ahead, args=(lane, ahead, free, slots, stop, resident),
+                                            daemon=True, name=f"gsp-loader-{lane}"))  # fmt: skip
+            lanes[lane] = _Lane(ahead, free, slots, stop)
+        batches = _Batches(self, lanes, stop)
+        threads.append(threading.Thread(target=batches.run, daemon=True, name="gsp-loader-batches"))
+        for t in threads:
+            t.start()
         try:
             while True:
-                parts = [lanes[lane].take(self.lane_rows) for lane in self.served]
-                batch = torch.from_numpy(np.concatenate(parts))
-                self.state = LoaderState(
-                    [lanes[i].position if i in lanes else None for i in range(self.lanes)]
-                )  # the position after this batch
-                yield batch.pin_memory() if self.pin else batch
+                slot, positions = _get(batches.ready, stop)
+                self.state = LoaderState([positions.get(i) for i in range(self.lanes)])  # after this batch
+                yield batches.deliver(slot)
         finally:
-            stop.set()
+            stop.set()  # every thread sees it within 0.1 s of its current read or copy
+            for t in threads:
+                t.join(timeout=10)
 
-    def _read_ahead(self, lane: int, out: queue.Queue, stop: threading.Event) -> None:
-        """(epoch, offset of the first row, rows) of one lane from its position on, forever, in order."""
+    def _read_ahead(self, lane: int, out: queue.Queue, free: queue.Queue, slots: list, stop: threading.Event,
+                    resident: "_Resident | None" = None):  # fmt: skip
+        """Windows (epoch, offset of the first row, slot, row indices) of one lane from its position on,
+        forever, in order, each read into a free one of the SLOTS buffers (the assembler frees it)."""
         epoch, skip = self.state.lanes[lane]
+        tokens = np.empty(self.chunk_rows, np.int32)
         try:
             while not stop.is_set():
                 base = 0
                 for index in range(len(self.windows(epoch, lane))):
-                    pool = self.read_window(epoch, index, lane)
-                    if skip < base + len(pool):
+                    slot = _get(free, stop)
+                    order = self._fill_window(epoch, index, lane, slots[slot], tokens, resident)
+                    if skip < base + len(order):
                         start = max(skip - base, 0)
-                        while not stop.is_set():
-                            try:
-                                out.put((epoch, base + start, pool[start:]), timeout=0.1)
-                                break
-                            except queue.Full:
-                                pass
-                    base += len(pool)
+                        if not _put(out, (epoch, base + start, slot, order[start:]), stop):
+                            return
+                    else:
+                        free.put(slot)  # before the resumed position: not served
+                    base += len(order)
                 if base == 0:
                     raise GspError(f"store {self.store.path}: lane {lane} holds no rows but special tokens")
                 epoch, skip = epoch + 1, 0
+        except _Stopped:
+            return
         except BaseException as e:  # handed to the training loop, which raises it
-            out.put((None, None, e))
+            _put(out, (None, None, None, e), stop)
+
+
+class _Resident:
+    """Every chunk of the stores in memory once read (the stored dtype, chunk c at rows c·chunk_rows ...),
+    with its non-special rows: each chunk is read, and checked, once per loader iteration."""
+
+    def __init__(self, loader: ShuffledLoader):
+        self.loader = loader
+        rows = loader.n_chunks * loader.chunk_rows
+        self.buffers = [np.empty((rows, s.d_in), s.stored_dtype) for s in loader.stores]
+        self.keep: dict[int, np.ndarray] = {}
+        self.failed: dict[int, BaseException] = {}
+        self.loading: dict[int, threading.Event] = {}
+        self.lock = threading.Lock()
+        self.tokens = threading.local()
+
+    def load(self, chunk: int) -> np.ndarray:
+        """The chunk's non-special rows (indices into the buffers), reading it on first use."""
+        with self.lock:
+            done = self.loading.get(chunk)
+            mine = done is None
+            if mine:
+                done = self.loading[chunk] = threading.Event()
+        if not mine:
+            done.wait()
+            if chunk in self.failed:
+                raise self.failed[chunk]
+            return self.keep[chunk]
+        tokens = getattr(self.tokens, "buffer", None)
+        if tokens is None:
+            tokens = self.tokens.buffer = np.empty(self.loader.chunk_rows, np.int32)
+        at = chunk * self.loader.chunk_rows
+        try:
+            self.keep[chunk] = at + self.loader._read_chunk(chunk, self.buffers, at, tokens)
+        except BaseException as e:
+            self.failed[chunk] = e  # whoever waits for this chunk raises the same error
+            raise
+        finally:
+            done.set()
+        return self.keep[chunk]
+
+
+def _decoded(rows: np.ndarray) -> np.ndarray:
+    return bf16_bits_to_f32(rows) if rows.dtype == BF16 else rows
+
+
+def _torch(a: np.ndarray) -> torch.Tensor:
+    """A numpy buffer as a tensor of the same memory: bfloat16 bits as torch.bfloat16."""
+    return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == BF16 else torch.from_numpy(a)
+
+
+def _decode(rows: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """out = float32(rows) · scale: a widening copy (bfloat16 widens exactly), then the float32 product.
+    (One mixed-dtype multiply would be a single pass, but runs at half the speed of these two on CPU.)"""
+    out.copy_(rows)
+    if scale != 1.0:
+        out.mul_(scale)
+
+
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _get(q: queue.Queue, stop: threading.Event):
+    while True:
+        try:
+            item = q.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                raise _Stopped from None
+            continue
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], BaseException):
+            raise item[1]
+        return item
+
+
+class _Stopped(Exception):
+    """The loader was closed while a thread waited on it."""
+
+
+class _Batches:
+    """The assembler: gathers each batch's rows from the lanes' windows into the next of SLOTS reused
+    buffers (float32, decoded and scaled, on CPU; pinned, in the stored dtype, for CUDA)."""
+
+    def __init__(self, loader: ShuffledLoader, lanes: dict, stop: threading.Event):
+        self.loader, self.lanes, self.stop = loader, lanes, stop
+        self.ready: queue.Queue = queue.Queue(maxsize=1)
+        rows = loader.lane_rows * len(loader.served)
+        self.cuda = loader.device.type == "cuda"
+        dtypes = [torch.bfloat16 if s.stored_dtype == BF16 else torch.float32 for s in loader.stores]
+        self.raw = [
+            [torch.empty(rows, w, dtype=dt, pin_memory=self.cuda) for w, dt in zip(loader.widths, dtypes, strict=True)]
+            for _ in range(SLOTS)
+        ]
+        self.out = None if self.cuda else [torch.empty(rows, sum(loader.widths)) for _ in range(SLOTS)]
+        self.copied = [None] * SLOTS  # CUDA: the event after which a pinned slot may be refilled
+        edges = np.cumsum([0, *loader.widths])
+        self.columns = [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+    def run(self) -> None:
+        try:
+            n = 0
+            while not self.stop.is_set():
+                slot = n % SLOTS
+                if self.copied[slot] is not None:
+                    self.copied[slot].synchronize()  # the device has its copy of this buffer's last batch
+                positions = self.fill(slot)
+                if not _put(self.ready, (slot, positions), self.stop):
+                    return
+                n += 1
+        except _Stopped:
+            return
+        except BaseException as e:  # handed to the consumer, which raises it
+            _put(self.ready, (None, e), self.stop)
+
+    def fill(self, slot: int) -> dict:
+        """This process's share of the next global batch into `slot`; each lane's position after it."""
+        lr, raw = self.loader.lane_rows, self.raw[slot]
+        positions = {}
+        for j, lane in enumerate(self.loader.served):
+            self.lanes[lane].take_into(raw, j * lr, lr)
+            positions[lane] = self.lanes[lane].position
+        if not self.cuda:
+            out = self.out[slot]
+            for part, cols, scale in zip(raw, self.columns, self.loader.scales, strict=True):
+                _decode(part, scale, out[:, cols] if len(raw) > 1 else out)
+        return positions
+
+    def deliver(self, slot: int) -> torch.Tensor:
+        """The batch in `slot` as float32 on the device (on CUDA: copied in the stored dtype, then decoded)."""
+        if not self.cuda:
+            return self.out[slot]
+        device = self.loader.device
+        out = torch.empty(len(self.raw[slot][0]), sum(self.loader.widths), device=device)
+        for part, cols, scale in zip(self.raw[slot], self.columns, self.loader.scales, strict=True):
+            _decode(part.to(device, non_blocking=True), scale, out[:, cols])
+        event = torch.cuda.Event()
+        event.record()
+        self.copied[slot] = event
+        return out
 
 
 class _Lane:
-    """The consuming end of one lane: rows in stream order, and the position after the last one taken."""
+    """The consuming end of one lane: its rows in stream order, gathered into batches; a window's
+    buffers go back to the reader as soon as its last row is gathered; the position after the last
+    row taken."""
 
-    def __init__(self, ahead: queue.Queue):
-        self.ahead, self.pool, self.pos, self.position = ahead, None, 0, None
+    def __init__(self, ahead: queue.Queue, free: queue.Queue, slots: list, stop: threading.Event):
+        self.ahead, self.free, self.slots, self.stop = ahead, free, slots, stop
+        self.window, self.pos, self.position = None, 0, None
 
-    def take(self, n: int) -> np.ndarray:
-        pieces, have = [], 0
+    def take_into(self, dests: list[torch.Tensor], at: int, n: int) -> None:
+        """The lane's next n rows into rows at ... at + n of each store's batch buffer."""
+        have = 0
         while have < n:
-            if self.pool is None or self.pos == len(self.pool):
-                epoch, first, pool = self.ahead.get()
+            if self.window is None:
+                epoch, first, slot, order = _get(self.ahead, self.stop)
                 if epoch is None:
-                    raise pool
-                self.epoch, self.first, self.pool, self.pos = epoch, first, pool, 0
-            take = min(n - have, len(self.pool) - self.pos)
-            pieces.append(self.pool[self.pos : self.pos + take])
+                    raise order
+                self.window, self.pos = (epoch, first, slot, order), 0
+            epoch, first, slot, order = self.window
+            take = min(n - have, len(order) - self.pos)
+            index = torch.from_numpy(order[self.pos : self.pos + take])
+            for buffer, dest in zip(self.slots[slot], dests, strict=True):
+                torch.index_select(_torch(buffer), 0, index, out=dest[at + have : at + have + take])
             self.pos, have = self.pos + take, have + take
-        self.position = [self.epoch, self.first + self.pos]
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+            self.position = [epoch, first + self.pos]
+            if self.pos == len(order):
+                self.window = None
+                self.free.put(slot)

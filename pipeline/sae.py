@@ -229,10 +229,12 @@ class SAE(torch.nn.Module):
     def loss(
         self, x_BD: torch.Tensor, objective: Objective, *, target_BO: torch.Tensor | None = None, lam: float = 0.0,
         dead_F: torch.Tensor | None = None, sparse: bool = False, group: dist.Group = dist.Group(),
+        sync_free: bool | None = None,
     ) -> Loss:  # fmt: skip
         """The training loss on a batch of unit-scaled inputs. `target_BO`: a transcoder's target rows
         (default: x itself); `lam`: JumpReLU's λ at this step; `dead_F`: TopK's dead latents (bool, F);
-        `sparse`: JumpReLU's sparse decoder path.
+        `sparse`: JumpReLU's sparse decoder path; `sync_free` (default: off the CPU): never read a value
+        back from the device (TopK's dead-latent count), at the price of a little more work.
 
         Under torchrun `x_BD` is this process's share of the global batch; terms that are not plain
         means over rows (the target-L0 penalty, the AuxK normaliser) use the global batch's values,
@@ -241,7 +243,9 @@ class SAE(torch.nn.Module):
         y_BO = x_BD if target_BO is None else target_BO
         if self.arch == "jumprelu":
             return self._jumprelu_loss(x_BD, y_BO, objective, lam, sparse, group)
-        return self._topk_loss(x_BD, y_BO, objective, dead_F, group)
+        if sync_free is None:
+            sync_free = x_BD.device.type != "cpu"
+        return self._topk_loss(x_BD, y_BO, objective, dead_F, group, sync_free)
 
     def _jumprelu_loss(self, x_BD, y_BO, obj: Objective, lam: float, sparse: bool, group) -> Loss:
         eps = obj.bandwidth
@@ -263,7 +267,7 @@ class SAE(torch.nn.Module):
             penalty = lam * (2 / obj.target_l0) * (l0_ - obj.target_l0).square()
         return Loss(recon + penalty, recon, penalty, x_hat, f)
 
-    def _topk_loss(self, x_BD, y_BO, obj: Objective, dead_F, group) -> Loss:
+    def _topk_loss(self, x_BD, y_BO, obj: Objective, dead_F, group, sync_free: bool) -> Loss:
         # decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
         pre = x_BD @ self.w_enc + self.b_enc
         values, idx = pre.topk(self.k, dim=-1)
@@ -273,16 +277,25 @@ class SAE(torch.nn.Module):
             x_hat = x_hat + x_BD @ self.w_skip
         f = torch.zeros_like(pre).scatter_(-1, idx, values)
         recon = (x_hat - y_BO).square().sum(-1).mean()
-        n_dead = int(dead_F.sum()) if dead_F is not None else 0
-        if n_dead == 0:
+        if dead_F is None:
+            return Loss(recon, recon, torch.zeros_like(recon), x_hat, f)
+        # On CPU, how many latents are dead is known at once: skip the auxiliary loss when none is and
+        # take only the dead ones. On an accelerator, reading that count would wait for the device
+        # every step (`sync_free`): take the aux_k largest of the dead latents' pre-activations among
+        # all latents instead (a live latent's −∞ weighs 0, after the dead ones in the same order: the
+        # same sums) and zero the penalty when none is dead.
+        n_dead = dead_F.sum()
+        on_host = not sync_free
+        if on_host and int(n_dead) == 0:
             return Loss(recon, recon, torch.zeros_like(recon), x_hat, f)
         err = (y_BO - x_hat).detach()
-        aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(min(obj.aux_k, n_dead), dim=-1)
+        k_aux = min(obj.aux_k, int(n_dead)) if on_host else min(obj.aux_k, self.width)
+        aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(k_aux, dim=-1)
         err_hat = torch.nn.functional.embedding_bag(aux_idx, self.w_dec, per_sample_weights=aux_vals.relu(), mode="sum")
         norm = err.square().sum(-1).mean()
         dist.mean_(group, [norm])  # the global batch's error, so that the ratio is the global one
         aux = (err_hat - err).square().sum(-1).mean() / norm.clamp_min(1e-12)
-        penalty = obj.aux_coeff * aux
+        penalty = obj.aux_coeff * aux if on_host else obj.aux_coeff * aux * (n_dead > 0)
         return Loss(recon + penalty, recon, penalty, x_hat, f)
 
     # -------------------------------------------------------------------------- files

@@ -78,6 +78,10 @@ class FitConfig:
     decoder: Literal["auto", "sparse", "dense"] = opt(
         "auto", "JumpReLU decoder work: auto is sparse on CPU once < 5 % of latents fire (dense on CUDA for now)."
     )
+    matmul: Literal["auto", "fp32", "tf32", "bf16"] = opt(
+        "auto", "Matmul precision of the step: auto is tf32 on CUDA and fp32 on CPU; bf16 runs the SAE's "
+        "matmuls under bfloat16 autocast (weights, Adam and the loss stay float32).",
+    )  # fmt: skip
     bandwidth: float = opt(0.001, "JumpReLU: width ε of the straight-through rectangle kernel.")
     theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).")
     b_dec_init: Literal["mean", "zero"] = opt("mean", "Decoder bias at the data mean (fewer dead latents) or 0.")
@@ -86,7 +90,10 @@ class FitConfig:
     dead_tokens: int = opt(50_000, "A latent that has not fired for this many tokens counts as dead.")
     seed: int = opt(0, "Seed of the initialisation and of the shuffle.")
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.", run_only=True)
-    buffer_mib: float = opt(1024.0, "Memory for the shuffle buffer (two windows of chunks), shared by the processes.")
+    buffer_mib: float = opt(
+        1024.0, "Memory for the shuffle buffer, shared by the processes: its windows hold half of it as float32 "
+        "(the shuffle's reach); one process holds a whole store that fits in it, read once.",
+    )  # fmt: skip
     lanes: int = opt(
         8, "Loader lanes: each process reads its own lanes' chunks; any process count dividing it trains the same SAE."
     )
@@ -193,6 +200,7 @@ def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     if store.hook.stats.count == 0:
         raise GspError(f"store {cfg.store} has no statistics over non-special rows; is it empty?")
     group = dist.setup(cfg.device)  # one process, or this process's share under torchrun
+    _precision(cfg.matmul, group.device)  # a wrong --matmul before any file is touched
     out = cfg.out_dir
     work = _work_dir(out)
     with OutputLock(out, "gsp fit") if group.main else contextlib.nullcontext():
@@ -290,8 +298,9 @@ def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, 
         info(f"resuming from step {start_step:,} of {cfg.total_steps:,}")
 
     loader = ShuffledLoader(
-        store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, pin=device.type == "cuda",
-        state=loader_state, part=(group.rank, group.world), lanes=cfg.lanes, target=target,
+        store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, device=device,
+        scales=scales if target else scales[:1], state=loader_state, part=(group.rank, group.world),
+        lanes=cfg.lanes, target=target,
     )  # fmt: skip
     if group.world > 1 and group.main:
         share, lanes = cfg.batch_size // group.world, loader.lanes
@@ -300,7 +309,7 @@ def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, 
             f"each reading {lanes // group.world} of the store's {lanes} loader lanes"
         )
     logger = _wandb(cfg) if cfg.wandb and group.main else None
-    last = _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, group, ckpt, logger)
+    last = _train(cfg, sae, opt_, loader, since_fired, start_step, density, group, ckpt, logger)
     if group.main:
         _save(cfg, store, target, sae, scales, last, work)
 
@@ -317,26 +326,27 @@ def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
     return lr, lam
 
 
-def _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, group, ckpt, logger) -> dict:
+def _train(cfg, sae, opt_, loader, since_fired, start_step, density, group, ckpt, logger) -> dict:
     paired = loader.target is not None  # a transcoder's batches: input columns, then the target's
     n = cfg.total_steps
     metrics: dict = {}
     t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
     batches = iter(loader)
     finite = NonFinite(group.device)
-    with _display(group.main) as live:
+    with contextlib.closing(batches), _display(group.main) as live, _matmul(cfg.matmul, group.device) as autocast:
         task = live.add_task("fit", total=n, completed=start_step, metrics="")
         for step_ in range(start_step, n):
             lr, lam = _schedule(cfg, step_)
             for pg in opt_.param_groups:
                 pg["lr"] = lr
-            x, y = _unit_scaled(next(batches).to(group.device, non_blocking=True), sae, scales, paired)
+            x, y = _split(next(batches), sae, paired)  # unit-scaled by the loader, on the device
 
             # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
             cpu = group.device.type == "cpu"
             sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and density < 0.05)
             loss = train_step(sae, opt_, x, cfg.objective, lam=lam, since_fired_F=since_fired,
-                              dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y)  # fmt: skip
+                              dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y,
+                              autocast=autocast)  # fmt: skip
             done = step_ + 1
             finite.update(done, loss.total)
 
@@ -366,12 +376,31 @@ def _train(cfg, sae, opt_, loader, since_fired, scales, start_step, density, gro
     return metrics
 
 
-def _unit_scaled(batch: torch.Tensor, sae: SAE, scales: tuple[float, float], paired: bool):
-    """(x (B, D), y (B, O) or None) unit-scaled, this process's share: an SAE's batch is its input; a
+def _precision(matmul: str, device: torch.device) -> str:
+    """--matmul resolved on this device: fp32, tf32 or bf16."""
+    if matmul == "tf32" and device.type != "cuda":
+        raise GspError("--matmul tf32 needs a CUDA device; on CPU use fp32 (the default) or bf16")
+    return ("tf32" if device.type == "cuda" else "fp32") if matmul == "auto" else matmul
+
+
+@contextlib.contextmanager
+def _matmul(precision: str, device: torch.device):
+    """Set float32 matmul precision for the fit (restored after); yields the autocast dtype (or None)."""
+    precision = _precision(precision, device)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield torch.bfloat16 if precision == "bf16" else None
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _split(batch: torch.Tensor, sae: SAE, paired: bool):
+    """(x (B, D), y (B, O) or None), this process's share: an SAE's batch is its input; a
     transcoder's (`paired`, whatever its widths) holds the input's columns, then the target's."""
     if not paired:
-        return batch * scales[0], None
-    return batch[:, : sae.d_in] * scales[0], batch[:, sae.d_in :] * scales[1]
+        return batch, None
+    return batch[:, : sae.d_in], batch[:, sae.d_in :]
 
 
 def _stop_if_not_finite(finite: NonFinite, cfg: FitConfig, ckpt: Path) -> None:

@@ -132,6 +132,7 @@ def test_fit_never_imports_the_language_model(tmp_path):
         (["--store", "/no/such/store"], "no store at /no/such/store"),
         (["--arch", "topk", "--k", "500", "--width", "64"], "--k 500 is more than --width 64"),
         (["--width", "0"], "--width must be positive"),
+        (["--matmul", "tf32", "--device", "cpu"], "--matmul tf32 needs a CUDA device"),
     ],
 )
 def test_bad_input_is_one_clear_line(gsp, synthetic, tmp_path, args, message):

@@ -63,3 +63,73 @@ def test_cuda_evaluate_agrees_with_cpu(gsp, tmp_path, monkeypatch):
     assert gpu["model"]["device"].startswith("cuda") and gpu["model"]["dtype"] == "bfloat16"
     assert gpu["reconstruction"]["fvu"] == pytest.approx(cpu["reconstruction"]["fvu"], rel=1e-3)
     assert gpu["delta_loss"]["ce_clean"] == pytest.approx(cpu["delta_loss"]["ce_clean"], rel=2e-2)
+
+
+def _loader_store(tmp_path):
+    from pipeline.tiny import write_synthetic_store
+
+    x = np.random.default_rng(0).standard_normal((8192, 48)).astype(np.float32) * 30
+    write_synthetic_store(tmp_path / "s", x)  # bfloat16 bits on disk
+    return ActivationStore.open(tmp_path / "s")
+
+
+def test_cuda_loader_serves_the_cpu_loaders_batches(tmp_path):
+    """On CUDA the rows leave the host as bfloat16 bits and are decoded and scaled on the device:
+    the same float32 values as the CPU loader's, bit for bit, batch after batch (window reuse included)."""
+    import itertools
+
+    from pipeline.loader import ShuffledLoader
+
+    store = _loader_store(tmp_path)
+    kw = dict(seed=4, buffer_mib=0.5, lanes=4, scales=(0.37,))
+    cpu = [b.clone() for b in itertools.islice(ShuffledLoader(store, 256, **kw), 60)]
+    gpu = [b.cpu() for b in itertools.islice(ShuffledLoader(store, 256, device="cuda", **kw), 60)]
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_the_steady_state_cuda_step_never_waits_for_the_device(arch):
+    """No host sync in the fit step (dead-latent bookkeeping, the AuxK count, the finite check)."""
+    from pipeline.sae import SAE, Objective
+    from pipeline.train import NonFinite, train_step
+
+    dev = torch.device("cuda")
+    sae = SAE(64, 512, arch=arch, k=16).init_gemma_scope(torch.Generator().manual_seed(0)).to(dev)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    since = torch.zeros(512, dtype=torch.int64, device=dev)
+    since[::3] = 10**6  # some latents dead: TopK's auxiliary loss runs
+    x = torch.randn(1024, 64, device=dev)
+    finite = NonFinite(dev)
+    kw = dict(lam=1e-3, since_fired_F=since, dead_tokens=50_000, sparse=False)
+    train_step(sae, opt, x, Objective(target_l0=16), **kw)  # the first step creates Adam's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(5):
+            loss = train_step(sae, opt, x, Objective(target_l0=16), **kw)
+            finite.update(i, loss.total)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert finite.step() is None
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_a_cuda_fp32_step_matches_the_cpu_step(arch):
+    from pipeline.sae import SAE, Objective
+    from pipeline.train import train_step
+
+    x = torch.randn(512, 32, generator=torch.Generator().manual_seed(1))
+    params = []
+    for dev in ("cpu", "cuda"):
+        torch.set_float32_matmul_precision("highest")
+        sae = SAE(32, 128, arch=arch, k=8).init_gemma_scope(torch.Generator().manual_seed(0)).to(dev)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        since = torch.zeros(128, dtype=torch.int64, device=dev)
+        for _ in range(10):
+            train_step(sae, opt, x.to(dev), Objective(target_l0=8), lam=1e-3, since_fired_F=since,
+                       dead_tokens=2048, sparse=False)  # fmt: skip
+        params.append({k: v.detach().cpu() for k, v in sae.named_parameters()})
+    for k in params[0]:
+        torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-3, atol=1e-4, msg=k)

@@ -38,7 +38,11 @@ def _make(tmp_path, complete: bool, shards: int = 4):
 
 
 def _rows(batches):
-    return [b[:, 0].numpy().astype(int) for b in batches]
+    return [b[:, 0].numpy().astype(int) for b in batches]  # astype copies: the loader reuses its buffers
+
+
+def _copies(batches):
+    return [b.numpy().copy() for b in batches]
 
 
 def test_one_epoch_serves_every_non_special_row_once(store):
@@ -102,10 +106,10 @@ def test_process_shares_make_up_the_global_batch(tmp_path):
     x = np.random.default_rng(0).standard_normal((4096, 8)).astype(np.float32)
     write_synthetic_store(tmp_path / "s", x)
     store = ActivationStore.open(tmp_path / "s")
-    whole = [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3, lanes=6), 50)]
+    whole = _copies(itertools.islice(ShuffledLoader(store, 96, seed=3, lanes=6), 50))
     for world in (2, 3, 6):
         parts = [
-            [b.numpy() for b in itertools.islice(ShuffledLoader(store, 96, seed=3, part=(r, world), lanes=6), 50)]
+            _copies(itertools.islice(ShuffledLoader(store, 96, seed=3, part=(r, world), lanes=6), 50))
             for r in range(world)
         ]
         for i in range(50):
@@ -135,7 +139,7 @@ def test_lanes_deal_the_chunks_and_batches_take_from_every_lane(store):
     assert sorted(np.concatenate(first_epoch).astype(int).tolist()) == expected
     for lane, rows in enumerate(first_epoch):  # a lane holds its own chunks' rows only
         assert set((rows // 64).astype(int).tolist()) == set(chunks[lane].tolist())
-    batches = [b.numpy() for b in itertools.islice(loader, 30)]  # 30 × 12 rows per lane: into epoch 2
+    batches = _copies(itertools.islice(loader, 30))  # 30 × 12 rows per lane: into epoch 2
     for k, batch in enumerate(batches):
         want = np.concatenate([s[12 * k : 12 * (k + 1)] for s in streams])
         np.testing.assert_array_equal(batch, want)
@@ -143,15 +147,15 @@ def test_lanes_deal_the_chunks_and_batches_take_from_every_lane(store):
 
 def test_each_process_reads_only_its_lanes_chunks(store, monkeypatch):
     read = {}
-    original = ActivationStore.read
+    original = ActivationStore.read_chunk
 
-    def spy(self, start, stop):
-        read.setdefault(threading.current_thread().name, set()).add(start // 64)
-        return original(self, start, stop)
+    def spy(self, chunk, out, **kw):
+        read.setdefault(threading.current_thread().name, set()).add(chunk)
+        return original(self, chunk, out, **kw)
 
     import threading
 
-    monkeypatch.setattr(ActivationStore, "read", spy)
+    monkeypatch.setattr(ActivationStore, "read_chunk", spy)
     for rank in range(2):
         loader = ShuffledLoader(store, 48, seed=2, buffer_mib=0.02, lanes=4, part=(rank, 2))
         list(itertools.islice(loader, 3))
@@ -170,14 +174,14 @@ def test_each_process_reads_only_its_lanes_chunks(store, monkeypatch):
 @pytest.mark.parametrize("first_world,then_world", [(2, 1), (1, 4), (4, 2)])
 def test_a_position_saved_at_one_world_size_resumes_at_another(store, first_world, then_world):
     kw = dict(seed=7, buffer_mib=0.02, lanes=4)
-    whole = [b.numpy() for b in itertools.islice(ShuffledLoader(store, 48, **kw), 26)]
+    whole = _copies(itertools.islice(ShuffledLoader(store, 48, **kw), 26))
     loaders = [ShuffledLoader(store, 48, part=(r, first_world), **kw) for r in range(first_world)]
     for loader in loaders:
         list(itertools.islice(loader, 20))
     saved = LoaderState.merge([ld.state for ld in loaders])
     saved = LoaderState.from_json(json.loads(json.dumps(dataclasses.asdict(saved))))  # as a checkpoint holds it
     parts = [
-        [b.numpy() for b in itertools.islice(ShuffledLoader(store, 48, part=(r, then_world), state=saved, **kw), 6)]
+        _copies(itertools.islice(ShuffledLoader(store, 48, part=(r, then_world), state=saved, **kw), 6))
         for r in range(then_world)
     ]
     for i in range(6):
@@ -196,3 +200,50 @@ def test_lanes_follow_the_store_not_the_processes(tmp_path, store):
     with pytest.raises(GspError, match="has 1 lanes"):
         ShuffledLoader(store, 48, lanes=4, state=LoaderState([[0, 5]]))
     assert LoaderState.from_json({"epoch": 3, "offset": 9}).lanes == [[3, 9]]  # a checkpoint from before lanes
+
+
+@pytest.mark.parametrize("lanes", [1, 4])
+def test_held_in_memory_or_read_window_by_window_the_stream_is_the_same(store, lanes):
+    """A store that fits the budget is read once and held (resident); a bigger one is read window by
+    window into reused buffers. Both serve the same batches, and the reused buffers never leak rows of
+    one window into another (every row once per epoch, as the expected set)."""
+    kw = dict(seed=9, buffer_mib=0.005, lanes=lanes)
+    held, streamed = (ShuffledLoader(store, 48, resident=r, **kw) for r in (True, False))
+    assert held.resident and not streamed.resident and len(streamed.windows(0, 0)) > 3  # reuse of the 3 slots
+    a, b = (_copies(itertools.islice(ld, 60)) for ld in (held, streamed))  # 60 × 48 rows: into epoch 3
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    if lanes == 1:  # (with lanes, each lane's epoch ends at its own batch)
+        expected = sorted(r for r in range(N_CTX * C) if r % C != 0 and r != 37)
+        epoch = np.concatenate([x[:, 0] for x in a])[: len(expected)].astype(int)
+        assert sorted(epoch.tolist()) == expected
+    assert ShuffledLoader(store, 48, seed=9, lanes=lanes).resident  # the default budget holds this store
+
+
+def test_the_loader_scales_each_store_and_a_transcoders_batch_is_both(tmp_path):
+    from pipeline.tiny import write_synthetic_store
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4096, 8)).astype(np.float32)
+    write_synthetic_store(tmp_path / "a", x)
+    write_synthetic_store(tmp_path / "b", x[:, :6] * 3)
+    a, b = ActivationStore.open(tmp_path / "a"), ActivationStore.open(tmp_path / "b")
+    plain = _copies(itertools.islice(ShuffledLoader(a, 64, seed=1, target=b), 5))
+    scaled = _copies(itertools.islice(ShuffledLoader(a, 64, seed=1, target=b, scales=(0.5, 0.25)), 5))
+    for p, s in zip(plain, scaled, strict=True):
+        assert s.shape == (64, 14) and s.dtype == np.float32
+        np.testing.assert_array_equal(s[:, :8], p[:, :8] * np.float32(0.5))
+        np.testing.assert_array_equal(s[:, 8:], p[:, 8:] * np.float32(0.25))
+        # the target's columns are the input's rows, as stored in bfloat16
+        np.testing.assert_allclose(p[:, 8:], p[:, :6] * 3, rtol=2e-2)
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_a_corrupt_chunk_stops_the_loader_with_one_clear_error(store, resident):
+    shard_file = store.group.store.root / store.array_name / "c" / "0" / "0"
+    data = bytearray(shard_file.read_bytes())
+    data[7] ^= 0x10
+    shard_file.write_bytes(bytes(data))
+    loader = ShuffledLoader(store, 48, seed=0, buffer_mib=0.02, lanes=4, resident=resident)
+    with pytest.raises(GspError, match="failed their crc32c checksum"):
+        list(itertools.islice(loader, 200))

@@ -219,3 +219,52 @@ def test_a_skip_transcoder_round_trips_through_gemma_scope_2s_files(tmp_path):
     x = torch.randn(9, 12, generator=g)
     assert back.skip and back.d_out == 20 and config.is_transcoder
     torch.testing.assert_close(back(x).x_hat_BD, t(x).x_hat_BD)
+
+
+@pytest.mark.parametrize("n_dead", [0, 3, 10])
+def test_topk_loss_without_a_device_sync_equals_the_host_path(n_dead):
+    """On an accelerator the TopK loss never reads the dead-latent count back (sync_free): its loss
+    and gradients equal the CPU path's, which takes exactly the dead latents, or none."""
+    from pipeline.sae import Objective
+
+    g = torch.Generator().manual_seed(3)
+    sae = SAE(12, 48, arch="topk", k=6).init_gemma_scope(g)
+    x = torch.randn(64, 12, generator=g)
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[torch.randperm(48, generator=g)[:n_dead]] = True
+    obj = Objective(aux_k=4, aux_coeff=0.25)
+    results = []
+    for sync_free in (False, True):
+        sae.zero_grad()
+        loss = sae.loss(x, obj, dead_F=dead, sync_free=sync_free)
+        loss.total.backward()
+        grads = {k: p.grad.clone() for k, p in sae.named_parameters() if p.grad is not None}
+        results.append((loss.total.detach(), loss.penalty.detach(), grads))
+    (t0, p0, g0), (t1, p1, g1) = results
+    assert (p0 > 0) == (n_dead > 0) and float(p1) == float(p0)
+    torch.testing.assert_close(t1, t0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_a_bf16_autocast_step_tracks_the_float32_step(arch):
+    """--matmul bf16: the step's matmuls in bfloat16, parameters and Adam in float32; after a few
+    steps the loss is the float32 step's to bfloat16's precision, and the weights stay float32."""
+    from pipeline.sae import Objective
+    from pipeline.train import train_step
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g)
+    losses = []
+    for autocast in (None, torch.bfloat16):
+        sae = SAE(32, 64, arch=arch, k=8).init_gemma_scope(torch.Generator().manual_seed(1))
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        since = torch.zeros(64, dtype=torch.int64)
+        for _ in range(5):
+            loss = train_step(sae, opt, x, Objective(target_l0=8), lam=1e-3, since_fired_F=since, dead_tokens=10**6,
+                              sparse=False, autocast=autocast)  # fmt: skip
+        assert all(p.dtype == torch.float32 for p in sae.parameters())
+        losses.append(float(loss.recon))
+    assert losses[1] == pytest.approx(losses[0], rel=0.03)

@@ -263,3 +263,48 @@ def test_unknown_or_uninstalled_url_schemes_are_one_line(url, words):
     with pytest.raises(GspError) as e:
         ActivationStore.open(url)
     assert words in str(e.value)
+
+
+# ---------------------------------------------------------------- whole chunks straight from the shard files
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_whole_chunks_read_from_the_files_equal_zarrs_reading(tmp_path, dtype):
+    """ActivationStore.read_chunk parses the shard files itself (the Zarr v3 sharding layout): it
+    must take that path for gsp's stores and give exactly what zarr gives, in the stored dtype."""
+    store = _store(tmp_path, dtype=dtype)
+    _fill(store, np.random.default_rng(7))
+    s = ActivationStore.open(tmp_path / "s")
+    g = zarr.open_group(str(tmp_path / "s"), mode="r")
+    raw, ids = g[f"{H}/activations"][:], g["token_ids"][:]
+    out = np.empty((s.chunk_rows, s.d_in), s.stored_dtype)
+    tokens = np.empty(s.chunk_rows, np.int32)
+    for chunk in range(-(-s.rows_written // s.chunk_rows)):
+        rows = s.read_chunk(chunk, out)
+        span = slice(chunk * s.chunk_rows, chunk * s.chunk_rows + rows)
+        np.testing.assert_array_equal(out[:rows], raw[span])
+        assert s.read_chunk(chunk, tokens, tokens=True) == rows
+        np.testing.assert_array_equal(tokens[:rows], ids[span])
+    assert all(r.folder is not None for r in s._chunk_readers.values())  # read from the files, not via zarr
+
+
+@pytest.mark.parametrize("where", ["chunk", "index", "truncated"])
+def test_whole_chunk_reads_catch_damage(tmp_path, where):
+    store = _store(tmp_path)
+    _fill(store, np.random.default_rng(8))
+    shard_file = tmp_path / "s" / H / "activations" / "c" / "1" / "0"
+    data = bytearray(shard_file.read_bytes())
+    if where == "chunk":
+        data[3] ^= 0x01  # one bit of the shard's first chunk
+    elif where == "index":
+        data[-10] ^= 0x01  # one bit of the shard index
+    else:
+        data = data[: len(data) // 2]
+    shard_file.write_bytes(bytes(data))
+    s = ActivationStore.open(tmp_path / "s")
+    out = np.empty((s.chunk_rows, s.d_in), s.stored_dtype)
+    s.read_chunk(0, out)  # shard 0 is intact
+    chunk = s.shard_rows // s.chunk_rows  # the first chunk of shard 1
+    with pytest.raises(GspError, match=rf"corrupt data in store .*crc32c.*{H}/activations/c/1"):
+        s.read_chunk(chunk, out)
+    shard_file.unlink()
+    with pytest.raises(GspError, match=rf"shard file {H}/activations/c/1 is gone"):
+        s.read_chunk(chunk, out)

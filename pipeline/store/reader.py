@@ -8,14 +8,16 @@ written rows are never the fill value, so damage never reads as zeros.
 import asyncio
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
 from pipeline.errors import GspError
-from pipeline.store.location import open_group
+from pipeline.store.location import is_url, local, open_group
 from pipeline.store.meta import FORMAT, HookMeta, StoreMeta
+from pipeline.store.shards import ChunkReader, Corrupt
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -63,6 +65,7 @@ class ActivationStore:
         if self.activations.shape[1:] != (hook.d_in,) or self.activations.shape[0] != self.token_ids.shape[0]:
             raise GspError(f"store {path}: its arrays' shapes {self.activations.shape}, {self.token_ids.shape} "
                            f"do not match its attributes (d_in {hook.d_in}); it is damaged")  # fmt: skip
+        self._chunk_readers: dict[str, ChunkReader] = {}
 
     @classmethod
     def open(cls, path) -> "ActivationStore":
@@ -177,6 +180,38 @@ class ActivationStore:
                            f"(shard {self._files('token_ids', start, stop)} reads as unwritten); "
                            "restore the file or harvest again with --overwrite")  # fmt: skip
         return ids
+
+    @property
+    def stored_dtype(self) -> np.dtype:
+        """The activations' dtype on disk: uint16 (bfloat16 bit patterns) or float32."""
+        return np.dtype(self.activations.dtype)
+
+    def read_chunk(self, chunk: int, out: np.ndarray, *, tokens: bool = False) -> int:
+        """Chunk `chunk`'s activations in the stored dtype (or, with `tokens`, its token ids) into `out`,
+        a C-contiguous (chunk_rows, d_in) (or (chunk_rows,)) buffer, straight from the shard file where
+        the store is local; returns how many of its rows are written. Checked like every read."""
+        name = "token_ids" if tokens else self.array_name
+        reader = self._chunk_readers.get(name)
+        if reader is None:
+            folder = None if is_url(self.root) else Path(local(self.root)) / name
+            reader = self._chunk_readers[name] = ChunkReader(self.token_ids if tokens else self.activations, folder)
+        start = chunk * self.chunk_rows
+        stop = min(start + self.chunk_rows, self.rows_written)
+        try:
+            reader.read(chunk, out)
+        except Corrupt as e:
+            raise GspError(
+                f"corrupt data in store {self.path}: rows {start}..{stop - 1} failed their crc32c checksum ({e}; "
+                f"shard file {self._files(name, start, stop)}); restore the file or harvest again with --overwrite"
+            ) from None
+        except FileNotFoundError:
+            raise GspError(f"store {self.path}: the shard file {self._files(name, start, stop)} is gone; restore it "
+                           "or harvest again with --overwrite") from None  # fmt: skip
+        if tokens and stop > start and out[: stop - start].min() < 0:
+            raise GspError(f"corrupt data in store {self.path}: rows {start}..{stop - 1} hold no token ids "
+                           f"(shard {self._files(name, start, stop)} reads as unwritten); "
+                           "restore the file or harvest again with --overwrite")  # fmt: skip
+        return max(stop - start, 0)
 
     def _files(self, name: str, start: int, stop: int) -> str:
         first, last = start // self.shard_rows, (stop - 1) // self.shard_rows
