@@ -331,9 +331,11 @@ class SAE(torch.nn.Module):
 
     def save(self, folder: Path, config: "SAEConfig") -> None:
         """params.safetensors (float32) then config.json into `folder`, each written atomically; the
-        config last, so a folder with a config.json holds a whole SAE."""
+        config last, so a folder with a config.json holds a whole SAE. A TopK SAE's file has no threshold."""
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {FILE_KEYS.get(k, k): getattr(self, k).detach().float().cpu().contiguous() for k in self.params}
+        # a TopK SAE carries no threshold, which a JumpReLU reader of this format would apply
+        names = [k for k in self.params if not (k == "threshold" and self.arch == "topk")]
+        tensors = {FILE_KEYS.get(k, k): getattr(self, k).detach().float().cpu().contiguous() for k in names}
         save_tensors(tensors, folder / "params.safetensors")
         fault("sae-params-written")
         atomic_write_text(folder / "config.json", json.dumps(config.to_json(), indent=2))

@@ -27,6 +27,10 @@ The format is told by the folder's files, never by its name:
       w_enc = s_in·Eᵀ·m/s_out,  b_enc = b_E·m/s_out,  threshold = θ/s_out,  w_dec = (Dw/m)ᵀ,  b_dec = b_D/s_out
   since then x@w_enc + b_enc = g/s_out, which crosses θ/s_out exactly when g crosses θ, and
   (g/s_out)·(Dw_i/m_i) = pre·Dw_i/s_out.
+- **SAELens 6** (`cfg.json` + `sae_weights.safetensors`, jumprelu or topk, no activation normalisation) and
+  **EleutherAI sparsify** (`cfg.json` + `sae.safetensors`, topk): both subtract b_dec from the input before
+  the encoder (SAELens where apply_b_dec_to_input, its default); that is folded into b_enc. What `gsp
+  export` writes (pipeline/export.py) reads back here.
 Pickles are never read: npz with allow_pickle=False, everything else safetensors or JSON.
 """
 
@@ -55,10 +59,14 @@ SAE_FILES = (
     "lm_config.json",
     "checkpoints/final.safetensors",
     "params_layer_*.safetensors",  # a cross-layer transcoder's per-layer files (pipeline/clt.py)
+    "cfg.json",  # SAELens and sparsify
+    "sae_weights.safetensors",  # SAELens
+    "sae.safetensors",  # sparsify
 )
 _EXPECTED = (
     "config.json + params.safetensors (gsp, Gemma Scope 2), params.npz (Gemma Scope), "
-    "or hyperparams.json + checkpoints/final.safetensors (Llama Scope)"
+    "hyperparams.json + checkpoints/final.safetensors (Llama Scope), cfg.json + sae_weights.safetensors "
+    "(SAELens) or cfg.json + sae.safetensors (sparsify)"
 )
 _HF_SITE = {suffix: site for site, suffix in POINT_SUFFIX.items()}  # "post_feedforward_layernorm.output" -> mlp_out
 _HF_HOOK = re.compile(r"(?:[\w.]*\.)?layers\.(\d+)\.(" + "|".join(map(re.escape, _HF_SITE)) + ")")
@@ -71,7 +79,7 @@ class LoadedSAE:
     sae: SAE  # float32, CPU, eval mode, requires_grad False; takes raw activations
     source: str  # what the user passed (--sae)
     path: Path  # the local folder it was read from
-    format: str  # "gsp" | "gemma-scope-2" | "gemma-scope" | "llama-scope"
+    format: str  # "gsp" | "gemma-scope-2" | "gemma-scope" | "llama-scope" | "saelens" | "sparsify"
     model_name: str | None  # the model the SAE was trained on, as its files name it
     layer: int | None
     site: str | None  # one of pipeline.hooks.SITES, or None when the files don't say
@@ -116,6 +124,10 @@ def load_sae(spec: str, *, revision: str | None = None, token: str | None = None
         loaded = _read_gemma_scope_1(path)
     elif {"hyperparams.json", "checkpoints/final.safetensors"} <= has:
         loaded = _read_llama_scope(path)
+    elif {"cfg.json", "sae_weights.safetensors"} <= has:
+        loaded = _read_saelens(path)
+    elif {"cfg.json", "sae.safetensors"} <= has:
+        loaded = _read_sparsify(path)
     else:
         found = f"; it has only {', '.join(sorted(has))}" if has else ""
         raise GspError(f"{path} holds no SAE gsp can read: expected {_EXPECTED}{found}")
@@ -298,6 +310,78 @@ def _llama_scales(hp: dict, d: int, path: Path) -> tuple[float, float]:
     if not all(isinstance(v, int | float) and math.isfinite(v) and v > 0 for v in values):
         raise GspError(f"{path}: dataset-wise norm needs dataset_average_activation_norm {{'in': >0, 'out': >0}}")
     return math.sqrt(d) / values[0], math.sqrt(d) / values[1]
+
+
+_TL_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_post|mlp_out|attn_out)")  # TransformerLens names
+_SPARSIFY_HOOK = re.compile(r"layers\.(\d+)(\.mlp|\.self_attn)?")
+_SPARSIFY_SITE = {None: "resid_post", ".mlp": "mlp_out", ".self_attn": "attn_out"}
+
+
+def _read_saelens(path: Path) -> LoadedSAE:
+    """SAELens 6 (`SAE.save_model`): JumpReLU and TopK SAEs on unnormalised activations. Where SAELens
+    subtracts b_dec from the input first (apply_b_dec_to_input), that is folded into b_enc:
+    (x − b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc − b_dec @ W_enc)."""
+    cfg = read_json(path / "cfg.json")
+    arch = cfg.get("architecture", "standard")
+    if arch not in ("jumprelu", "topk"):
+        raise GspError(f"{path}: a SAELens {arch!r} SAE; gsp reads SAELens' jumprelu and topk SAEs")
+    plain_values = {"normalize_activations": "none", "reshape_activations": "none",
+                    "rescale_acts_by_decoder_norm": False}  # fmt: skip
+    for key, plain in plain_values.items():
+        if cfg.get(key, plain) not in (plain, None):
+            raise GspError(f"{path}: SAELens' {key}={cfg[key]!r} is not supported by gsp (it reads {plain!r} only)")
+    t = read_safetensors(path / "sae_weights.safetensors")
+    params = {"w_enc": t.get("W_enc"), "w_dec": t.get("W_dec"), "b_enc": t.get("b_enc"), "b_dec": t.get("b_dec")}
+    if arch == "jumprelu":
+        params["threshold"] = t.get("threshold")
+    if any(v is None for v in params.values()):
+        missing = ", ".join(k for k, v in params.items() if v is None)
+        raise GspError(f"{path / 'sae_weights.safetensors'} lacks {missing} (it has {', '.join(sorted(t))})")
+    if cfg.get("apply_b_dec_to_input", True):  # SAELens' default
+        params["b_enc"] = _fold_input_bias(params)
+    sae = SAE.from_params(params, arch, cfg.get("k"), path / "sae_weights.safetensors")
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg  # pre-6 configs: top level
+    hook = meta.get("hook_name")
+    layer, site = _parse_any_hook(hook) if isinstance(hook, str) else (None, None)
+    return LoadedSAE(sae, str(path), path, "saelens", meta.get("model_name"), layer, site, cfg)
+
+
+def _read_sparsify(path: Path) -> LoadedSAE:
+    """EleutherAI sparsify (`cfg.json` + `sae.safetensors`): TopK on (x − b_dec) @ encoderᵀ + bias, that
+    subtraction folded into b_enc (none for a transcoder); the layer and site from the hookpoint folder."""
+    cfg = read_json(path / "cfg.json")
+    if cfg.get("activation", "topk") != "topk" or cfg.get("multi_topk") or cfg.get("skip_connection"):
+        raise GspError(f"{path}: gsp reads sparsify's plain TopK SAEs (activation topk, no multi_topk, no skip "
+                       "connection)")  # fmt: skip
+    t = read_safetensors(path / "sae.safetensors")
+    enc, bias = t.get("encoder.weight"), t.get("encoder.bias")
+    if enc is None or bias is None or "W_dec" not in t or "b_dec" not in t:
+        raise GspError(f"{path / 'sae.safetensors'} lacks sparsify's encoder.weight, encoder.bias, W_dec or b_dec "
+                       f"(it has {', '.join(sorted(t))})")  # fmt: skip
+    params = {"w_enc": enc.T.contiguous(), "b_enc": bias, "w_dec": t["W_dec"], "b_dec": t["b_dec"]}
+    if not cfg.get("transcode", False):
+        params["b_enc"] = _fold_input_bias(params)
+    sae = SAE.from_params(params, "topk", cfg.get("k"), path / "sae.safetensors")
+    m = _SPARSIFY_HOOK.fullmatch(path.name)
+    layer, site = (int(m.group(1)), _SPARSIFY_SITE[m.group(2)]) if m else (None, None)
+    return LoadedSAE(sae, str(path), path, "sparsify", None, layer, site, cfg)
+
+
+def _fold_input_bias(params: dict) -> torch.Tensor:
+    """b_enc − b_dec @ W_enc (float64): the encoder bias of the same SAE when b_dec is not subtracted first."""
+    w, b_dec = params["w_enc"], params["b_dec"]
+    if w.ndim != 2 or b_dec.shape != (w.shape[0],):
+        return params["b_enc"]  # shapes are checked, with a clear message, by SAE.from_params
+    return (params["b_enc"].double() - b_dec.double() @ w.double()).float()
+
+
+def _parse_any_hook(hook: str) -> tuple[int | None, str | None]:
+    """(layer, site) of a Hugging Face module path (model.layers.L.output) or a TransformerLens hook name."""
+    if m := _HF_HOOK.fullmatch(hook):
+        return int(m.group(1)), _HF_SITE[m.group(2)]
+    if m := _TL_HOOK.fullmatch(hook):
+        return int(m.group(1)), m.group(2)
+    return None, None
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -235,6 +235,31 @@ def info(
 
 
 @app.command()
+def export(
+    sae: Annotated[str, typer.Argument(help="An SAE folder (gsp's, or any format gsp reads) or a Hub path.")],
+    to: Annotated[str, typer.Option("--to", help="saelens, sparsify (TopK only) or gemma-scope-2 (JumpReLU only).")],
+    out: Annotated[str, typer.Option("--out", help="Folder to write into (gsp never writes over a folder).")],
+    l0: Annotated[
+        float | None,
+        typer.Option(
+            "--l0",
+            help="Gemma Scope 2 folder name: the L0 for its small/medium/big label "
+            "(default: the SAE's target L0, or k).",
+        ),  # fmt: skip
+    ] = None,
+    token: Annotated[str | None, TOKEN.annotation.__metadata__[0]] = None,
+) -> None:
+    """Write an SAE in the on-disk layout SAELens, EleutherAI sparsify or Gemma Scope 2 reads.
+
+    Example: gsp export cache/saes/SAE --to saelens --out exported/saelens
+    """
+    from stages.export import run_export
+
+    with cli_errors():
+        run_export(sae, to, out, l0=l0, token=token)
+
+
+@app.command()
 def version() -> None:
     """Print gsp's version."""
     console.print(f"gsp {__version__}")

@@ -69,8 +69,8 @@ def test_saved_sae_is_gemma_scope_2_format_on_raw_inputs(synthetic, tmp_path):
     p = load_file(tmp_path / "sae" / "params.safetensors")
     assert {k: (tuple(v.shape), v.dtype) for k, v in p.items()} == {
         "w_enc": ((32, 96), torch.float32), "w_dec": ((96, 32), torch.float32), "b_enc": ((96,), torch.float32),
-        "b_dec": ((32,), torch.float32), "threshold": ((96,), torch.float32),
-    }  # fmt: skip
+        "b_dec": ((32,), torch.float32),
+    }  # fmt: skip  (no threshold: a JumpReLU reader would apply it to a TopK SAE)
     torch.testing.assert_close(p["w_dec"].norm(dim=1), torch.ones(96))
     config = json.loads((tmp_path / "sae" / "config.json").read_text())
     for key in ("model_name", "architecture", "hf_hook_point_in", "hf_hook_point_out", "width", "l0", "type"):
