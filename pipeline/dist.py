@@ -82,7 +82,7 @@ def any_(group: Group, mask: torch.Tensor) -> torch.Tensor:
 
 
 def mean_differentiable(group: Group, x: torch.Tensor) -> torch.Tensor:
-    """The cross-process mean of a scalar, with gradients flowing back to each process's share."""
+    """The cross-process mean of a tensor, with gradients flowing back to each process's share."""
     if group.world == 1:
         return x
     from torch.distributed.nn.functional import all_reduce

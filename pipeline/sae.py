@@ -19,6 +19,13 @@ Objectives (`SAE.loss`), on inputs scaled so that E‖x‖² = 1:
     jumprelu: ‖x − x̂‖² + λ·L0,  or Gemma Scope 2's  ‖x − x̂‖² + λ·(2/T)·(L0 − T)²  towards a target L0 T
     topk:     ‖x − x̂‖² + α·AuxK, AuxK = ‖e − ê‖² / ‖e‖² with e = x − x̂ and ê decoded from the aux_k
               largest pre-activations of dead latents (OpenAI's "Scaling and evaluating sparse autoencoders")
+    Matryoshka (prefixes m_1 < ... < m_n < F, both architectures): ‖x − x̂‖² becomes
+              Σ_{m ∈ (m_1, ..., m_n, F)} ‖x − (f[:, :m]·W_dec[:m] + b_dec)‖², each prefix weighted 1 (SAELens'
+              form; Bussmann et al. 2025), the same active latents for every prefix
+    frequency penalty (JumpReLU): + λ_f · Σ_i ω_i² / ω₀, ω_i = the share of the (global) batch's rows
+              on which latent i fires, through the same straight-through estimator as L0 (θ gets the
+              gradient): the quadratic term of DeepMind's λ·Σ_i ω_i(1 + ω_i/ω₀) ("Removing High
+              Frequency Latents from JumpReLU SAEs"), whose linear term is the L0 penalty already there
 gsp's files: `params.safetensors` + `config.json` (an `SAEConfig`), Gemma Scope 2's format.
 """
 
@@ -125,6 +132,9 @@ class Objective:
     target_l0: float | None = None  # JumpReLU: T of the target-L0 penalty; None: λ·L0
     aux_k: int = 512  # TopK: dead latents in the auxiliary loss
     aux_coeff: float = 0.125  # TopK: α
+    prefixes: tuple[int, ...] = ()  # Matryoshka: the nested prefix sizes m_1 < ... < F; () for a plain SAE
+    freq_coeff: float = 0.0  # JumpReLU: λ_f of the frequency penalty (0: none)
+    freq_scale: float = 0.1  # JumpReLU: ω₀ of the frequency penalty
 
 
 # ------------------------------------------------------------------------------ the model
@@ -249,23 +259,43 @@ class SAE(torch.nn.Module):
 
     def _jumprelu_loss(self, x_BD, y_BO, obj: Objective, lam: float, sparse: bool, group) -> Loss:
         eps = obj.bandwidth
-        if sparse:
+        if obj.prefixes:  # Matryoshka: every nested prefix reconstructs too (dense decoder work)
+            pre = x_BD @ self.w_enc + self.b_enc
+            f = jumprelu(pre, self.threshold, eps)
+            recon, x_hat = self._nested_recon(f, x_BD, y_BO, obj.prefixes)
+        elif sparse:
             x_hat, pre, active = sparse_jumprelu_sae(x_BD, self.w_enc, self.b_enc, self.threshold, self.w_dec, eps)
             x_hat, f = x_hat + self.b_dec, pre * active  # f only for metrics: no gradient through it
         else:
             pre = x_BD @ self.w_enc + self.b_enc
             f = jumprelu(pre, self.threshold, eps)
             x_hat = f @ self.w_dec + self.b_dec
-        if self.skip:
-            x_hat = x_hat + x_BD @ self.w_skip
-        recon = (x_hat - y_BO).square().sum(-1).mean()
-        l0_ = step(pre, self.threshold, eps).sum(-1).mean()
+        if not obj.prefixes:
+            if self.skip:
+                x_hat = x_hat + x_BD @ self.w_skip
+            recon = (x_hat - y_BO).square().sum(-1).mean()
+        fired_BF = step(pre, self.threshold, eps)
+        l0_ = fired_BF.sum(-1).mean()
         if obj.target_l0 is None:
             penalty = lam * l0_
         else:
             l0_ = dist.mean_differentiable(group, l0_)  # the penalty is on the global batch's L0
             penalty = lam * (2 / obj.target_l0) * (l0_ - obj.target_l0).square()
+        if obj.freq_coeff:  # each latent's firing frequency over the global batch, through the STE
+            omega_F = dist.mean_differentiable(group, fired_BF.mean(0))
+            penalty = penalty + obj.freq_coeff * (omega_F.square() / obj.freq_scale).sum()
         return Loss(recon + penalty, recon, penalty, x_hat, f)
+
+    def _nested_recon(self, f_BF, x_BD, y_BO, prefixes: tuple[int, ...]):
+        """(Σ over the nested prefixes m of mean ‖y − (f[:, :m] W_dec[:m] + b_dec)‖², the full width
+        included, each weighted 1; the full prediction). A skip transcoder's x·W_skip is in every prefix."""
+        x_hat = self.b_dec + (x_BD @ self.w_skip if self.skip else 0)
+        recon, start = 0, 0
+        for end in (*prefixes, self.width):
+            x_hat = x_hat + f_BF[:, start:end] @ self.w_dec[start:end]
+            recon = recon + (x_hat - y_BO).square().sum(-1).mean()
+            start = end
+        return recon, x_hat
 
     def _topk_loss(self, x_BD, y_BO, obj: Objective, dead_F, group, sync_free: bool) -> Loss:
         # decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
@@ -276,7 +306,10 @@ class SAE(torch.nn.Module):
         if self.skip:
             x_hat = x_hat + x_BD @ self.w_skip
         f = torch.zeros_like(pre).scatter_(-1, idx, values)
-        recon = (x_hat - y_BO).square().sum(-1).mean()
+        if obj.prefixes:  # Matryoshka: the same k latents, every nested prefix reconstructing
+            recon, x_hat = self._nested_recon(f, x_BD, y_BO, obj.prefixes)
+        else:
+            recon = (x_hat - y_BO).square().sum(-1).mean()
         if dead_F is None:
             return Loss(recon, recon, torch.zeros_like(recon), x_hat, f)
         # On CPU, how many latents are dead is known at once: skip the auxiliary loss when none is and

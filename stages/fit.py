@@ -85,6 +85,14 @@ class FitConfig:
     bandwidth: float = opt(0.001, "JumpReLU: width ε of the straight-through rectangle kernel.")
     theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).")
     b_dec_init: Literal["mean", "zero"] = opt("mean", "Decoder bias at the data mean (fewer dead latents) or 0.")
+    matryoshka: str | None = opt(
+        None, "Matryoshka SAE: nested prefix sizes below --width, e.g. 128,512,2048; every prefix of the "
+        "dictionary is trained to reconstruct too.",
+    )  # fmt: skip
+    freq_penalty: float = opt(
+        0.0, "JumpReLU: λ_f of the frequency penalty λ_f·Σ ω_i²/ω₀ on latents' firing rates ω (0: off).",
+    )  # fmt: skip
+    freq_scale: float = opt(0.1, "JumpReLU: ω₀ of the frequency penalty (the firing rate it starts to bite at).")
     aux_k: int = opt(512, "TopK: latents in the auxiliary loss that revives dead latents.")
     aux_coeff: float = opt(0.125, "TopK: weight of the auxiliary loss.")
     dead_tokens: int = opt(50_000, "A latent that has not fired for this many tokens counts as dead.")
@@ -122,6 +130,11 @@ class FitConfig:
             raise GspError(f"--k {self.k} is more than --width {self.width}")
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.width:
             raise GspError(f"--target-l0 must be above 0 and at most --width {self.width}, got {self.target_l0}")
+        _ = self.prefixes  # a malformed --matryoshka is an error here
+        if self.freq_penalty < 0 or not math.isfinite(self.freq_penalty) or not self.freq_scale > 0:
+            raise GspError("--freq-penalty must be a finite number ≥ 0 and --freq-scale above 0")
+        if self.freq_penalty and self.arch != "jumprelu":
+            raise GspError("--freq-penalty is JumpReLU's (it acts through the thresholds); TopK fixes k per token")
         if self.skip and not self.target_store:
             raise GspError("--skip makes a skip transcoder: give --target-store, the hook point it predicts")
 
@@ -135,8 +148,23 @@ class FitConfig:
         return self.steps if self.steps is not None else max(1, self.tokens // self.batch_size)
 
     @property
+    def prefixes(self) -> tuple[int, ...]:
+        """--matryoshka's prefix sizes, increasing and below --width; () without it."""
+        if not self.matryoshka:
+            return ()
+        try:
+            sizes = tuple(int(v) for v in str(self.matryoshka).split(","))
+        except ValueError:
+            raise GspError(f"--matryoshka takes prefix sizes like 128,512,2048, got {self.matryoshka!r}") from None
+        if any(a >= b for a, b in zip(sizes, sizes[1:], strict=False)) or sizes[0] <= 0 or sizes[-1] >= self.width:
+            raise GspError(f"--matryoshka sizes must increase, from above 0 to below --width {self.width}; "
+                           f"got {self.matryoshka}")  # fmt: skip
+        return sizes
+
+    @property
     def objective(self) -> Objective:
-        return Objective(self.bandwidth, self.target_l0, self.aux_k, self.aux_coeff)
+        return Objective(self.bandwidth, self.target_l0, self.aux_k, self.aux_coeff, self.prefixes,
+                         self.freq_penalty, self.freq_scale)  # fmt: skip
 
     @property
     def out_dir(self) -> Path:
@@ -344,6 +372,7 @@ def _train(cfg, sae, opt_, loader, since_fired, start_step, density, group, ckpt
             # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
             cpu = group.device.type == "cpu"
             sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and density < 0.05)
+            sparse = sparse and not cfg.prefixes  # Matryoshka's nested prefixes decode densely
             loss = train_step(sae, opt_, x, cfg.objective, lam=lam, since_fired_F=since_fired,
                               dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y,
                               autocast=autocast)  # fmt: skip

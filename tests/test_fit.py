@@ -70,7 +70,8 @@ def test_saved_sae_is_gemma_scope_2_format_on_raw_inputs(synthetic, tmp_path):
     assert {k: (tuple(v.shape), v.dtype) for k, v in p.items()} == {
         "w_enc": ((32, 96), torch.float32), "w_dec": ((96, 32), torch.float32), "b_enc": ((96,), torch.float32),
         "b_dec": ((32,), torch.float32),
-    }  # fmt: skip  (no threshold: a JumpReLU reader would apply it to a TopK SAE)
+    }  # fmt: skip
+    # (no threshold: a JumpReLU reader would apply it to a TopK SAE)
     torch.testing.assert_close(p["w_dec"].norm(dim=1), torch.ones(96))
     config = json.loads((tmp_path / "sae" / "config.json").read_text())
     for key in ("model_name", "architecture", "hf_hook_point_in", "hf_hook_point_out", "width", "l0", "type"):
@@ -133,6 +134,11 @@ def test_fit_never_imports_the_language_model(tmp_path):
         (["--arch", "topk", "--k", "500", "--width", "64"], "--k 500 is more than --width 64"),
         (["--width", "0"], "--width must be positive"),
         (["--matmul", "tf32", "--device", "cpu"], "--matmul tf32 needs a CUDA device"),
+        (["--matryoshka", "64,32", "--width", "128"], "--matryoshka sizes must increase"),
+        (["--matryoshka", "32,128", "--width", "128"], "below --width 128"),
+        (["--matryoshka", "a,b"], "--matryoshka takes prefix sizes like"),
+        (["--arch", "topk", "--freq-penalty", "0.1"], "--freq-penalty is JumpReLU's"),
+        (["--freq-penalty", "-1"], "--freq-penalty must be a finite number"),
     ],
 )
 def test_bad_input_is_one_clear_line(gsp, synthetic, tmp_path, args, message):
@@ -597,3 +603,21 @@ def test_a_plain_transcoder_of_equal_widths_reads_input_and_target_apart(gsp, pa
     config = json.loads((tmp_path / "t" / "config.json").read_text())
     assert config["type"] == "transcoder" and config["hf_hook_point_out"] == "model.layers.0.output"
     assert config["final_train_metrics"]["fvu"] < 0.3
+
+
+def test_a_matryoshka_fit_with_a_frequency_penalty_resumes_exactly(synthetic, tmp_path):
+    """--matryoshka and --freq-penalty through gsp fit: recorded with the SAE, and a fit killed after a
+    checkpoint resumes to the same weights as one never stopped."""
+    store, _ = synthetic
+    common = ["--width", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20", "--target-l0", "4",
+              "--freq-penalty", "0.01"]  # fmt: skip
+    whole = ["fit", "--store", store, "--out", tmp_path / "whole", "--matryoshka", "16,32", *common]
+    assert gsp_subprocess(*whole).returncode == 0
+    killed = ["fit", "--store", store, "--out", tmp_path / "k", "--matryoshka", "16,32", *common]
+    assert gsp_subprocess(*killed, env={"GSP_FAULT": "fit-checkpoint-saved:1"}).returncode == -9
+    assert gsp_subprocess(*killed, "--resume").returncode == 0
+    a, b = load_file(tmp_path / "whole" / "params.safetensors"), load_file(tmp_path / "k" / "params.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    config = json.loads((tmp_path / "whole" / "config.json").read_text())
+    assert config["fit_config"]["matryoshka"] == "16,32" and config["fit_config"]["freq_penalty"] == 0.01

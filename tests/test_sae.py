@@ -268,3 +268,67 @@ def test_a_bf16_autocast_step_tracks_the_float32_step(arch):
         assert all(p.dtype == torch.float32 for p in sae.parameters())
         losses.append(float(loss.recon))
     assert losses[1] == pytest.approx(losses[0], rel=0.03)
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_matryoshka_loss_and_gradients_equal_each_prefix_written_out(arch):
+    """Σ over the nested prefixes (the full width included) of each prefix's reconstruction error, with
+    the same active latents, against each prefix decoded on its own here."""
+    from pipeline.sae import Objective
+
+    g = torch.Generator().manual_seed(5)
+    sae = SAE(12, 48, arch=arch, k=6).init_gemma_scope(g)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(12, generator=g))
+        sae.threshold.fill_(0.05)
+    x = torch.randn(64, 12, generator=g)
+    obj = Objective(bandwidth=0.05, prefixes=(8, 24))
+    loss = sae.loss(x, obj, lam=0.01)
+    sae.zero_grad()
+    loss.total.backward()
+    got = {k: p.grad.clone() for k, p in sae.named_parameters() if p.grad is not None}
+
+    ref = {k: p.detach().clone().requires_grad_(True) for k, p in sae.named_parameters()}
+    pre = x @ ref["w_enc"] + ref["b_enc"]
+    if arch == "jumprelu":
+        f = jumprelu(pre, ref["threshold"], 0.05)
+        penalty = 0.01 * step(pre, ref["threshold"], 0.05).sum(-1).mean()
+    else:
+        vals, idx = pre.topk(6, dim=-1)
+        f, penalty = torch.zeros_like(pre).scatter(-1, idx, vals.relu()), 0.0
+    recon = sum(((f[:, :m] @ ref["w_dec"][:m] + ref["b_dec"] - x) ** 2).sum(-1).mean() for m in (8, 24, 48))
+    (recon + penalty).backward()
+    torch.testing.assert_close(loss.recon.detach(), recon.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss.x_hat_BD.detach(), (f @ ref["w_dec"] + ref["b_dec"]).detach(), rtol=1e-5, atol=1e-5)
+    for k, p in ref.items():
+        if p.grad is not None and p.grad.abs().max() > 0:
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_the_frequency_penalty_is_its_formula_through_the_thresholds():
+    """λ_f·Σ ω_i²/ω₀ with ω_i the share of rows on which latent i fires; its gradient reaches θ only,
+    dω_i/dθ_i = −mean over rows of (1/ε)·K((pre − θ_i)/ε), computed here in numpy."""
+    from pipeline.sae import Objective
+
+    g = torch.Generator().manual_seed(6)
+    sae = SAE(16, 32).init_gemma_scope(g)
+    x = torch.randn(200, 16, generator=g)
+    with torch.no_grad():
+        sae.threshold.copy_((x @ sae.w_enc).median(0).values)  # every latent fires on about half the rows
+    eps, c, w0 = 0.3, 0.5, 0.1
+    grads, totals = [], []
+    for coeff in (0.0, c):
+        sae.zero_grad()
+        loss = sae.loss(x, Objective(bandwidth=eps, freq_coeff=coeff, freq_scale=w0), lam=0.0)
+        loss.total.backward()
+        totals.append(float(loss.total))
+        grads.append({k: p.grad.clone() for k, p in sae.named_parameters() if p.grad is not None})
+    pre = (x @ sae.w_enc + sae.b_enc).detach().double().numpy()
+    theta = sae.threshold.detach().double().numpy()
+    omega = (pre > theta).mean(0)
+    assert totals[1] - totals[0] == pytest.approx(c * (omega**2 / w0).sum(), rel=1e-5)
+    d_omega = -((np.abs((pre - theta) / eps) < 0.5) / eps).mean(0)
+    np.testing.assert_allclose((grads[1]["threshold"] - grads[0]["threshold"]).numpy(), c * 2 * omega / w0 * d_omega,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    for k in ("w_enc", "b_enc", "w_dec", "b_dec"):  # nothing but θ feels it
+        torch.testing.assert_close(grads[1][k], grads[0][k])
