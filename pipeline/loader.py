@@ -257,7 +257,7 @@ class ShuffledLoader:
         except _Stopped:
             return
         except BaseException as e:  # handed to the training loop, which raises it
-            _put(out, (None, None, None, e), stop)
+            _put(out, e, stop)
 
 
 class _Resident:
@@ -328,6 +328,7 @@ def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
 
 
 def _get(q: queue.Queue, stop: threading.Event):
+    """The next item of `q`; an exception a producer thread put there is raised here, in the consumer."""
     while True:
         try:
             item = q.get(timeout=0.1)
@@ -335,8 +336,8 @@ def _get(q: queue.Queue, stop: threading.Event):
             if stop.is_set():
                 raise _Stopped from None
             continue
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], BaseException):
-            raise item[1]
+        if isinstance(item, BaseException):
+            raise item
         return item
 
 
@@ -377,7 +378,7 @@ class _Batches:
         except _Stopped:
             return
         except BaseException as e:  # handed to the consumer, which raises it
-            _put(self.ready, (None, e), self.stop)
+            _put(self.ready, e, self.stop)
 
     def fill(self, slot: int) -> dict:
         """This process's share of the next global batch into `slot`; each lane's position after it."""
@@ -420,10 +421,7 @@ class _Lane:
         have = 0
         while have < n:
             if self.window is None:
-                epoch, first, slot, order = _get(self.ahead, self.stop)
-                if epoch is None:
-                    raise order
-                self.window, self.pos = (epoch, first, slot, order), 0
+                self.window, self.pos = _get(self.ahead, self.stop), 0
             epoch, first, slot, order = self.window
             take = min(n - have, len(order) - self.pos)
             index = torch.from_numpy(order[self.pos : self.pos + take])

@@ -175,10 +175,8 @@ class ActivationStore:
     def read_tokens(self, start: int, stop: int) -> np.ndarray:
         """Token ids of rows [start, stop) (int32)."""
         ids = self._read(self.token_ids, start, stop)
-        if stop <= self.rows_written and len(ids) and ids.min() < 0:
-            raise GspError(f"corrupt data in store {self.path}: rows {start}..{stop - 1} hold no token ids "
-                           f"(shard {self._files('token_ids', start, stop)} reads as unwritten); "
-                           "restore the file or harvest again with --overwrite")  # fmt: skip
+        if stop <= self.rows_written:
+            self._check_written(ids, start, stop)
         return ids
 
     @property
@@ -200,18 +198,26 @@ class ActivationStore:
         try:
             reader.read(chunk, out)
         except Corrupt as e:
-            raise GspError(
-                f"corrupt data in store {self.path}: rows {start}..{stop - 1} failed their crc32c checksum ({e}; "
-                f"shard file {self._files(name, start, stop)}); restore the file or harvest again with --overwrite"
-            ) from None
+            raise self._checksum_error(name, start, stop, f"{e}; ") from None
         except FileNotFoundError:
             raise GspError(f"store {self.path}: the shard file {self._files(name, start, stop)} is gone; restore it "
                            "or harvest again with --overwrite") from None  # fmt: skip
-        if tokens and stop > start and out[: stop - start].min() < 0:
-            raise GspError(f"corrupt data in store {self.path}: rows {start}..{stop - 1} hold no token ids "
-                           f"(shard {self._files(name, start, stop)} reads as unwritten); "
-                           "restore the file or harvest again with --overwrite")  # fmt: skip
+        if tokens:
+            self._check_written(out[: max(stop - start, 0)], start, stop)
         return max(stop - start, 0)
+
+    def _check_written(self, ids: np.ndarray, start: int, stop: int) -> None:
+        """Token ids of written rows are never the fill value −1: if they are, their shard is damaged."""
+        if len(ids) and ids.min() < 0:
+            raise GspError(f"corrupt data in store {self.path}: rows {start}..{stop - 1} hold no token ids "
+                           f"(shard {self._files('token_ids', start, stop)} reads as unwritten); "
+                           "restore the file or harvest again with --overwrite")  # fmt: skip
+
+    def _checksum_error(self, name: str, start: int, stop: int, detail: str = "") -> GspError:
+        return GspError(
+            f"corrupt data in store {self.path}: rows {start}..{stop - 1} failed their crc32c checksum ({detail}"
+            f"shard file {self._files(name, start, stop)}); restore the file or harvest again with --overwrite"
+        )
 
     def _files(self, name: str, start: int, stop: int) -> str:
         first, last = start // self.shard_rows, (stop - 1) // self.shard_rows
@@ -224,10 +230,7 @@ class ActivationStore:
             if "checksum" not in str(e):
                 raise
             name = self.array_name if array is self.activations else "token_ids"
-            raise GspError(
-                f"corrupt data in store {self.path}: rows {start}..{stop - 1} failed their crc32c checksum "
-                f"(shard file {self._files(name, start, stop)}); restore the file or harvest again with --overwrite"
-            ) from None
+            raise self._checksum_error(name, start, stop) from None
 
     def ordinary_rows(
         self, limit: int, batch: int, part: tuple[int, int] = (0, 1), target: "ActivationStore | None" = None
