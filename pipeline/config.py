@@ -1,6 +1,9 @@
 """One definition per config: a dataclass whose field docs become `--help`.
 
-Precedence is defaults < config file < command-line flags. A config file is YAML,
+Precedence is defaults < config file < command-line flags. A field marked `sweep` takes a list
+(`--width 4096,16384` on the command line, `width: [4096, 16384]` in a file): `build_values` hands
+such fields over as lists, and a stage that sweeps expands them; `build_config` wants one value.
+A config file is YAML,
 either flat (`layer: 12`, like the original `configs/default.yaml`) or with one
 section per stage (`harvest:`, `fit:`, ...); section keys win over flat ones, and
 an `about:` section is free text for people. Unknown keys are an error, so a typo
@@ -24,14 +27,18 @@ from pipeline.paths import configs_dir
 STAGE_CONFIGS: dict[str, type] = {}
 
 
-def opt(default: Any, help: str, *, aliases: tuple[str, ...] = (), run_only: bool = False, path: bool = False) -> Any:
+def opt(
+    default: Any, help: str, *, aliases: tuple[str, ...] = (), run_only: bool = False, path: bool = False,
+    sweep: bool = False,
+) -> Any:  # fmt: skip
     """A config field: its default, the help text shown by --help, and old names accepted in files.
 
     `run_only`: the field steers a run (where to write, logging, device) without deciding what the
     artifact holds, so it may differ on resume. `path`: a local path, compared resolved (an absolute
-    and a relative spelling of one folder are the same setting).
+    and a relative spelling of one folder are the same setting). `sweep`: the field also takes a list
+    of values (see the module's docstring).
     """
-    meta = {"help": help, "aliases": aliases, "run_only": run_only, "path": path}
+    meta = {"help": help, "aliases": aliases, "run_only": run_only, "path": path, "sweep": sweep}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -155,13 +162,36 @@ def load_config_values(cls: type, name: str) -> dict[str, Any]:
             raise GspError(f"unknown key '{key}' in {path}; see `gsp <stage> --help` for the options")
         else:
             flat[key] = value
-    types_ = {f.name: f.type for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in [*flat.items(), *section.items()]:
         if key in own:
-            name_ = own[key]
-            values[name_] = _coerce(types_[name_], value, key)
+            f = fields[own[key]]
+            values[f.name] = _sweep_values(f, value, key) if f.metadata.get("sweep") else _coerce(f.type, value, key)
     return values
+
+
+def _sweep_values(f: dataclasses.Field, value: Any, key: str) -> list:
+    """A sweep field's values as a list: `4096,16384` (a flag, or a string in a file), a YAML list, or one value."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")]
+    values = value if isinstance(value, list) else [value]
+    if not values or "" in values:
+        raise GspError(f"{key} takes a value, or a list like 20,60,120; got {value!r}")
+    return [_parse(f.type, v, key) if isinstance(v, str) else _coerce(f.type, v, key) for v in values]
+
+
+def _parse(tp: Any, text: str, key: str) -> Any:
+    """One value of a field from its text (the command line hands sweep fields over as text)."""
+    base, optional = _unwrap_optional(tp)
+    if get_origin(base) is Literal:
+        if text not in get_args(base):
+            raise GspError(f"{key} is {text!r}; choose one of {', '.join(map(str, get_args(base)))}")
+        return text
+    try:
+        return base(text) if base in (int, float) else text
+    except ValueError:
+        raise GspError(f"{key} takes {base.__name__} values, or a list like 20,60,120; got {text!r}") from None
 
 
 def _field_names(cls: type) -> dict[str, str]:
@@ -174,15 +204,39 @@ def _field_names(cls: type) -> dict[str, str]:
     return names
 
 
-def build_config(cls: type, config: str | None, flags: dict[str, Any]) -> Any:
-    """defaults < config file < flags (a flag left unset is None and does not override)."""
+def build_values(cls: type, config: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """defaults < config file < flags (a flag left unset is None and does not override); a sweep
+    field's value is a list of one or more values."""
     values = load_config_values(cls, config) if config else {}
-    values.update({k: v for k, v in flags.items() if v is not None and v != []})  # an unset list flag is []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, v in flags.items():
+        if v is None or v == []:  # an unset list flag is []
+            continue
+        f = fields[name]
+        values[name] = _sweep_values(f, v, "--" + name.replace("_", "-")) if f.metadata.get("sweep") else v
+    return values
+
+
+def build_config(cls: type, config: str | None, flags: dict[str, Any]) -> Any:
+    """One config: defaults < config file < flags, every sweep field given one value."""
+    values = build_values(cls, config, flags)
+    for name, v in values.items():
+        if _is_sweep(cls, name) and isinstance(v, list):
+            if len(set(v)) > 1:
+                shown = ", ".join(map(str, v))
+                raise GspError(f"{name} takes one value here, got {shown} (a list sweeps in gsp {cls.section} only)")
+            values[name] = v[0]
     return cls(**values)
+
+
+def _is_sweep(cls: type, name: str) -> bool:
+    return any(f.name == name and f.metadata.get("sweep") for f in dataclasses.fields(cls))
 
 
 def _option(f: dataclasses.Field) -> inspect.Parameter:
     base, _ = _unwrap_optional(f.type)
+    if f.metadata.get("sweep"):
+        base = str  # one value, or a list that sweeps (parsed by build_values)
     help_ = f.metadata.get("help", "")
     shown = f.default if f.default is not dataclasses.MISSING else None
     help_ = f"{help_} (default: {shown})" if shown is not None else help_
@@ -196,10 +250,13 @@ def _option(f: dataclasses.Field) -> inspect.Parameter:
     )
 
 
-def command_from_config(app: typer.Typer, cls: type, run, *, name: str, extra: list[inspect.Parameter]):
+def command_from_config(
+    app: typer.Typer, cls: type, run, *, name: str, extra: list[inspect.Parameter], expand=None
+) -> Any:  # fmt: skip
     """Register `run(cfg, **extras)` as `gsp <name>`: `--config` plus one flag per field of `cls`.
 
-    `extra` are options that are not part of the config (secrets, actions like --overwrite).
+    `extra` are options that are not part of the config (secrets, actions like --overwrite). With
+    `expand`, run gets `expand(values)` instead: the stage's configs from values whose sweep fields are lists.
     """
     extra_names = [p.name for p in extra]
     config_param = inspect.Parameter(
@@ -215,7 +272,8 @@ def command_from_config(app: typer.Typer, cls: type, run, *, name: str, extra: l
     def command(**kwargs):
         with cli_errors():
             extras = {k: kwargs.pop(k) for k in extra_names}
-            cfg = build_config(cls, kwargs.pop("config"), kwargs)
+            config = kwargs.pop("config")
+            cfg = expand(build_values(cls, config, kwargs)) if expand else build_config(cls, config, kwargs)
             return run(cfg, **extras)
 
     params = [config_param, *(_option(f) for f in dataclasses.fields(cls)), *extra]

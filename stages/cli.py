@@ -18,7 +18,7 @@ from stages import fit as fit_stage
 from stages import harvest as harvest_stage
 from stages.evaluate import EvaluateConfig, run_evaluate
 from stages.features import FeaturesConfig, run_features
-from stages.fit import FitConfig, run_fit
+from stages.fit import FitConfig, run_sweep
 from stages.harvest import HarvestConfig, run_harvest
 from stages.run import RunConfig, run_all
 from stages.steer import SteerConfig, run_steer
@@ -76,17 +76,23 @@ command_from_config(
 RESUME = _flag("resume", bool, False, "Continue from the checkpoint in --out (same parameters).")
 
 
-def fit(cfg: FitConfig, *, resume: bool, smoke_test: bool) -> None:
+def fit(cfgs: list[FitConfig], *, resume: bool, smoke_test: bool) -> None:
     """Train a JumpReLU or TopK SAE, or a transcoder (--target-store), from a store; the model is never loaded.
 
-    Writes params.safetensors + config.json in Gemma Scope 2's format, scales folded in.
+    Writes params.safetensors + config.json in Gemma Scope 2's format, scales folded in. Lists sweep:
+    --width 4096,16384 --target-l0 20,60,120 fits all six SAEs from one read of the store.
     """
-    run_fit(fit_stage.smoke_config(cfg) if smoke_test else cfg, resume=resume)
+    if smoke_test:
+        if len(cfgs) > 1:
+            raise GspError("--smoke-test fits one SAE; give each option one value")
+        cfgs = [fit_stage.smoke_config(cfgs[0])]
+    run_sweep(cfgs, resume=resume)
 
 
 command_from_config(
-    app, FitConfig, fit, name="fit", extra=[RESUME, _smoke("Fit a few steps on a synthetic store of random rows")]
-)
+    app, FitConfig, fit, name="fit", extra=[RESUME, _smoke("Fit a few steps on a synthetic store of random rows")],
+    expand=fit_stage.sweep,
+)  # fmt: skip
 
 
 def evaluate(cfg: EvaluateConfig, *, token: str | None, smoke_test: bool) -> None:

@@ -15,6 +15,7 @@ there), the SAE's files are written into it, and it is renamed to `<out>` at the
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from pipeline import __version__, dist
 from pipeline.config import differences, opt, resolve_path, stage_config
-from pipeline.console import console, err_console, info
+from pipeline.console import console, err_console, info, warn
 from pipeline.errors import GspError
 from pipeline.faults import fault
 from pipeline.files import OutputLock, atomic_write_text, is_disk_full, save_tensors
@@ -61,19 +62,25 @@ class FitConfig:
         "Output folder (default: cache/saes/<store>[_<hook>][_to_<target hook>[_skip]]_<arch>_<width>).",
         run_only=True,
     )
-    arch: Literal["jumprelu", "topk"] = opt("jumprelu", "jumprelu (Gemma Scope) or topk (Llama Scope).")
-    width: int = opt(4096, "Number of latents F.", aliases=("d_sae",))
-    k: int = opt(60, "TopK: latents kept per token.")
-    sparsity_coeff: float = opt(1e-3, "JumpReLU: λ of the sparsity penalty (λ·L0, or the target-L0 penalty).")
-    target_l0: float | None = opt(None, "JumpReLU: aim at this L0 with λ·(2/T)·(L0 − T)² (Gemma Scope 2).")
+    arch: Literal["jumprelu", "topk"] = opt("jumprelu", "jumprelu (Gemma Scope) or topk (Llama Scope).", sweep=True)
+    width: int = opt(4096, "Number of latents F.", aliases=("d_sae",), sweep=True)
+    k: int = opt(60, "TopK: latents kept per token.", sweep=True)
+    sparsity_coeff: float = opt(
+        1e-3, "JumpReLU: λ of the sparsity penalty (λ·L0, or the target-L0 penalty).", sweep=True
+    )
+    target_l0: float | None = opt(None, "JumpReLU: aim at this L0 with λ·(2/T)·(L0 − T)² (Gemma Scope 2).", sweep=True)
     tokens: int = opt(1_474_560, "Training tokens (special-token rows excluded).")
     steps: int | None = opt(None, "Training steps; overrides --tokens.", aliases=("num_steps",))
     batch_size: int = opt(1024, "Rows per step.")
-    lr: float | None = opt(None, "Adam learning rate, betas (0, 0.999) (default: 1.75e-3 jumprelu, 1e-3 topk).")
-    lr_warmup_steps: int | None = opt(None, "Linear lr warm-up (default: 5 % of the steps, at most 1,000).")
-    lr_decay_steps: int | None = opt(None, "Linear lr decay to 0 over the last N steps (default: 20 % of the steps).")
+    lr: float | None = opt(
+        None, "Adam learning rate, betas (0, 0.999) (default: 1.75e-3 jumprelu, 1e-3 topk).", sweep=True
+    )
+    lr_warmup_steps: int | None = opt(None, "Linear lr warm-up (default: 5 % of the steps, at most 1,000).", sweep=True)
+    lr_decay_steps: int | None = opt(
+        None, "Linear lr decay to 0 over the last N steps (default: 20 % of the steps).", sweep=True
+    )
     sparsity_warmup_steps: int | None = opt(
-        None, "Linear warm-up of λ from 0 (default: 20 % of the steps, at most 10,000)."
+        None, "Linear warm-up of λ from 0 (default: 20 % of the steps, at most 10,000).", sweep=True
     )
     decoder: Literal["auto", "sparse", "dense"] = opt(
         "auto", "JumpReLU decoder work: auto is sparse on CPU once < 5 % of latents fire (dense on CUDA for now)."
@@ -82,20 +89,22 @@ class FitConfig:
         "auto", "Matmul precision of the step: auto is tf32 on CUDA and fp32 on CPU; bf16 runs the SAE's "
         "matmuls under bfloat16 autocast (weights, Adam and the loss stay float32).",
     )  # fmt: skip
-    bandwidth: float = opt(0.001, "JumpReLU: width ε of the straight-through rectangle kernel.")
-    theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).")
+    bandwidth: float = opt(0.001, "JumpReLU: width ε of the straight-through rectangle kernel.", sweep=True)
+    theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).", sweep=True)
     b_dec_init: Literal["mean", "zero"] = opt("mean", "Decoder bias at the data mean (fewer dead latents) or 0.")
     matryoshka: str | None = opt(
         None, "Matryoshka SAE: nested prefix sizes below --width, e.g. 128,512,2048; every prefix of the "
         "dictionary is trained to reconstruct too.",
     )  # fmt: skip
     freq_penalty: float = opt(
-        0.0, "JumpReLU: λ_f of the frequency penalty λ_f·Σ ω_i²/ω₀ on latents' firing rates ω (0: off).",
+        0.0, "JumpReLU: λ_f of the frequency penalty λ_f·Σ ω_i²/ω₀ on latents' firing rates ω (0: off).", sweep=True,
     )  # fmt: skip
-    freq_scale: float = opt(0.1, "JumpReLU: ω₀ of the frequency penalty (the firing rate it starts to bite at).")
-    aux_k: int = opt(512, "TopK: latents in the auxiliary loss that revives dead latents.")
-    aux_coeff: float = opt(0.125, "TopK: weight of the auxiliary loss.")
-    dead_tokens: int = opt(50_000, "A latent that has not fired for this many tokens counts as dead.")
+    freq_scale: float = opt(
+        0.1, "JumpReLU: ω₀ of the frequency penalty (the firing rate it starts to bite at).", sweep=True
+    )
+    aux_k: int = opt(512, "TopK: latents in the auxiliary loss that revives dead latents.", sweep=True)
+    aux_coeff: float = opt(0.125, "TopK: weight of the auxiliary loss.", sweep=True)
+    dead_tokens: int = opt(50_000, "A latent that has not fired for this many tokens counts as dead.", sweep=True)
     seed: int = opt(0, "Seed of the initialisation and of the shuffle.")
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N.", run_only=True)
     buffer_mib: float = opt(
@@ -219,41 +228,107 @@ def _remove_smoke_output(path: Path, marker: str) -> None:
     shutil.rmtree(path)
 
 
+# ------------------------------------------------------------------------------ sweeps
+# Options only one architecture reads: in a sweep over --arch they keep their defaults in the other
+# architecture's SAEs, so `--arch jumprelu,topk --target-l0 20,60 --k 20,60` is four SAEs, not eight.
+ARCH_ONLY = {
+    **dict.fromkeys(("k", "aux_k", "aux_coeff"), "topk"),
+    **dict.fromkeys(
+        ("target_l0", "sparsity_coeff", "bandwidth", "theta_init", "freq_penalty", "freq_scale"), "jumprelu"
+    ),
+}
+
+
+def sweep(values: dict) -> list[FitConfig]:
+    """One FitConfig per combination of the listed values (lists from pipeline.config.build_values).
+
+    Each SAE of a sweep of several is written to `<default output>_<option>_<value>…`, or with
+    --out DIR to `DIR/<arch>_<width>_<option>_<value>…`, naming the options that vary."""
+    lists = {k: v for k, v in values.items() if isinstance(v, list)}
+    varying = [k for k, v in lists.items() if len(set(v)) > 1]
+    defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
+    members: dict[tuple, tuple[FitConfig, str]] = {}  # (arch, width, suffix) -> (config, suffix)
+    for combo in itertools.product(*lists.values()):
+        v = {**values, **dict(zip(lists, combo, strict=True))}
+        cfg = FitConfig(**v)
+        for key, owner in ARCH_ONLY.items():
+            if owner != cfg.arch and ("arch" in varying or key in varying):
+                setattr(cfg, key, defaults[key])  # not this architecture's option
+        shown = [k for k in varying if k not in ("arch", "width") and ARCH_ONLY.get(k, cfg.arch) == cfg.arch]
+        suffix = "".join(f"_{k}_{_short(getattr(cfg, k))}" for k in shown)
+        members.setdefault((cfg.arch, cfg.width, suffix), (cfg, suffix))
+    if len(members) > 1:
+        for cfg, suffix in members.values():
+            if cfg.out:
+                cfg.out = str(Path(cfg.out) / f"{cfg.arch}_{cfg.width}{suffix}")
+            elif cfg.store:
+                cfg.out = f"{cfg.out_dir}{suffix}"
+    return [cfg for cfg, _ in members.values()]
+
+
+def _short(v) -> str:
+    """A value as a folder name shows it: 20 for 20.0, 0.001; exact (repr) where %g would round."""
+    return f"{v:g}" if isinstance(v, float) and float(f"{v:g}") == v else str(v)
+
+
 # ------------------------------------------------------------------------------ the stage
 def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     """Train, checkpoint, and write the SAE in Gemma Scope 2's format to cfg.out_dir."""
-    if not cfg.store:
+    return run_sweep([cfg], resume=resume)[0]
+
+
+def run_sweep(cfgs: list[FitConfig], *, resume: bool = False) -> list[Path]:
+    """Fit every SAE of a sweep from one read of the store: each batch goes through each SAE in turn.
+
+    Every SAE has its own output, work folder and checkpoints, and is what it would be fitted alone
+    with the same settings and seed (the stream depends only on the store, seed, batch and lanes,
+    which a sweep does not vary). Returns the output folders."""
+    first = cfgs[0]
+    if not first.store:
         raise GspError("--store is required: the path of a store written by gsp harvest")
-    store = ActivationStore.open(cfg.store)
+    store = ActivationStore.open(first.store)
     if store.hook.stats.count == 0:
-        raise GspError(f"store {cfg.store} has no statistics over non-special rows; is it empty?")
-    group = dist.setup(cfg.device)  # one process, or this process's share under torchrun
-    _precision(cfg.matmul, group.device)  # a wrong --matmul before any file is touched
-    out = cfg.out_dir
-    work = _work_dir(out)
-    with OutputLock(out, "gsp fit") if group.main else contextlib.nullcontext():
-        if dist.on_main(group, lambda: _check_output(out, work, resume)) == "saved":
-            dist.teardown(group)
-            return out
-        _fit(cfg, store, group, work, resume)
+        raise GspError(f"store {first.store} has no statistics over non-special rows; is it empty?")
+    outs = [c.out_dir for c in cfgs]
+    if len(set(outs)) < len(outs):
+        raise GspError("two SAEs of this sweep would be written to one folder; give each its own --out")
+    group = dist.setup(first.device)  # one process, or this process's share under torchrun
+    _precision(first.matmul, group.device)  # a wrong --matmul before any file is touched
+    with contextlib.ExitStack() as locks:
         if group.main:
-            _publish(work, out)
+            for out in outs:
+                locks.enter_context(OutputLock(out, "gsp fit"))
+        todo = dist.on_main(group, lambda: _check_outputs(cfgs, resume))
+        members = _fit([c for c in cfgs if c.out_dir in todo], todo, store, group) if todo else []
+        if group.main:
+            for m in members:
+                if not m.failed:
+                    _publish(_work_dir(m.cfg.out_dir), m.cfg.out_dir)
     dist.teardown(group)
-    return out
+    failed = [m.failed for m in members if m.failed]  # (a fit of one SAE raised already)
+    if failed:
+        raise GspError(f"{len(failed)} of the sweep's {len(cfgs)} SAEs stopped early, the others were saved: "
+                       + "; ".join(failed))  # fmt: skip
+    return outs
 
 
 def fit_or_reuse(cfg: FitConfig) -> Path:
     """Fit; or resume an interrupted fit; or keep an SAE already fitted with these settings (gsp run)."""
     out = cfg.out_dir
     if (out / "config.json").is_file():
-        saved = SAEConfig.from_json(read_json(out / "config.json"), out).fit_config
-        diffs = differences(saved, cfg, "the SAE") if saved is not None else ["it was not written by gsp fit"]
+        diffs = _saved_differences(cfg)
         if not diffs:
             info(f"{out} already holds an SAE fitted with these settings; keeping it")
             return out
         raise GspError(f"{out} holds an SAE fitted with other settings ({'; '.join(diffs)}); "
                        "move it away or set fit.out in the config")  # fmt: skip
     return run_fit(cfg, resume=(_work_dir(out) / "checkpoints" / "latest.json").is_file())
+
+
+def _saved_differences(cfg: FitConfig) -> list[str]:
+    """How the SAE saved at cfg.out_dir was fitted differently from cfg ([] when the same)."""
+    saved = SAEConfig.from_json(read_json(cfg.out_dir / "config.json"), cfg.out_dir).fit_config
+    return differences(saved, cfg, "the SAE") if saved is not None else ["it was not written by gsp fit"]
 
 
 def _work_dir(out: Path) -> Path:
@@ -266,24 +341,44 @@ def _record(cfg: FitConfig) -> dict:
     return {**dataclasses.asdict(cfg), "store": resolve_path(cfg.store), "target_store": resolve_path(cfg.target_store)}
 
 
-def _check_output(out: Path, work: Path, resume: bool) -> str:
-    """Rank 0: "train", or "saved" when an interrupted final save only needed its last rename."""
+def _check_outputs(cfgs: list[FitConfig], resume: bool) -> dict[Path, str]:
+    """Rank 0: the outputs still to train, each "resume" (from its checkpoint) or "train" (from the start).
+
+    With --resume, an SAE of the sweep already fitted with these settings is kept, one whose final save
+    only needed its last rename is finished, and one killed before its first checkpoint starts over."""
+    state = {c.out_dir: _output_state(c, resume) for c in cfgs}
+    if resume and "resume" not in state.values():
+        c = cfgs[0]
+        if "train" in state.values():
+            raise GspError(f"no checkpoint in {_work_dir(c.out_dir)} to resume from; run without --resume to start")
+        if "saved" not in state.values():
+            raise GspError(f"{c.out_dir} already holds an SAE; choose another --out (or move it away to fit again)")
+    for c in cfgs:
+        out, work = c.out_dir, _work_dir(c.out_dir)
+        if state[out] == "saved":
+            _publish(work, out)  # killed between the SAE's files and the rename: they are whole
+            info(f"finished saving the SAE of an interrupted fit to {out}")
+        elif state[out] == "train" and work.exists():
+            _clear_work(work)
+    return {out: s for out, s in state.items() if s in ("train", "resume")}
+
+
+def _output_state(cfg: FitConfig, resume: bool) -> str:
+    """ "done" (kept), "saved" (to publish), "resume" or "train"; or why this output cannot be fitted."""
+    out, work = cfg.out_dir, _work_dir(cfg.out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if (out / "config.json").is_file() and (out / "params.safetensors").is_file():
+            if resume and not _saved_differences(cfg):
+                return "done"
             raise GspError(f"{out} already holds an SAE; choose another --out (or move it away to fit again)")
         raise GspError(f"{out} exists and is not a gsp SAE folder; choose another --out (nothing was changed)")
     if (work / "config.json").is_file() and not (work / "checkpoints").exists():
-        _publish(work, out)  # killed between the SAE's files and the rename: they are whole
-        info(f"finished saving the SAE of an interrupted fit to {out}")
         return "saved"
-    resumable = (work / "checkpoints" / "latest.json").is_file()
-    if resume and not resumable:
-        raise GspError(f"no checkpoint in {work} to resume from; run without --resume to start")
-    if not resume and resumable:
-        raise GspError(f"{work} holds an interrupted fit of this output: add --resume to continue it, "
-                       "or move it away to start over")  # fmt: skip
-    if not resume and work.exists():
-        _clear_work(work)
+    if (work / "checkpoints" / "latest.json").is_file():
+        if not resume:
+            raise GspError(f"{work} holds an interrupted fit of this output: add --resume to continue it, "
+                           "or move it away to start over")  # fmt: skip
+        return "resume"
     return "train"
 
 
@@ -303,12 +398,60 @@ def _publish(work: Path, out: Path) -> None:
     fault("fit-published")
 
 
-def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, resume: bool) -> None:
-    device = group.device
-    target = ActivationStore.open(cfg.target_store) if cfg.target_store else None  # a transcoder's
+@dataclass
+class _Member:
+    """One SAE of a sweep (a plain fit is a sweep of one) and its training state."""
+
+    cfg: FitConfig
+    sae: SAE
+    opt: torch.optim.Optimizer
+    since_fired: torch.Tensor  # tokens since each latent last fired
+    finite: NonFinite
+    start: int = 0  # the step it resumes from: it sits out the stream's earlier batches
+    loader_state: LoaderState | None = None
+    density: float = 1.0  # share of latents active at the last log step; picks JumpReLU's decoder path
+    metrics: dict = dataclasses.field(default_factory=dict)
+    lr: float = 0.0  # this step's lr and λ
+    lam: float = 0.0
+    failed: str | None = None  # why it stopped early (a sweep goes on without it)
+
+    @property
+    def ckpt(self) -> Path:
+        return _work_dir(self.cfg.out_dir) / "checkpoints"
+
+
+def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, group: dist.Group) -> list[_Member]:
+    first, device = cfgs[0], group.device
+    target = ActivationStore.open(first.target_store) if first.target_store else None  # a transcoder's
     out = target or store
     # unit-scaled inputs (and targets): E‖x·s‖² = 1, E‖y·t‖² = 1
     scales = (1.0 / math.sqrt(store.hook.stats.mean_sq_norm), 1.0 / math.sqrt(out.hook.stats.mean_sq_norm))
+    members = [_member(cfg, store, out, scales, device, todo[cfg.out_dir] == "resume") for cfg in cfgs]
+    start = min(m.start for m in members)  # the stream starts where the furthest-behind SAE stopped
+    loader = ShuffledLoader(
+        store, first.batch_size, seed=first.seed, buffer_mib=first.buffer_mib, device=device,
+        scales=scales if target else scales[:1], part=(group.rank, group.world), lanes=first.lanes, target=target,
+        state=next(m.loader_state for m in members if m.start == start),
+    )  # fmt: skip
+    if group.world > 1 and group.main:
+        share, lanes = first.batch_size // group.world, loader.lanes
+        info(
+            f"{group.world} processes, {share:,} rows each of every {first.batch_size:,}-row batch, "
+            f"each reading {lanes // group.world} of the store's {lanes} loader lanes"
+        )
+    if len(members) > 1 and group.main:
+        info(f"{len(members)} SAEs from one read of {first.store}, each batch through each")
+    logger = _wandb(cfgs) if first.wandb and group.main else None
+    _train(members, loader, start, group, logger)
+    if group.main:
+        for m in members:
+            if not m.failed:
+                _save(m.cfg, store, target, m.sae, scales, m.metrics, _work_dir(m.cfg.out_dir))
+    return members
+
+
+def _member(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales, device, resume: bool) -> _Member:
+    """A fresh SAE (Gemma Scope 2's initialisation, seeded), or the one in its checkpoint."""
     sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k, d_out=out.d_in, skip=cfg.skip).init_gemma_scope(
         torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
     )
@@ -317,29 +460,11 @@ def _fit(cfg: FitConfig, store: ActivationStore, group: dist.Group, work: Path, 
             sae.b_dec.copy_(torch.tensor(out.hook.stats.mean) * scales[1])
     sae.to(device)
     opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(0.0, 0.999))
-    since_fired = torch.zeros(cfg.width, dtype=torch.int64, device=device)
-    # density: share of latents active at the last log step; picks JumpReLU's decoder path
-    start_step, loader_state, density = 0, None, 1.0
-    ckpt = work / "checkpoints"
+    m = _Member(cfg, sae, opt_, torch.zeros(cfg.width, dtype=torch.int64, device=device), NonFinite(device))
     if resume:
-        start_step, loader_state, density = _load_checkpoint(ckpt, cfg, sae, opt_, since_fired)
-        info(f"resuming from step {start_step:,} of {cfg.total_steps:,}")
-
-    loader = ShuffledLoader(
-        store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, device=device,
-        scales=scales if target else scales[:1], state=loader_state, part=(group.rank, group.world),
-        lanes=cfg.lanes, target=target,
-    )  # fmt: skip
-    if group.world > 1 and group.main:
-        share, lanes = cfg.batch_size // group.world, loader.lanes
-        info(
-            f"{group.world} processes, {share:,} rows each of every {cfg.batch_size:,}-row batch, "
-            f"each reading {lanes // group.world} of the store's {lanes} loader lanes"
-        )
-    logger = _wandb(cfg) if cfg.wandb and group.main else None
-    last = _train(cfg, sae, opt_, loader, since_fired, start_step, density, group, ckpt, logger)
-    if group.main:
-        _save(cfg, store, target, sae, scales, last, work)
+        m.start, m.loader_state, m.density = _load_checkpoint(m.ckpt, cfg, sae, opt_, m.since_fired)
+        info(f"{cfg.out_dir.name}: resuming from step {m.start:,} of {cfg.total_steps:,}")
+    return m
 
 
 def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
@@ -354,55 +479,70 @@ def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
     return lr, lam
 
 
-def _train(cfg, sae, opt_, loader, since_fired, start_step, density, group, ckpt, logger) -> dict:
+def _train(members: list[_Member], loader, start: int, group, logger) -> None:
+    """The loop: each batch of the stream through each SAE that is at that step; logs, checks, checkpoints."""
+    first = members[0].cfg
     paired = loader.target is not None  # a transcoder's batches: input columns, then the target's
-    n = cfg.total_steps
-    metrics: dict = {}
-    t0, tokens_at_t0 = time.perf_counter(), start_step * cfg.batch_size
+    n, every = first.total_steps, first.checkpoint_every
+    t0 = time.perf_counter()
     batches = iter(loader)
-    finite = NonFinite(group.device)
-    with contextlib.closing(batches), _display(group.main) as live, _matmul(cfg.matmul, group.device) as autocast:
-        task = live.add_task("fit", total=n, completed=start_step, metrics="")
-        for step_ in range(start_step, n):
-            lr, lam = _schedule(cfg, step_)
-            for pg in opt_.param_groups:
-                pg["lr"] = lr
-            x, y = _split(next(batches), sae, paired)  # unit-scaled by the loader, on the device
-
-            # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
-            cpu = group.device.type == "cpu"
-            sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and density < 0.05)
-            sparse = sparse and not cfg.prefixes  # Matryoshka's nested prefixes decode densely
-            loss = train_step(sae, opt_, x, cfg.objective, lam=lam, since_fired_F=since_fired,
-                              dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y,
-                              autocast=autocast)  # fmt: skip
+    with contextlib.closing(batches), _display(group.main) as live, _matmul(first.matmul, group.device) as autocast:
+        tasks = [live.add_task(_name(m, members), total=n, completed=m.start, metrics="") for m in members]
+        for step_ in range(start, n):
+            batch = next(batches)
             done = step_ + 1
-            finite.update(done, loss.total)
-
-            if done % cfg.log_every == 0 or done == n:
-                _stop_if_not_finite(finite, cfg, ckpt)
-                tok_s = (done * cfg.batch_size - tokens_at_t0) / (time.perf_counter() - t0)
-                # averaged over processes (FVU as the mean of the shares' FVUs): the same on every process
-                f, x_hat = loss.f_BF, loss.x_hat_BD.detach()
-                truth = x if y is None else y
-                logged = torch.stack([loss.total.detach(), l0(f), fvu(truth, x_hat).float(), (f != 0).float().mean()])
-                dist.mean_(group, [logged])
-                loss_, l0_, fvu_, density = logged.tolist()
-                metrics = {"step": done, "loss": loss_, "l0": l0_, "fvu": fvu_,
-                           "dead": dead_fraction(since_fired, cfg.dead_tokens), "lr": lr, "lambda": lam,
-                           "tok_s": tok_s}  # fmt: skip
-                live.update(task, completed=done, metrics=_line(metrics))
-                if logger:
-                    logger.log(metrics, step=done)
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < n:
-                _stop_if_not_finite(finite, cfg, ckpt)
+            active = [m for m in members if m.start <= step_ and not m.failed]
+            for m in active:
+                loss, truth = _step(m, batch, step_, paired, group, autocast)
+                if done % m.cfg.log_every == 0 or done == n:
+                    _log(m, loss, truth, done, group, (time.perf_counter() - t0, (done - start) * first.batch_size))
+                    live.update(tasks[members.index(m)], completed=done, metrics=_line(m.metrics))
+                    if logger:
+                        logger.log({f"{_name(m, members)}/{k}" if len(members) > 1 else k: v
+                                    for k, v in m.metrics.items()}, step=done)  # fmt: skip
+                    _check_finite(m, members)
+            if every and done % every == 0 and done < n and active:
                 position = LoaderState.merge(dist.gather(group, loader.state))  # every process's lanes
+                for m in active:
+                    _check_finite(m, members)
+                    if group.main and not m.failed:
+                        _save_checkpoint(m.ckpt, m.cfg, m.sae, m.opt, m.since_fired, done, position, m.density)
                 if group.main:
-                    _save_checkpoint(ckpt, cfg, sae, opt_, since_fired, done, position, density)
                     fault("fit-checkpoint-saved")
                 dist.barrier(group)
-    _stop_if_not_finite(finite, cfg, ckpt)
-    return metrics
+    for m in members:
+        _check_finite(m, members)
+
+
+def _step(m: _Member, batch: torch.Tensor, step_: int, paired: bool, group, autocast):
+    """One training step of one SAE on the shared batch (read, never written); (its loss, the rows it reconstructs)."""
+    cfg = m.cfg
+    lr, lam = _schedule(cfg, step_)
+    for pg in m.opt.param_groups:
+        pg["lr"] = lr
+    x, y = _split(batch, m.sae, paired)  # unit-scaled by the loader, on the device
+    # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
+    cpu = group.device.type == "cpu"
+    sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and m.density < 0.05)
+    sparse = sparse and not cfg.prefixes  # Matryoshka's nested prefixes decode densely
+    loss = train_step(m.sae, m.opt, x, cfg.objective, lam=lam, since_fired_F=m.since_fired,
+                      dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y,
+                      autocast=autocast)  # fmt: skip
+    m.finite.update(step_ + 1, loss.total)
+    m.lr, m.lam = lr, lam
+    return loss, (x if y is None else y)
+
+
+def _log(m: _Member, loss, truth: torch.Tensor, done: int, group, elapsed: tuple[float, int]) -> None:
+    """The live metrics, averaged over processes (FVU as the mean of the shares' FVUs): the same on every process."""
+    f, x_hat = loss.f_BF, loss.x_hat_BD.detach()
+    logged = torch.stack([loss.total.detach(), l0(f), fvu(truth, x_hat).float(), (f != 0).float().mean()])
+    dist.mean_(group, [logged])
+    loss_, l0_, fvu_, m.density = logged.tolist()
+    seconds, rows = elapsed
+    m.metrics = {"step": done, "loss": loss_, "l0": l0_, "fvu": fvu_,
+                 "dead": dead_fraction(m.since_fired, m.cfg.dead_tokens), "lr": m.lr, "lambda": m.lam,
+                 "tok_s": rows / seconds}  # fmt: skip
 
 
 def _precision(matmul: str, device: torch.device) -> str:
@@ -432,14 +572,23 @@ def _split(batch: torch.Tensor, sae: SAE, paired: bool):
     return batch[:, : sae.d_in], batch[:, sae.d_in :]
 
 
-def _stop_if_not_finite(finite: NonFinite, cfg: FitConfig, ckpt: Path) -> None:
-    bad = finite.step()
-    if bad is None:
+def _check_finite(m: _Member, members: list[_Member]) -> None:
+    """Stop a fit whose loss became NaN or infinite; in a sweep, only that SAE stops (its last checkpoint kept)."""
+    bad = m.finite.step()
+    if bad is None or m.failed:
         return
-    kept = _latest_step(ckpt)
+    kept = _latest_step(m.ckpt)
     then = f"; the checkpoint at step {kept:,} is kept (--resume continues from it)" if kept else ""
-    raise GspError(f"the loss became NaN or infinite at step {bad:,} (lr {cfg.learning_rate:g}): lower --lr "
-                   f"(or check the store's values); nothing was saved{then}")  # fmt: skip
+    why = (f"the loss became NaN or infinite at step {bad:,} (lr {m.cfg.learning_rate:g}): lower --lr "
+           f"(or check the store's values); nothing was saved{then}")  # fmt: skip
+    if len(members) == 1:
+        raise GspError(why)
+    m.failed = f"{m.cfg.out_dir.name}: {why}"
+    warn(m.failed)
+
+
+def _name(m: _Member, members: list[_Member]) -> str:
+    return m.cfg.out_dir.name if len(members) > 1 else "fit"
 
 
 def _line(m: dict) -> str:
@@ -602,9 +751,11 @@ def _save(cfg, store: ActivationStore, target, sae: SAE, scales, final: dict, wo
     console.print(f"saved the SAE to [bold]{cfg.out_dir}[/] ({_line(final)})", highlight=False)
 
 
-def _wandb(cfg: FitConfig):
+def _wandb(cfgs: list[FitConfig]):
+    """One W&B run; a sweep's SAEs log under their folder names."""
     try:
         import wandb
     except ImportError:
         raise GspError("--wandb needs the wandb package: pip install wandb") from None
-    return wandb.init(project="gsp", config=dataclasses.asdict(cfg))
+    config = {c.out_dir.name: dataclasses.asdict(c) for c in cfgs} if len(cfgs) > 1 else dataclasses.asdict(cfgs[0])
+    return wandb.init(project="gsp", config=config)

@@ -24,7 +24,7 @@ def _raise(error: BaseException):
 
 # every kind of CLI command: a config-built stage (fit, evaluate), the main job (run), a plain command (info)
 COMMANDS = [
-    ("run_fit", ["fit", "--store", "/no/store"]),
+    ("run_sweep", ["fit", "--store", "/no/store"]),
     ("run_evaluate", ["evaluate", "--sae", "/no/sae"]),
     ("run_all", ["run"]),
     ("info", ["info", "/no/store"]),
