@@ -47,40 +47,14 @@ class DeltaLoss:
     ) -> None:
         """Score one batch of contexts (token ids on the model's device). For a transcoder, `source` is
         the point it reads (the MLP's input) and (layer, site) the one its prediction replaces."""
-
-        def spliced(special_BS1):
-            def fn(src, acts):
-                x_hat = sae(src.reshape(-1, src.shape[-1]).float()).x_hat_BD.reshape(acts.shape)
-                return torch.where(special_BS1, acts, x_hat.to(acts.dtype))
-
-            return splice_from(model, source or (layer, site), (layer, site), fn)
-
-        def zeroed(special_BS1):
-            return splice(model, layer, site, lambda acts: torch.where(special_BS1, acts, torch.zeros_like(acts)))
-
-        self.run_with(model, ids_BS, special_ids, spliced, zeroed)
+        run_many([self], model, [sae], ids_BS, layer, site, special_ids, source)
 
     @torch.no_grad()
     def run_with(self, model: torch.nn.Module, ids_BS: torch.Tensor, special_ids: list[int], replaced, zeroed) -> None:
         """Score one batch of contexts; `replaced(special_BS1)` and `zeroed(special_BS1)` are context
         managers under which the model runs with its activations replaced by the reconstruction, and
         zero-ablated (special-token positions, True in special_BS1, kept as they are)."""
-        special_BS1 = torch.isin(ids_BS, torch.tensor(special_ids, device=ids_BS.device))[..., None]
-        mask = prediction_mask(ids_BS, special_ids)
-        targets = ids_BS[:, 1:]
-        logp_clean = _log_probs(model, ids_BS)
-        ce_clean = -logp_clean.gather(-1, targets[..., None])[..., 0]
-        with replaced(special_BS1):
-            logp = _log_probs(model, ids_BS)
-        ce_spliced = -logp.gather(-1, targets[..., None])[..., 0]
-        kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
-        del logp, logp_clean
-        with zeroed(special_BS1):
-            logp = _log_probs(model, ids_BS)
-        ce_zero = -logp.gather(-1, targets[..., None])[..., 0]
-        m = mask.double()
-        sums = [m.sum(1)] + [(v.double() * m).sum(1) for v in (ce_clean, ce_spliced, ce_zero, kl)]
-        self.rows.append(torch.stack(sums, 1).cpu())
+        score([self], model, ids_BS, special_ids, [replaced], zeroed)
 
     def merge(self, other: "DeltaLoss") -> "DeltaLoss":
         self.rows += other.rows
@@ -106,6 +80,53 @@ class DeltaLoss:
             "loss_recovered": (ce_z - ce_s) / gap if gap else math.nan,
             "kl_clean_spliced": kl / n,
         }
+
+
+@torch.no_grad()
+def run_many(accs: list[DeltaLoss], model, saes: list[SAE], ids_BS, layer: int, site: str, special_ids, source=None):
+    """DeltaLoss.run for several SAEs of one hook point: one clean and one zero-ablated pass for all of
+    them, then one spliced pass each (`accs[i]` scores `saes[i]`)."""
+
+    def spliced(sae):
+        def replaced(special_BS1):
+            def fn(src, acts):
+                x_hat = sae(src.reshape(-1, src.shape[-1]).float()).x_hat_BD.reshape(acts.shape)
+                return torch.where(special_BS1, acts, x_hat.to(acts.dtype))
+
+            return splice_from(model, source or (layer, site), (layer, site), fn)
+
+        return replaced
+
+    def zeroed(special_BS1):
+        return splice(model, layer, site, lambda acts: torch.where(special_BS1, acts, torch.zeros_like(acts)))
+
+    score(accs, model, ids_BS, special_ids, [spliced(sae) for sae in saes], zeroed)
+
+
+@torch.no_grad()
+def score(accs: list[DeltaLoss], model, ids_BS: torch.Tensor, special_ids: list[int], replaced: list, zeroed) -> None:
+    """One batch of contexts: clean and zero-ablated once, then under each of `replaced` (context
+    managers, see DeltaLoss.run_with), scored into the matching accumulator of `accs`."""
+    special_BS1 = torch.isin(ids_BS, torch.tensor(special_ids, device=ids_BS.device))[..., None]
+    mask = prediction_mask(ids_BS, special_ids)
+    m = mask.double()
+    targets = ids_BS[:, 1:]
+
+    def ce(logp):
+        return -logp.gather(-1, targets[..., None])[..., 0]
+
+    with zeroed(special_BS1):
+        ce_zero = ce(_log_probs(model, ids_BS))
+    logp_clean = _log_probs(model, ids_BS)
+    ce_clean = ce(logp_clean)
+    for acc, replace in zip(accs, replaced, strict=True):
+        with replace(special_BS1):
+            logp = _log_probs(model, ids_BS)
+        ce_spliced = ce(logp)
+        kl = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+        del logp
+        sums = [m.sum(1)] + [(v.double() * m).sum(1) for v in (ce_clean, ce_spliced, ce_zero, kl)]
+        acc.rows.append(torch.stack(sums, 1).cpu())
 
 
 def _log_probs(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:

@@ -189,7 +189,14 @@ def _trim(counts: list[int]) -> list[int]:
 @torch.no_grad()
 def reconstruction(sae, store, tokens: int, batch_size: int, group=None, target=None) -> dict:
     """`Running` metrics of an SAE over the first `tokens` ordinary rows of a store (all, if fewer);
-    for a transcoder, of its prediction of `target` (the same rows at its output hook point).
+    for a transcoder, of its prediction of `target` (the same rows at its output hook point)."""
+    return reconstructions([sae], store, tokens, batch_size, group, target)[0]
+
+
+@torch.no_grad()
+def reconstructions(saes: list, store, tokens: int, batch_size: int, group=None, target=None) -> list[dict]:
+    """`reconstruction` of several SAEs of one hook point from one read of the store: each batch of
+    rows goes through every SAE.
 
     Under torchrun each process reads and measures only its share of the rows (pipeline.store's
     `ordinary_rows` with a part); the sums are then merged, giving the one-process figures."""
@@ -199,25 +206,31 @@ def reconstruction(sae, store, tokens: int, batch_size: int, group=None, target=
 
     group = group or dist.Group()
     C, device = store.context_size, group.device
-    run = Running((target or store).d_in, sae.width, C, device)
+    runs = [Running((target or store).d_in, sae.width, C, device) for sae in saes]
     with progress("tok", show=group.main) as bar:
-        task = bar.add_task("reconstruction", total=min(tokens, store.rows_written))
+        what = "reconstruction" + (f" ({len(saes)} SAEs)" if len(saes) > 1 else "")
+        task = bar.add_task(what, total=min(tokens, store.rows_written))
         for rows in store.ordinary_rows(tokens, batch_size, part=(group.rank, group.world), target=target):
             x = torch.from_numpy(rows[0]).to(device)
             truth = x if target is None else torch.from_numpy(rows[1]).to(device)
-            out = sae(x)
-            run.update(truth, out.x_hat_BD, out.f_BF, torch.from_numpy(rows[-1] % C).to(device))
-            bar.update(task, completed=run.n * group.world)
-    shares = dist.gather(group, run.to("cpu"))
-    run = shares[0]
-    for other in shares[1:]:
-        run.merge(other)
-    if run.n < 2:
-        raise GspError(f"store {store.path} has fewer than 2 ordinary tokens to measure on")
-    result = run.result()
-    result["_frequency"] = run.frequencies()
-    result["dense_threshold"] = DENSE_FREQUENCY
-    return result
+            pos = torch.from_numpy(rows[-1] % C).to(device)
+            for sae, run in zip(saes, runs, strict=True):
+                out = sae(x)
+                run.update(truth, out.x_hat_BD, out.f_BF, pos)
+            bar.update(task, completed=runs[0].n * group.world)
+    results = []
+    for run in runs:
+        shares = dist.gather(group, run.to("cpu"))
+        run = shares[0]
+        for other in shares[1:]:
+            run.merge(other)
+        if run.n < 2:
+            raise GspError(f"store {store.path} has fewer than 2 ordinary tokens to measure on")
+        result = run.result()
+        result["_frequency"] = run.frequencies()
+        result["dense_threshold"] = DENSE_FREQUENCY
+        results.append(result)
+    return results
 
 
 @torch.no_grad()

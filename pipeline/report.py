@@ -18,6 +18,8 @@ from pipeline.console import console
 
 JSON_FORMAT = "gsp-evaluation"
 JSON_FORMAT_VERSION = 1
+SET_FORMAT = "gsp-evaluation-set"  # several SAEs of one hook point, compared (write_many)
+SET_FORMAT_VERSION = 1
 
 
 def write(results: dict, freq_F: torch.Tensor, folder: Path) -> Path:
@@ -153,16 +155,22 @@ def markdown(r: dict) -> str:
         "",
         "## Definitions",
         "",
-        "Rows holding BOS, EOS or PAD are excluded from every figure. FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² with x̄ the "
-        "per-dimension mean of the measured tokens; explained variance = 1 − FVU; MSE is per element; a dead "
-        "latent never fired on the measured tokens; error by position = mean ‖x − x̂‖² at that position / mean "
-        "‖x − x̄‖² over all tokens. The delta loss re-runs the model on the store's first contexts: clean, with "
-        "x̂ spliced in at the hook and with zeros there (special-token positions keep their activation); a "
-        "prediction counts when neither the token it is made from nor the token it predicts is special. Loss "
-        "recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean); the ± is the standard error over contexts.",
+        DEFINITIONS,
         "",
     ]
     return "\n".join(lines)
+
+
+DEFINITIONS = (
+    "Rows holding BOS, EOS or PAD are excluded from every figure. FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² with x̄ the "
+    "per-dimension mean of the measured tokens; explained variance = 1 − FVU; MSE is per element; a dead "
+    "latent never fired on the measured tokens; a dense one fired on more than 10 % of them; error by position = "
+    "mean ‖x − x̂‖² at that position / mean ‖x − x̄‖² over all tokens. The delta loss re-runs the model on the "
+    "store's first contexts: clean, with x̂ spliced in at the hook and with zeros there (special-token positions "
+    "keep their activation); a prediction counts when neither the token it is made from nor the token it "
+    "predicts is special. Loss recovered = (CE_zero − CE_spliced) / (CE_zero − CE_clean); the ± is the standard "
+    "error over contexts."
+)
 
 
 def _quantile(counts: list[int], q: float) -> int:
@@ -218,4 +226,154 @@ def _plots(r: dict, freq_F: torch.Tensor, folder: Path, stem: str) -> list[str]:
     ax2.plot([p for p, _ in l0s], [v for _, v in l0s], color="#66ccee", alpha=0.7)
     ax2.set_ylabel("L0", color="#3399bb")
     save(fig, "position_error")
+    return names
+
+
+# ------------------------------------------------------------------------------ several SAEs
+def write_many(results: list[dict], freqs: list[torch.Tensor], folder: Path) -> Path:
+    """The comparison of several SAEs of one hook point: a terminal table, reports/report_<timestamp>.md
+    and .json (format gsp-evaluation-set: each SAE's figures as a single report holds them, under
+    `evaluations`), the frontier plots and the SAEs' feature densities; returns the Markdown path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    stem = free_stem(folder, f"report_{now:%Y%m%d-%H%M%S}")
+    labels = _labels([r["sae"]["source"] for r in results])
+    doc = {"format": SET_FORMAT, "format_version": SET_FORMAT_VERSION, "created_at": now.isoformat(),
+           "evaluations": [{"label": label, **r} for label, r in zip(labels, results, strict=True)]}  # fmt: skip
+    plots = _frontier_plots(doc["evaluations"], freqs, folder, stem)
+    doc["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
+    atomic_write(folder / f"{stem}.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    atomic_write(folder / f"{stem}.md", markdown_many(doc))
+    console.print(table_many(doc))
+    console.print(f"report: [bold]{folder / stem}.md[/] (+ .json, {len(plots)} plots)", highlight=False)
+    return folder / f"{stem}.md"
+
+
+def _labels(sources: list[str]) -> list[str]:
+    """Each SAE's folder name, or its whole source where two folder names are the same."""
+    names = [source.rstrip("/").rsplit("/", 1)[-1] for source in sources]
+    return [n if names.count(n) == 1 else src for n, src in zip(names, sources, strict=True)]
+
+
+def _kind(e: dict) -> str:
+    """How the plots tell architectures apart: JumpReLU / TopK (transcoder)."""
+    name = {"jumprelu": "JumpReLU", "topk": "TopK"}.get(e["sae"]["architecture"], e["sae"]["architecture"])
+    return name + (" transcoder" if e["sae"]["transcoder"] else "")
+
+
+def _cells(e: dict) -> list[str]:
+    """One SAE's row: label, architecture, width, L0, FVU, dead, dense, delta loss, loss recovered, KL."""
+    rec, d, s = e["reconstruction"], e["delta_loss"], e["sae"]
+    arch = _kind(e) + (f" k={s['k']}" if s["k"] else "")
+    lm = d and d.get("predictions")
+    return [
+        e["label"], arch, f"{s['width']:,}", f"{rec['l0']:.1f}", f"{rec['fvu']:.4f}",
+        f"{rec['dead_features']:,} ({100 * rec['dead_fraction']:.1f} %)", f"{rec['dense_features']:,}",
+        f"{d['delta_loss']:.4f} ± {_fmt(d['delta_loss_stderr'], '.4f')}" if lm else "n/a",
+        _fmt(d["loss_recovered"]) if lm else "n/a", _fmt(d["kl_clean_spliced"]) if lm else "n/a",
+    ]  # fmt: skip
+
+
+HEADER = ["SAE", "architecture", "width", "L0", "FVU", "dead", "dense", "delta loss", "loss recovered", "KL"]
+
+
+def table_many(doc: dict) -> Table:
+    """The terminal's narrower table: the Markdown's columns less width and KL, in short form."""
+    first = doc["evaluations"][0]
+    t = Table(title=f"gsp evaluate · {len(doc['evaluations'])} SAEs on {first['store']['path']}", title_justify="left")
+    for h in ("SAE", "arch", "L0", "FVU", "dead", "dense", "Δ loss", "recovered"):
+        t.add_column(h, overflow="fold")
+    for e in doc["evaluations"]:
+        label, arch, _, l0, fvu, dead, dense, delta, recovered, _ = _cells(e)
+        t.add_row(label, arch, l0, fvu, dead.split(" ")[0], dense, delta.replace(" ± ", "±"), recovered)
+    return t
+
+
+def markdown_many(doc: dict) -> str:
+    es = doc["evaluations"]
+    first = es[0]
+    st, m, rec = first["store"], first["model"], first["reconstruction"]
+    d = first["delta_loss"]
+    lines = [
+        f"# SAE comparison — {len(es)} SAEs of `{st['hook_point']}`",
+        "",
+        f"- **Store**: `{st['path']}` — {st['model']} ({st['model_revision']}), {rec['tokens']:,} ordinary tokens "
+        "measured for every SAE",
+        f"- **Delta loss**: {m['name']} ({m['revision']}) on {m['device']} in {m['dtype']} re-run on {d['tokens']:,} "
+        "tokens: one clean and one zero-ablated pass, shared, and one spliced pass per SAE"
+        if m and d
+        else "- **Delta loss**: not run (`--no-delta-loss`)",
+        f"- Written by gsp {first['gsp_version']} at {doc['created_at']}",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+        *("| " + " | ".join(_cells(e)) + " |" for e in es),
+        "",
+        "## Plots",
+        "",
+        *(f"![{p}]({p})" for p in doc["files"]["plots"]),
+        "",
+        "## Definitions",
+        "",
+        DEFINITIONS,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _frontier_plots(es: list[dict], freqs: list[torch.Tensor], folder: Path, stem: str) -> list[str]:
+    """L0 vs FVU and L0 vs delta loss, one point per SAE (colour: architecture; marker: width; a line
+    joins the SAEs of one architecture and width in L0 order); and every SAE's feature density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    kinds = list(dict.fromkeys(_kind(e) for e in es))
+    widths = sorted({e["sae"]["width"] for e in es})
+    colours, markers = ["#4477aa", "#ee6677", "#228833", "#ccbb44", "#aa3377", "#66ccee"], "osD^vP*X"
+
+    def frontier(metric: str, value, err, ylabel: str) -> None:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for i, kind in enumerate(kinds):
+            for j, width in enumerate(widths):
+                pts = sorted((e["reconstruction"]["l0"], value(e), err(e), e["label"]) for e in es
+                             if _kind(e) == kind and e["sae"]["width"] == width and value(e) is not None)  # fmt: skip
+                if not pts:
+                    continue
+                xs, ys, es_, labels = zip(*pts, strict=True)
+                ax.errorbar(xs, ys, yerr=es_ if any(v for v in es_) else None, color=colours[i % len(colours)],
+                            marker=markers[j % len(markers)], capsize=3, label=f"{kind}, width {width:,}")  # fmt: skip
+                if len(es) <= 12:
+                    for x, y, label in zip(xs, ys, labels, strict=True):
+                        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set(xlabel="L0 (active latents per token)", ylabel=ylabel, title=f"L0 vs {ylabel}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        fig.savefig(folder / f"{stem}_{metric}.png", dpi=110)
+        plt.close(fig)
+        names.append(f"{stem}_{metric}.png")
+
+    frontier("l0_fvu", lambda e: e["reconstruction"]["fvu"], lambda e: 0.0, "FVU")
+    if any(e["delta_loss"] and e["delta_loss"].get("predictions") for e in es):
+        ok = lambda e: e["delta_loss"] and e["delta_loss"].get("predictions")  # noqa: E731
+        frontier("l0_delta_loss", lambda e: e["delta_loss"]["delta_loss"] if ok(e) else None,
+                 lambda e: (e["delta_loss"]["delta_loss_stderr"] or 0.0) if ok(e) else 0.0, "delta loss")  # fmt: skip
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for e, freq in zip(es, freqs, strict=True):
+        alive = freq[freq > 0].log10().numpy()
+        ax.hist(
+            alive, bins=e["reconstruction"]["frequency_histogram"]["log10_edges"], histtype="step", label=e["label"]
+        )
+    ax.axvline(math.log10(es[0]["reconstruction"]["dense_threshold"]), color="#cc6677", ls="--", label="dense")
+    ax.set(xlabel="log10 firing frequency", ylabel="latents", title="Feature density (dead latents not shown)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(folder / f"{stem}_feature_density.png", dpi=110)
+    plt.close(fig)
+    names.append(f"{stem}_feature_density.png")
     return names

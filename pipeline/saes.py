@@ -111,6 +111,22 @@ def sae_folder(spec: str, *, revision: str | None = None, token: str | None = No
     return path.parent if path.is_file() else path
 
 
+def sae_sources(specs: list[str]) -> list[str]:
+    """The SAEs named by `specs`, a local folder of SAE folders (a sweep's --out, a release's
+    resid_post/) standing for each SAE folder in it, in name order."""
+    out = []
+    for spec in specs:
+        path = Path(spec).expanduser()
+        if path.is_dir() and not any((path / name).is_file() for name in (*SAE_FILES, "params_layer_0.safetensors")):
+            inside = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.endswith(".partial")
+                            and any((p / n).is_file() for n in SAE_FILES))  # fmt: skip
+            if inside:
+                out += [str(p) for p in inside]
+                continue
+        out.append(spec)
+    return list(dict.fromkeys(out))
+
+
 def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
     """An SAE from a local folder (or a file in it) or a Hub path `owner/repo/sub/folder`."""
     path = sae_folder(spec, revision=revision, token=token)

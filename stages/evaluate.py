@@ -24,10 +24,10 @@ from pipeline.config import opt, stage_config
 from pipeline.console import info, progress, warn
 from pipeline.errors import GspError
 from pipeline.lm_loss import DeltaLoss
-from pipeline.metrics import clt_reconstruction, reconstruction
+from pipeline.metrics import clt_reconstruction, reconstruction, reconstructions
 from pipeline.models import rerun_model
 from pipeline.paths import cache_dir
-from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store, sae_folder
+from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store, sae_folder, sae_sources
 from pipeline.store import ActivationStore
 from pipeline.store.reader import same_rows
 
@@ -35,10 +35,12 @@ from pipeline.store.reader import same_rows
 @stage_config("evaluate")
 @dataclass
 class EvaluateConfig:
-    sae: str | None = opt(
+    sae: list[str] | None = opt(
         None,
         "SAE: a gsp fit folder, a Gemma Scope 2, Gemma Scope or Llama Scope folder, or a Hub path "
-        "owner/repo/sub/folder (e.g. google/gemma-scope-2-270m-pt/resid_post/layer_12_width_16k_l0_medium).",
+        "owner/repo/sub/folder (e.g. google/gemma-scope-2-270m-pt/resid_post/layer_12_width_16k_l0_medium). "
+        "Repeat it, or give a folder of SAE folders (a sweep's), to compare SAEs of one hook point on one "
+        "pass: one report with the L0–FVU and L0–delta-loss frontier.",
     )
     sae_revision: str | None = opt(None, "Hub revision of a Hub --sae.")
     store: str | None = opt(
@@ -60,6 +62,8 @@ class EvaluateConfig:
     reports: str = opt("reports", "Folder for report_<timestamp>.md, .json and the plots.", run_only=True)
 
     def __post_init__(self):
+        if isinstance(self.sae, str):
+            self.sae = [self.sae]
         for name in ("tokens", "batch_size", "delta_tokens", "lm_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise GspError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -76,28 +80,30 @@ def smoke_config(cfg: EvaluateConfig) -> EvaluateConfig:
     store = run_harvest(smoke_harvest(HarvestConfig(store=str(root / "eval-store"))))
     sae = fit_or_reuse(FitConfig(store=store, out=str(root / "eval-sae"), width=128, steps=60, batch_size=256,
                                  target_l0=16))  # fmt: skip
-    return dataclasses.replace(cfg, sae=str(sae), store=store, delta_tokens=1024, model=None)
+    return dataclasses.replace(cfg, sae=[str(sae)], store=store, delta_tokens=1024, model=None)
 
 
 def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
     """Measure, print the table, write the report; returns the Markdown report's path."""
     if not cfg.sae:
         raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
-    folder = sae_folder(cfg.sae, revision=cfg.sae_revision, token=token)
+    sources = sae_sources(cfg.sae)
+    if len(sources) > 1:
+        return _evaluate_many(cfg, sources, token)
+    folder = sae_folder(sources[0], revision=cfg.sae_revision, token=token)
     if is_clt_folder(folder):
-        return _evaluate_clt(cfg, folder, token)
-    loaded = load_sae(cfg.sae, revision=cfg.sae_revision, token=token)
+        return _evaluate_clt(cfg, sources[0], folder, token)
+    loaded = load_sae(sources[0], revision=cfg.sae_revision, token=token)
     store, target = _open_stores(cfg, loaded)
     layer, site = check_against_store(loaded, store, target)
     group = dist.setup(cfg.device)  # under torchrun, each process measures its share of the tokens
-    device = group.device
-    sae = loaded.sae.to(device)
+    sae = loaded.sae.to(group.device)
 
     dest = (loaded.layer_out, loaded.site_out) if loaded.is_transcoder else (layer, site)
     return _measure(
         cfg, group, _sae_info(loaded), store, target,
         lambda: reconstruction(sae, store, cfg.tokens, cfg.batch_size, group, target),
-        lambda: _delta_loss(cfg, sae, store, (layer, site), dest, token, group),
+        lambda: _first(_delta_loss(cfg, [sae], store, (layer, site), dest, token, group)),
     )  # fmt: skip
 
 
@@ -107,15 +113,28 @@ def _measure(cfg: EvaluateConfig, group, sae_info: dict, store, target, recon_fn
 
     t0 = time.perf_counter()
     recon = recon_fn()
-    if recon["tokens"] < cfg.tokens and group.main:
-        info(f"the store holds {recon['tokens']:,} ordinary tokens; all were used (asked for {cfg.tokens:,})")
+    _note_tokens(cfg, group, recon["tokens"])
     t_recon = time.perf_counter() - t0
     delta, lm_info, t_delta = None, None, 0.0
     if cfg.delta_loss:
         t0 = time.perf_counter()
         delta, lm_info = delta_fn()
         t_delta = time.perf_counter() - t0
-    results = {
+    results = _results(cfg, group, sae_info, store, target, recon, (delta, lm_info), (t_recon, t_delta))
+    path = report.write(results, recon["_frequency"], Path(cfg.reports)) if group.main else None
+    dist.teardown(group)
+    return path
+
+
+def _note_tokens(cfg: EvaluateConfig, group, measured: int) -> None:
+    if measured < cfg.tokens and group.main:
+        info(f"the store holds {measured:,} ordinary tokens; all were used (asked for {cfg.tokens:,})")
+
+
+def _results(cfg: EvaluateConfig, group, sae_info: dict, store, target, recon: dict, lm, seconds) -> dict:
+    """One SAE's figures as the report's JSON holds them."""
+    (delta, lm_info), (t_recon, t_delta) = lm, seconds
+    return {
         "gsp_version": __version__,
         "sae": sae_info,
         "store": _store_info(store),
@@ -133,12 +152,49 @@ def _measure(cfg: EvaluateConfig, group, sae_info: dict, store, target, recon_fn
             "delta_loss_tokens_per_s": (delta["tokens"] / t_delta) if delta and t_delta else None,
         },
     }
-    path = report.write(results, recon["_frequency"], Path(cfg.reports)) if group.main else None
+
+
+def _evaluate_many(cfg: EvaluateConfig, sources: list[str], token) -> Path:
+    """Several SAEs of one hook point from one pass: each batch of store rows through every SAE, and
+    for the delta loss one clean and one zero-ablated forward per batch of contexts, then one spliced
+    forward per SAE. One report: a row per SAE, and the L0–FVU and L0–delta-loss frontier."""
+    from pipeline import report
+
+    loaded = []
+    for spec in sources:
+        if is_clt_folder(sae_folder(spec, revision=cfg.sae_revision, token=token)):
+            raise GspError(f"{spec} is a cross-layer transcoder: evaluate it on its own (--sae {spec})")
+        loaded.append(load_sae(spec, revision=cfg.sae_revision, token=token))
+    points = {(s.layer, s.site, s.layer_out, s.site_out, s.is_transcoder) for s in loaded}
+    if len(points) > 1:
+        shown = "; ".join(f"{s.source}: layer {s.layer} {s.site}" for s in loaded[:4])
+        raise GspError(f"these SAEs are of different hook points ({shown}): compare SAEs of one hook point, "
+                       "or evaluate each on its own")  # fmt: skip
+    store, target = _open_stores(cfg, loaded[0])
+    layer, site = [check_against_store(s, store, target) for s in loaded][0]
+    group = dist.setup(cfg.device)
+    saes = [s.sae.to(group.device) for s in loaded]
+    t0 = time.perf_counter()
+    recons = reconstructions(saes, store, cfg.tokens, cfg.batch_size, group, target)
+    _note_tokens(cfg, group, recons[0]["tokens"])
+    t_recon = (time.perf_counter() - t0) / len(saes)
+    deltas, t_delta = [(None, None)] * len(saes), 0.0
+    if cfg.delta_loss:
+        t0 = time.perf_counter()
+        dest = (loaded[0].layer_out, loaded[0].site_out) if loaded[0].is_transcoder else (layer, site)
+        results, lm_info = _delta_loss(cfg, saes, store, (layer, site), dest, token, group)
+        deltas = [(r, lm_info) for r in results]
+        t_delta = (time.perf_counter() - t0) / len(saes)
+    results = [
+        _results(cfg, group, _sae_info(s), store, target, r, d, (t_recon, t_delta))
+        for s, r, d in zip(loaded, recons, deltas, strict=True)
+    ]
+    path = report.write_many(results, [r["_frequency"] for r in recons], Path(cfg.reports)) if group.main else None
     dist.teardown(group)
     return path
 
 
-def _evaluate_clt(cfg: EvaluateConfig, folder: Path, token) -> Path:
+def _evaluate_clt(cfg: EvaluateConfig, source: str, folder: Path, token) -> Path:
     """A cross-layer transcoder on a store of every layer's MLP input and output (one harvest): its
     prediction of every MLP output; the delta loss with every MLP's output replaced at once."""
     from pipeline.clt import CrossLayerTranscoder, replace_mlps, zero_mlps
@@ -167,18 +223,18 @@ def _evaluate_clt(cfg: EvaluateConfig, folder: Path, token) -> Path:
         if len(decoder_layers(lm.model)) != L:
             raise GspError(f"model {lm.spec} has {len(decoder_layers(lm.model))} layers, the CLT {L}")
 
-    def score(acc, model, ids) -> None:
-        acc.run_with(model, ids, inputs[0].special_ids, lambda sp: replace_mlps(model, clt, sp),
-                     lambda sp: zero_mlps(model, L, sp))  # fmt: skip
+    def score(accs, model, ids) -> None:
+        accs[0].run_with(model, ids, inputs[0].special_ids, lambda sp: replace_mlps(model, clt, sp),
+                         lambda sp: zero_mlps(model, L, sp))  # fmt: skip
 
-    info_ = {"source": cfg.sae, "format": "gemma-scope-2-clt", "path": str(folder), "model_name": None,
+    info_ = {"source": source, "format": "gemma-scope-2-clt", "path": str(folder), "model_name": None,
              "layer": 0, "site": "mlp_in", "d_in": clt.d_model, "width": clt.width, "architecture": "jumprelu",
              "k": None, "transcoder": True, "layer_out": L - 1, "site_out": "mlp_out", "d_out": clt.d_model,
              "skip": clt.skip, "clt_layers": L}  # fmt: skip
     return _measure(
         cfg, group, info_, inputs[0], targets[0],
         lambda: clt_reconstruction(clt, inputs, targets, cfg.tokens, cfg.batch_size, group),
-        lambda: rerun(cfg, inputs[0], (0, "mlp_in"), token, group, check, score),
+        lambda: _first(rerun(cfg, inputs[0], (0, "mlp_in"), token, group, check, score)),
     )  # fmt: skip
 
 
@@ -221,27 +277,33 @@ def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
 
 
 # ------------------------------------------------------------------------------ delta loss
-def _delta_loss(cfg: EvaluateConfig, sae, store: ActivationStore, source, dest, token, group) -> tuple:
-    """The model re-run on the store's contexts with `dest` replaced by the SAE's output from `source`
-    (the same point for an SAE; a transcoder's input and output)."""
+def _delta_loss(cfg: EvaluateConfig, saes: list, store: ActivationStore, source, dest, token, group) -> tuple:
+    """The model re-run on the store's contexts with `dest` replaced by each SAE's output from `source`
+    (the same point for an SAE; a transcoder's input and output): ([result per SAE], model info)."""
     from pipeline.hooks import site_width
+    from pipeline.lm_loss import run_many
 
     def check(lm) -> None:
-        for (lay, s), width in ((source, sae.d_in), (dest, sae.d_out)):
+        for (lay, s), width in ((source, saes[0].d_in), (dest, saes[0].d_out)):
             if site_width(lm.model, lay, s) != width:
                 raise GspError(f"model {lm.spec} has width {site_width(lm.model, lay, s)} at layer {lay} {s}, the "
                                f"SAE {width}: pass the --model the store was harvested from")  # fmt: skip
 
-    def score(acc: DeltaLoss, model, ids) -> None:
-        acc.run(model, sae, ids, *dest, store.special_ids, source=source)
+    def score(accs: list[DeltaLoss], model, ids) -> None:
+        run_many(accs, model, saes, ids, *dest, store.special_ids, source=source)
 
-    return rerun(cfg, store, source, token, group, check, score)
+    return rerun(cfg, store, source, token, group, check, score, n=len(saes))
 
 
-def rerun(cfg: EvaluateConfig, store: ActivationStore, point, token, group, check, score) -> tuple:
+def _first(results_and_info: tuple) -> tuple:
+    results, lm_info = results_and_info
+    return results[0], lm_info
+
+
+def rerun(cfg: EvaluateConfig, store: ActivationStore, point, token, group, check, score, n: int = 1) -> tuple:
     """Delta LM loss over the store's first contexts: the model (checked by `check(lm)`) re-runs them in
-    batches, `score(acc, model, ids)` running one batch; the activations at `point` are compared with
-    the store's first."""
+    batches, `score(accs, model, ids)` running one batch into `n` accumulators (one per SAE); the
+    activations at `point` are compared with the store's first. ([result per accumulator], model info)."""
     from pipeline.models import load_model
 
     spec, revision = rerun_model(store.meta.model, cfg.model, cfg.revision)
@@ -255,25 +317,29 @@ def rerun(cfg: EvaluateConfig, store: ActivationStore, point, token, group, chec
     ids_all = torch.from_numpy(store.read_tokens(0, n_ctx * C).astype(np.int64)).view(n_ctx, C)
 
     mismatch = _rerun_mismatch(lm.model, store, ids_all[:per_batch].to(lm.device), *point)
-    acc = DeltaLoss()
+    accs = [DeltaLoss() for _ in range(n)]
+    passes = f"{2 + n} passes" if n > 1 else "3 passes"
     with progress("tok", show=group.main) as bar:
-        task = bar.add_task("delta loss (3 passes)", total=n_ctx * C)
+        task = bar.add_task(f"delta loss ({passes})", total=n_ctx * C)
         for b, i in enumerate(range(0, n_ctx, per_batch)):
             if b % group.world != group.rank:
                 continue
             ids = ids_all[i : i + per_batch].to(lm.device)
-            score(acc, lm.model, ids)
+            score(accs, lm.model, ids)
             bar.advance(task, ids.numel() * group.world)
-    shares = dist.gather(group, acc)  # a collective: every process takes part
-    acc = shares[0]
-    for other in shares[1:]:
-        acc.merge(other)
-    result = acc.result()
-    result["tokens"] = n_ctx * C
-    result["store_activation_mismatch"] = mismatch
+    shares = dist.gather(group, accs)  # a collective: every process takes part
+    results = []
+    for j in range(n):
+        acc = shares[0][j]
+        for other in shares[1:]:
+            acc.merge(other[j])
+        result = acc.result()
+        result["tokens"] = n_ctx * C
+        result["store_activation_mismatch"] = mismatch
+        results.append(result)
     lm_info = {"spec": lm.spec, "name": lm.name, "revision": lm.revision, "device": str(lm.device),
                "dtype": str(lm.dtype).removeprefix("torch.")}  # fmt: skip
-    return result, lm_info
+    return results, lm_info
 
 
 def _rerun_mismatch(model, store: ActivationStore, ids_BS: torch.Tensor, layer: int, site: str) -> float:

@@ -61,7 +61,7 @@ def run_all(cfg: RunConfig, config: str | None, *, token: str | None = None) -> 
     fit_or_reuse(fit)
 
     evaluate = build_config(EvaluateConfig, config, {})
-    evaluate.sae = evaluate.sae or str(fit.out_dir)
+    evaluate.sae = evaluate.sae or [str(fit.out_dir)]
     evaluate.store = evaluate.store or _hook_path(heldout, cfg.hook)
     info(f"[bold]4/4[/] evaluate on {evaluate.store}")
     return run_evaluate(evaluate, token=token)
