@@ -68,7 +68,7 @@ class OutputLock:
             return self
         try:
             self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR)
+            self.fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
         except OSError as e:
             raise GspError(f"cannot write at {self.lock_path.parent}: {e.strerror}") from None
         try:
