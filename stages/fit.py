@@ -239,6 +239,11 @@ ARCH_ONLY = {
 }
 
 
+# What the SAEs of one sweep share: the stream of batches, the device and the run's bookkeeping.
+_STREAM = ("store", "target_store", "seed", "batch_size", "lanes", "buffer_mib", "device", "matmul",
+           "checkpoint_every", "wandb")  # fmt: skip
+
+
 def sweep(values: dict) -> list[FitConfig]:
     """One FitConfig per combination of the listed values (lists from pipeline.config.build_values).
 
@@ -289,6 +294,12 @@ def run_sweep(cfgs: list[FitConfig], *, resume: bool = False) -> list[Path]:
     store = ActivationStore.open(first.store)
     if store.hook.stats.count == 0:
         raise GspError(f"store {first.store} has no statistics over non-special rows; is it empty?")
+    for c in cfgs[1:]:
+        differ = [k for k in _STREAM if getattr(c, k) != getattr(first, k)]
+        if differ or c.total_steps != first.total_steps:
+            raise GspError(
+                f"the SAEs of one sweep read one stream: they must agree on {', '.join(differ or ['steps'])}"
+            )
     outs = [c.out_dir for c in cfgs]
     if len(set(outs)) < len(outs):
         raise GspError("two SAEs of this sweep would be written to one folder; give each its own --out")

@@ -154,3 +154,14 @@ def test_a_diverging_sae_stops_alone_and_the_others_are_saved(gsp, store, tmp_pa
     assert r.exit_code == 1 and "1 of the sweep's 2 SAEs stopped early" in line and "lr_1e+30" in line, line
     assert (out / "jumprelu_32_lr_0.001" / "params.safetensors").is_file()
     assert not (out / "jumprelu_32_lr_1e+30").exists()
+
+
+def test_saes_of_one_sweep_must_share_the_stream(store, tmp_path):
+    from stages.fit import run_sweep
+
+    a = FitConfig(store=str(store), out=str(tmp_path / "a"), width=32, steps=10, batch_size=128)
+    with pytest.raises(GspError, match="must agree on seed"):
+        run_sweep([a, FitConfig(**{**a.__dict__, "out": str(tmp_path / "b"), "seed": 1})])
+    with pytest.raises(GspError, match="must agree on steps"):
+        run_sweep([a, FitConfig(**{**a.__dict__, "out": str(tmp_path / "b"), "steps": 20})])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
