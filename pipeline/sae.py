@@ -25,7 +25,9 @@ Objectives (`SAE.loss`), on inputs scaled so that E‖x‖² = 1:
     frequency penalty (JumpReLU): + λ_f · Σ_i ω_i² / ω₀, ω_i = the share of the (global) batch's rows
               on which latent i fires, through the same straight-through estimator as L0 (θ gets the
               gradient): the quadratic term of DeepMind's λ·Σ_i ω_i(1 + ω_i/ω₀) ("Removing High
-              Frequency Latents from JumpReLU SAEs"), whose linear term is the L0 penalty already there
+              Frequency Latents from JumpReLU SAEs"), whose linear term is the L0 penalty already there;
+              or, the "hinge" form, + λ_f · Σ_i max(0, ω_i − ω₀)² / ω₀: only latents firing on more
+              than the share ω₀ of rows feel it
 gsp's files: `params.safetensors` + `config.json` (an `SAEConfig`), Gemma Scope 2's format.
 """
 
@@ -135,6 +137,7 @@ class Objective:
     prefixes: tuple[int, ...] = ()  # Matryoshka: the nested prefix sizes m_1 < ... < F; () for a plain SAE
     freq_coeff: float = 0.0  # JumpReLU: λ_f of the frequency penalty (0: none)
     freq_scale: float = 0.1  # JumpReLU: ω₀ of the frequency penalty
+    freq_form: str = "quadratic"  # JumpReLU: "quadratic" (λ_f·Σ ω²/ω₀) or "hinge" (λ_f·Σ max(0, ω − ω₀)²/ω₀)
 
 
 # ------------------------------------------------------------------------------ the model
@@ -283,7 +286,8 @@ class SAE(torch.nn.Module):
             penalty = lam * (2 / obj.target_l0) * (l0_ - obj.target_l0).square()
         if obj.freq_coeff:  # each latent's firing frequency over the global batch, through the STE
             omega_F = dist.mean_differentiable(group, fired_BF.mean(0))
-            penalty = penalty + obj.freq_coeff * (omega_F.square() / obj.freq_scale).sum()
+            over_F = omega_F if obj.freq_form == "quadratic" else (omega_F - obj.freq_scale).clamp_min(0)
+            penalty = penalty + obj.freq_coeff * (over_F.square() / obj.freq_scale).sum()
         return Loss(recon + penalty, recon, penalty, x_hat, f)
 
     def _nested_recon(self, f_BF, x_BD, y_BO, prefixes: tuple[int, ...]):

@@ -102,6 +102,10 @@ class FitConfig:
     freq_scale: float = opt(
         0.1, "JumpReLU: ω₀ of the frequency penalty (the firing rate it starts to bite at).", sweep=True
     )
+    freq_form: Literal["quadratic", "hinge"] = opt(
+        "quadratic", "JumpReLU: the frequency penalty's form: quadratic λ_f·Σ ω_i²/ω₀ (every latent), or hinge "
+        "λ_f·Σ max(0, ω_i − ω₀)²/ω₀ (only latents firing on more than the share ω₀ of tokens).", sweep=True,
+    )  # fmt: skip
     aux_k: int = opt(512, "TopK: latents in the auxiliary loss that revives dead latents.", sweep=True)
     aux_coeff: float = opt(0.125, "TopK: weight of the auxiliary loss.", sweep=True)
     dead_tokens: int = opt(50_000, "A latent that has not fired for this many tokens counts as dead.", sweep=True)
@@ -173,7 +177,7 @@ class FitConfig:
     @property
     def objective(self) -> Objective:
         return Objective(self.bandwidth, self.target_l0, self.aux_k, self.aux_coeff, self.prefixes,
-                         self.freq_penalty, self.freq_scale)  # fmt: skip
+                         self.freq_penalty, self.freq_scale, self.freq_form)  # fmt: skip
 
     @property
     def out_dir(self) -> Path:
@@ -234,7 +238,8 @@ def _remove_smoke_output(path: Path, marker: str) -> None:
 ARCH_ONLY = {
     **dict.fromkeys(("k", "aux_k", "aux_coeff"), "topk"),
     **dict.fromkeys(
-        ("target_l0", "sparsity_coeff", "bandwidth", "theta_init", "freq_penalty", "freq_scale"), "jumprelu"
+        ("target_l0", "sparsity_coeff", "bandwidth", "theta_init", "freq_penalty", "freq_scale", "freq_form"),
+        "jumprelu",
     ),
 }
 

@@ -305,30 +305,35 @@ def test_matryoshka_loss_and_gradients_equal_each_prefix_written_out(arch):
             torch.testing.assert_close(got[k], p.grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_the_frequency_penalty_is_its_formula_through_the_thresholds():
-    """λ_f·Σ ω_i²/ω₀ with ω_i the share of rows on which latent i fires; its gradient reaches θ only,
-    dω_i/dθ_i = −mean over rows of (1/ε)·K((pre − θ_i)/ε), computed here in numpy."""
+@pytest.mark.parametrize("form", ["quadratic", "hinge"])
+def test_the_frequency_penalty_is_its_formula_through_the_thresholds(form):
+    """λ_f·Σ ω_i²/ω₀ (or the hinge λ_f·Σ max(0, ω_i − ω₀)²/ω₀) with ω_i the share of rows on which latent
+    i fires; its gradient reaches θ only, dω_i/dθ_i = −mean over rows of (1/ε)·K((pre − θ_i)/ε),
+    computed here in numpy."""
     from pipeline.sae import Objective
 
     g = torch.Generator().manual_seed(6)
     sae = SAE(16, 32).init_gemma_scope(g)
     x = torch.randn(200, 16, generator=g)
-    with torch.no_grad():
-        sae.threshold.copy_((x @ sae.w_enc).median(0).values)  # every latent fires on about half the rows
-    eps, c, w0 = 0.3, 0.5, 0.1
+    with torch.no_grad():  # latent i fires on about a share 1 − q_i of the rows, q_i from 0.1 to 0.9
+        q = torch.linspace(0.1, 0.9, 32)
+        sae.threshold.copy_(torch.stack([(x @ sae.w_enc[:, i]).quantile(q[i]) for i in range(32)]))
+    eps, c, w0 = 0.3, 0.5, 0.4
     grads, totals = [], []
     for coeff in (0.0, c):
         sae.zero_grad()
-        loss = sae.loss(x, Objective(bandwidth=eps, freq_coeff=coeff, freq_scale=w0), lam=0.0)
+        loss = sae.loss(x, Objective(bandwidth=eps, freq_coeff=coeff, freq_scale=w0, freq_form=form), lam=0.0)
         loss.total.backward()
         totals.append(float(loss.total))
         grads.append({k: p.grad.clone() for k, p in sae.named_parameters() if p.grad is not None})
     pre = (x @ sae.w_enc + sae.b_enc).detach().double().numpy()
     theta = sae.threshold.detach().double().numpy()
     omega = (pre > theta).mean(0)
-    assert totals[1] - totals[0] == pytest.approx(c * (omega**2 / w0).sum(), rel=1e-5)
+    over = omega if form == "quadratic" else np.maximum(omega - w0, 0)
+    assert form == "quadratic" or 0 < (over > 0).sum() < 32  # the hinge: some latents above ω₀, some below
+    assert totals[1] - totals[0] == pytest.approx(c * (over**2 / w0).sum(), rel=1e-5)
     d_omega = -((np.abs((pre - theta) / eps) < 0.5) / eps).mean(0)
-    np.testing.assert_allclose((grads[1]["threshold"] - grads[0]["threshold"]).numpy(), c * 2 * omega / w0 * d_omega,
+    np.testing.assert_allclose((grads[1]["threshold"] - grads[0]["threshold"]).numpy(), c * 2 * over / w0 * d_omega,
                                rtol=1e-4, atol=1e-6)  # fmt: skip
     for k in ("w_enc", "b_enc", "w_dec", "b_dec"):  # nothing but θ feels it
         torch.testing.assert_close(grads[1][k], grads[0][k])
