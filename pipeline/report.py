@@ -233,13 +233,17 @@ def _plots(r: dict, freq_F: torch.Tensor, folder: Path, stem: str) -> list[str]:
 def write_many(results: list[dict], freqs: list[torch.Tensor], folder: Path) -> Path:
     """The comparison of several SAEs of one hook point: a terminal table, reports/report_<timestamp>.md
     and .json (format gsp-evaluation-set: each SAE's figures as a single report holds them, under
-    `evaluations`), the frontier plots and the SAEs' feature densities; returns the Markdown path."""
+    `evaluations`, by architecture, width and L0), the frontier plots and the SAEs' feature densities;
+    returns the Markdown path."""
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     stem = free_stem(folder, f"report_{now:%Y%m%d-%H%M%S}")
     labels = _labels([r["sae"]["source"] for r in results])
+    order = sorted(range(len(results)), key=lambda i: (_kind(results[i]), results[i]["sae"]["width"],
+                                                       results[i]["reconstruction"]["l0"]))  # fmt: skip
     doc = {"format": SET_FORMAT, "format_version": SET_FORMAT_VERSION, "created_at": now.isoformat(),
-           "evaluations": [{"label": label, **r} for label, r in zip(labels, results, strict=True)]}  # fmt: skip
+           "evaluations": [{"label": labels[i], **results[i]} for i in order]}  # fmt: skip
+    freqs = [freqs[i] for i in order]
     plots = _frontier_plots(doc["evaluations"], freqs, folder, stem)
     doc["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
     atomic_write(folder / f"{stem}.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
@@ -325,6 +329,7 @@ def _frontier_plots(es: list[dict], freqs: list[torch.Tensor], folder: Path, ste
     """L0 vs FVU and L0 vs delta loss, one point per SAE (colour: architecture; marker: width; a line
     joins the SAEs of one architecture and width in L0 order); and every SAE's feature density."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -349,6 +354,10 @@ def _frontier_plots(es: list[dict], freqs: list[torch.Tensor], folder: Path, ste
                     for x, y, label in zip(xs, ys, labels, strict=True):
                         ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")  # 20, 60, 120 rather than 2×10¹
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set(xlabel="L0 (active latents per token)", ylabel=ylabel, title=f"L0 vs {ylabel}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")

@@ -47,7 +47,7 @@ def test_each_sae_compared_is_measured_as_it_is_alone(gsp, tiny_fit, saes, tmp_p
     assert len(calls) == 2 * (2 + 3)  # 8 contexts of 32 in batches of 4: clean + zero-ablated + one per SAE
     doc = _report(tmp_path / "all")
     assert doc["format"] == "gsp-evaluation-set" and [e["label"] for e in doc["evaluations"]] == [
-        "a_jumprelu", "b_jumprelu_sparser", "c_topk"]  # fmt: skip
+        "b_jumprelu_sparser", "a_jumprelu", "c_topk"]  # by architecture, then L0  # fmt: skip
     for e in doc["evaluations"]:
         r = gsp("evaluate", "--sae", saes / e["label"], *common, "--reports", tmp_path / e["label"])
         assert r.exit_code == 0, r.output
@@ -57,7 +57,7 @@ def test_each_sae_compared_is_measured_as_it_is_alone(gsp, tiny_fit, saes, tmp_p
         for key in ("ce_clean", "ce_spliced", "ce_zero_ablated", "delta_loss", "kl_clean_spliced"):
             assert e["delta_loss"][key] == pytest.approx(alone["delta_loss"][key], rel=1e-6), key
     l0s = [e["reconstruction"]["l0"] for e in doc["evaluations"]]
-    assert l0s[1] < l0s[0] and l0s[2] == pytest.approx(5.0)
+    assert l0s[0] < l0s[1] and l0s[2] == pytest.approx(5.0)
     md = (tmp_path / "all" / doc["files"]["markdown"]).read_text()
     assert md.count("| a_jumprelu | JumpReLU |") == 1 and "| c_topk | TopK k=5 |" in md
     plots = doc["files"]["plots"]
