@@ -28,11 +28,15 @@ def write(results: dict, freq_F: torch.Tensor, folder: Path) -> Path:
     now = datetime.datetime.now(datetime.UTC)
     stem = free_stem(folder, f"report_{now:%Y%m%d-%H%M%S}")
     results = {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION, "created_at": now.isoformat(), **results}
-    plots = _plots(results, freq_F, folder, stem)
-    results["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
-    atomic_write(folder / f"{stem}.json", json.dumps(_finite(results), indent=1, allow_nan=False) + "\n")
-    atomic_write(folder / f"{stem}.md", markdown(results))
-    console.print(table(results))
+    return _finish(folder, stem, results, _plots(results, freq_F, folder, stem), markdown, table)
+
+
+def _finish(folder: Path, stem: str, doc: dict, plots: list[str], markdown_fn, table_fn) -> Path:
+    """Name the files in the JSON, write the JSON and the Markdown, print the table; the Markdown's path."""
+    doc["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
+    atomic_write(folder / f"{stem}.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    atomic_write(folder / f"{stem}.md", markdown_fn(doc))
+    console.print(table_fn(doc))
     console.print(f"report: [bold]{folder / stem}.md[/] (+ .json, {len(plots)} plots)", highlight=False)
     return folder / f"{stem}.md"
 
@@ -148,17 +152,14 @@ def markdown(r: dict) -> str:
             f"| {f['feature']} | {f['frequency']:.4f} | {f['mean_activation']:.4g} | {f['max_activation']:.4g} |"
             for f in rec["top_features"]
         ),
-        "",
-        "## Plots",
-        "",
-        *(f"![{p}]({p})" for p in r["files"]["plots"]),
-        "",
-        "## Definitions",
-        "",
-        DEFINITIONS,
-        "",
+        *_plots_and_definitions(r["files"]["plots"]),
     ]
     return "\n".join(lines)
+
+
+def _plots_and_definitions(plots: list[str]) -> list[str]:
+    """The Markdown's last sections, in every report."""
+    return ["", "## Plots", "", *(f"![{p}]({p})" for p in plots), "", "## Definitions", "", DEFINITIONS, ""]
 
 
 DEFINITIONS = (
@@ -245,12 +246,7 @@ def write_many(results: list[dict], freqs: list[torch.Tensor], folder: Path) -> 
            "evaluations": [{"label": labels[i], **results[i]} for i in order]}  # fmt: skip
     freqs = [freqs[i] for i in order]
     plots = _frontier_plots(doc["evaluations"], freqs, folder, stem)
-    doc["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
-    atomic_write(folder / f"{stem}.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
-    atomic_write(folder / f"{stem}.md", markdown_many(doc))
-    console.print(table_many(doc))
-    console.print(f"report: [bold]{folder / stem}.md[/] (+ .json, {len(plots)} plots)", highlight=False)
-    return folder / f"{stem}.md"
+    return _finish(folder, stem, doc, plots, markdown_many, table_many)
 
 
 def _labels(sources: list[str]) -> list[str]:
@@ -312,15 +308,7 @@ def markdown_many(doc: dict) -> str:
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
         *("| " + " | ".join(_cells(e)) + " |" for e in es),
-        "",
-        "## Plots",
-        "",
-        *(f"![{p}]({p})" for p in doc["files"]["plots"]),
-        "",
-        "## Definitions",
-        "",
-        DEFINITIONS,
-        "",
+        *_plots_and_definitions(doc["files"]["plots"]),
     ]
     return "\n".join(lines)
 
