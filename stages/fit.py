@@ -374,6 +374,8 @@ def _check_outputs(cfgs: list[FitConfig], resume: bool) -> dict[Path, str]:
         if state[out] == "saved":
             _publish(work, out)  # killed between the SAE's files and the rename: they are whole
             info(f"finished saving the SAE of an interrupted fit to {out}")
+        elif state[out] == "done" and len(cfgs) > 1:
+            info(f"{out} already holds this sweep's SAE; kept")
         elif state[out] == "train" and work.exists():
             _clear_work(work)
     return {out: s for out, s in state.items() if s in ("train", "resume")}
