@@ -59,13 +59,37 @@ def main() -> None:
             for a, b in zip(alone, outs, strict=True)
         )
         rows = args.steps * args.batch_size
+        t_stream = _stream_seconds(cfgs[0])
         print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
         print(f"{len(cfgs)} TopK SAEs of widths {args.widths}, {args.steps} steps of {args.batch_size} rows each")
         print(f"one after another: {t_alone:7.1f} s ({len(cfgs) * rows / t_alone:,.0f} SAE-rows/s)")
         print(f"one sweep:         {t_sweep:7.1f} s ({len(cfgs) * rows / t_sweep:,.0f} SAE-rows/s)")
         print(f"sweep / separate:  {t_sweep / t_alone:.2f}×   every SAE byte-identical to its separate fit: {same}")
+        print(
+            f"the data path alone (store read, shuffled, decoded; no SAE): {t_stream:.1f} s per stream of "
+            f"{args.steps} batches, paid {len(cfgs)}× one after another and once by the sweep"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _stream_seconds(cfg: FitConfig) -> float:
+    """The loader of `gsp fit` alone over the same stream (what a sweep pays once instead of N times)."""
+    import math
+    from contextlib import closing
+
+    from pipeline.loader import ShuffledLoader
+    from pipeline.store import ActivationStore
+
+    store = ActivationStore.open(cfg.store)
+    scale = 1.0 / math.sqrt(store.hook.stats.mean_sq_norm)
+    t0 = time.perf_counter()
+    loader = ShuffledLoader(store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, scales=(scale,),
+                            lanes=cfg.lanes)  # fmt: skip
+    with closing(iter(loader)) as batches:
+        for _ in range(cfg.total_steps):
+            next(batches)
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":
