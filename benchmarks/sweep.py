@@ -84,11 +84,14 @@ def _stream_seconds(cfg: FitConfig) -> float:
     store = ActivationStore.open(cfg.store)
     scale = 1.0 / math.sqrt(store.hook.stats.mean_sq_norm)
     t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where gsp fit's "auto" trains
     loader = ShuffledLoader(store, cfg.batch_size, seed=cfg.seed, buffer_mib=cfg.buffer_mib, scales=(scale,),
-                            lanes=cfg.lanes)  # fmt: skip
+                            lanes=cfg.lanes, device=device)  # fmt: skip
     with closing(iter(loader)) as batches:
         for _ in range(cfg.total_steps):
             next(batches)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
