@@ -129,8 +129,8 @@ done
 $PY benchmarks/loader.py --store "$STORE" --device cuda --fit-steps 200 2>&1 | grep -E "^\||machine|raw read|rror"
 
 echo "== a sweep of 4 SAEs at width 16k against 4 separate fits on CUDA (the data path paid once)"
-$PY benchmarks/sweep.py --store "$STORE" --widths 16384,16384,16384,16384 --steps 300 --batch-size 4096 2>&1 \
-    | grep -E "SAEs of|one |sweep /|data path|rror"
+$PY benchmarks/sweep.py --store "$STORE" --width 16384 --n 4 --steps 300 --batch-size 4096 --repeat 2 2>&1 \
+    | grep -E "TopK SAEs|gsp fit|sweep /|data path|rror"
 
 echo "== the main job's SAE on CUDA with --matmul tf32 (the default there) and fp32: held-out FVU"
 MAIN=$WORK/main-train; HELD=$WORK/main-heldout

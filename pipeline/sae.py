@@ -27,7 +27,7 @@ Objectives (`SAE.loss`), on inputs scaled so that E‖x‖² = 1:
               gradient): the quadratic term of DeepMind's λ·Σ_i ω_i(1 + ω_i/ω₀) ("Removing High
               Frequency Latents from JumpReLU SAEs"), whose linear term is the L0 penalty already there;
               or, the "hinge" form, + λ_f · Σ_i max(0, ω_i − ω₀)² / ω₀: only latents firing on more
-              than the share ω₀ of rows feel it
+              than the share ω₀ of rows feel it. `gsp fit` warms λ_f up with λ (stages.fit._schedule)
 gsp's files: `params.safetensors` + `config.json` (an `SAEConfig`), Gemma Scope 2's format.
 """
 

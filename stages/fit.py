@@ -485,16 +485,18 @@ def _member(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales
     return m
 
 
-def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float]:
-    """(lr, λ) at this step: linear warm-ups, lr constant, then decaying linearly to 0 at the end."""
+def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float, float]:
+    """(lr, λ, λ_f) at this step: linear warm-ups, lr constant, then decaying linearly to 0 at the end.
+    The frequency penalty's λ_f ramps up with λ: at the first steps every latent fires on about half
+    the rows, and an unramped penalty would meet them at full strength before the L0 term had acted."""
     n, lr_max = cfg.total_steps, cfg.learning_rate
     lr_warm = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else min(1000, n // 20)
     decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else n // 5
     sp_warm = cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None else min(10_000, n // 5)
     lr = lr_max * min(1.0, (step_ + 1) / lr_warm) if lr_warm else lr_max
     lr *= min(1.0, (n - step_) / decay) if decay else 1.0
-    lam = cfg.sparsity_coeff * min(1.0, (step_ + 1) / sp_warm) if sp_warm else cfg.sparsity_coeff
-    return lr, lam
+    ramp = min(1.0, (step_ + 1) / sp_warm) if sp_warm else 1.0
+    return lr, cfg.sparsity_coeff * ramp, cfg.freq_penalty * ramp
 
 
 def _train(members: list[_Member], loader, start: int, group, logger) -> None:
@@ -535,7 +537,7 @@ def _train(members: list[_Member], loader, start: int, group, logger) -> None:
 def _step(m: _Member, batch: torch.Tensor, step_: int, paired: bool, group, autocast):
     """One training step of one SAE on the shared batch (read, never written); (its loss, the rows it reconstructs)."""
     cfg = m.cfg
-    lr, lam = _schedule(cfg, step_)
+    lr, lam, freq = _schedule(cfg, step_)
     for pg in m.opt.param_groups:
         pg["lr"] = lr
     x, y = _split(batch, m.sae, paired)  # unit-scaled by the loader, on the device
@@ -543,7 +545,8 @@ def _step(m: _Member, batch: torch.Tensor, step_: int, paired: bool, group, auto
     cpu = group.device.type == "cpu"
     sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and m.density < 0.05)
     sparse = sparse and not cfg.prefixes  # Matryoshka's nested prefixes decode densely
-    loss = train_step(m.sae, m.opt, x, cfg.objective, lam=lam, since_fired_F=m.since_fired,
+    objective = dataclasses.replace(cfg.objective, freq_coeff=freq) if freq != cfg.freq_penalty else cfg.objective
+    loss = train_step(m.sae, m.opt, x, objective, lam=lam, since_fired_F=m.since_fired,
                       dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y,
                       autocast=autocast)  # fmt: skip
     m.finite.update(step_ + 1, loss.total)

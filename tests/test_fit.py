@@ -167,12 +167,33 @@ def test_schedule_warmups_and_decay():
     from stages.fit import _schedule
 
     cfg = FitConfig(store="s", steps=100, lr=1.0, sparsity_coeff=2.0, lr_warmup_steps=10, lr_decay_steps=20,
-                    sparsity_warmup_steps=50)  # fmt: skip
-    lr = [_schedule(cfg, s)[0] for s in range(100)]
-    lam = [_schedule(cfg, s)[1] for s in range(100)]
+                    sparsity_warmup_steps=50, freq_penalty=4.0)  # fmt: skip
+    lr, lam, freq = zip(*[_schedule(cfg, s) for s in range(100)], strict=True)
     assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[50] == 1.0 and lr[80] == 1.0
     assert lr[90] == pytest.approx(0.5) and lr[99] == pytest.approx(0.05)
     assert lam[24] == pytest.approx(1.0) and lam[49] == lam[99] == 2.0
+    assert freq[0] == pytest.approx(4.0 / 50) and freq[24] == pytest.approx(2.0) and freq[49] == freq[99] == 4.0
+
+
+def test_the_frequency_penalty_ramps_up_with_lambda_in_the_fit(synthetic, tmp_path, monkeypatch):
+    """The objective each step of gsp fit trains with carries λ_f scaled like λ (the warm-up's share)."""
+    import stages.fit
+
+    seen = []
+
+    def recording(sae, opt, x, objective, *, lam, **kw):
+        seen.append((objective.freq_coeff, lam))
+        return train_step(sae, opt, x, objective, lam=lam, **kw)
+
+    from pipeline.train import train_step
+
+    monkeypatch.setattr(stages.fit, "train_step", recording)
+    store, _ = synthetic
+    run_fit(FitConfig(store=str(store), out=str(tmp_path / "sae"), width=32, steps=12, batch_size=128,
+                      target_l0=3, sparsity_coeff=0.5, sparsity_warmup_steps=8, freq_penalty=0.2,
+                      checkpoint_every=0))  # fmt: skip
+    ramp = [min(1.0, (s + 1) / 8) for s in range(12)]
+    assert seen == [pytest.approx((0.2 * r, 0.5 * r)) for r in ramp]
 
 
 def test_corrupt_chunk_stops_fit_with_its_name(gsp, tmp_path):
