@@ -85,13 +85,19 @@ def main() -> None:
           f"{args.repeat} alternating repetitions")  # fmt: skip
     for side, label in (("separate", f"{args.n} separate gsp fit"), ("sweep", "one gsp fit sweep")):
         ts = times[side]
-        print(f"{label:>22}: " + " · ".join(f"{t:.1f} s" for t in ts) + f"   (fastest {rows / min(ts):,.0f} SAE-rows/s)")
+        print(
+            f"{label:>22}: " + " · ".join(f"{t:.1f} s" for t in ts) + f"   (fastest {rows / min(ts):,.0f} SAE-rows/s)"
+        )
     fast = min(times["sweep"]) / min(times["separate"])
     median = statistics.median(times["sweep"]) / statistics.median(times["separate"])
-    print(f"sweep / separate: {fast:.2f}× (fastest of each), {median:.2f}× (medians); "
-          "every SAE byte-identical to its separate fit: True")
-    print(f"the data path alone (store read, shuffled, decoded; no SAE): {stream:.1f} s per stream of "
-          f"{args.steps} batches, paid {args.n}× by separate fits and once by the sweep")
+    print(
+        f"sweep / separate: {fast:.2f}× (fastest of each), {median:.2f}× (medians); "
+        "every SAE byte-identical to its separate fit: True"
+    )
+    print(
+        f"the data path alone (store read, shuffled, decoded; no SAE): {stream:.1f} s per stream of "
+        f"{args.steps} batches, paid {args.n}× by separate fits and once by the sweep"
+    )
 
 
 def _gsp(*argv: str) -> None:
