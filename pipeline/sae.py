@@ -22,12 +22,16 @@ Objectives (`SAE.loss`), on inputs scaled so that E‖x‖² = 1:
     Matryoshka (prefixes m_1 < ... < m_n < F, both architectures): ‖x − x̂‖² becomes
               Σ_{m ∈ (m_1, ..., m_n, F)} ‖x − (f[:, :m]·W_dec[:m] + b_dec)‖², each prefix weighted 1 (SAELens'
               form; Bussmann et al. 2025), the same active latents for every prefix
-    frequency penalty (JumpReLU): + λ_f · Σ_i ω_i² / ω₀, ω_i = the share of the (global) batch's rows
-              on which latent i fires, through the same straight-through estimator as L0 (θ gets the
-              gradient): the quadratic term of DeepMind's λ·Σ_i ω_i(1 + ω_i/ω₀) ("Removing High
-              Frequency Latents from JumpReLU SAEs"), whose linear term is the L0 penalty already there;
+    frequency penalty: + λ_f · Σ_i ω_i² / ω₀, ω_i = the share of the (global) batch's rows on which
+              latent i fires: the quadratic term of DeepMind's λ·Σ_i ω_i(1 + ω_i/ω₀) ("Removing High
+              Frequency Latents from JumpReLU SAEs"), whose linear term is JumpReLU's L0 penalty;
               or, the "hinge" form, + λ_f · Σ_i max(0, ω_i − ω₀)² / ω₀: only latents firing on more
-              than the share ω₀ of rows feel it. `gsp fit` warms λ_f up with λ (stages.fit._schedule)
+              than the share ω₀ of rows feel it. `gsp fit` warms λ_f up with λ (stages.fit._schedule).
+              JumpReLU: ω_i through the same straight-through estimator as L0 (θ gets the gradient).
+              TopK: a TopK SAE is a JumpReLU whose threshold τ is set per row (midway between the k-th
+              and (k+1)-th pre-activation), so ω_i goes through the same estimator with τ held fixed,
+              and the pre-activations get the gradient (1/ε)·K((pre − τ)/ε): a latent that fires too
+              often is pushed below the rows' thresholds, and another takes its place
 gsp's files: `params.safetensors` + `config.json` (an `SAEConfig`), Gemma Scope 2's format.
 """
 
@@ -90,6 +94,22 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
+class _RowStep(torch.autograd.Function):
+    """H(z − τ) given as `fired`, τ a threshold per row held fixed, with the straight-through
+    derivative (1/ε)·K((z − τ)/ε) for z."""
+
+    @staticmethod
+    def forward(ctx, z, fired, tau, bandwidth: float):
+        ctx.save_for_backward(z, tau)
+        ctx.bandwidth = bandwidth
+        return fired.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, tau = ctx.saved_tensors
+        return grad_out * (1.0 / ctx.bandwidth) * rectangle((z - tau) / ctx.bandwidth), None, None, None
+
+
 def jumprelu(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """z·H(z−θ) with the straight-through gradient for θ (training, where θ ≥ 0)."""
     return _JumpReLU.apply(z_BF, theta_F, bandwidth)
@@ -98,6 +118,27 @@ def jumprelu(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> tor
 def step(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """H(z−θ), whose sum over F is the L0; its gradient reaches θ only."""
     return _Step.apply(z_BF, theta_F, bandwidth)
+
+
+def topk_fired(pre_BF: torch.Tensor, f_BF: torch.Tensor, k: int, bandwidth: float) -> torch.Tensor:
+    """1 where a TopK latent fires (f > 0), with the straight-through gradient of H(pre − τ) for pre:
+    (1/ε)·K((pre − τ)/ε), where τ, a row's threshold, lies midway between its k-th and (k+1)-th largest
+    pre-activations (at least 0, for the ReLU). A TopK SAE is a JumpReLU whose threshold is set per row."""
+    with torch.no_grad():
+        if k < pre_BF.shape[-1]:
+            top = pre_BF.topk(k + 1, dim=-1).values
+            tau_B1 = ((top[:, -2:-1] + top[:, -1:]) / 2).clamp_min(0)
+        else:
+            tau_B1 = pre_BF.new_zeros(len(pre_BF), 1)
+    return _RowStep.apply(pre_BF, f_BF > 0, tau_B1, bandwidth)
+
+
+def frequency_penalty(fired_BF: torch.Tensor, obj: "Objective", group: dist.Group) -> torch.Tensor:
+    """λ_f·Σ_i ω_i²/ω₀ (or the hinge's max(0, ω_i − ω₀)²), ω_i the share of the global batch's rows on
+    which latent i fires, differentiable through `fired_BF`'s straight-through estimator."""
+    omega_F = dist.mean_differentiable(group, fired_BF.mean(0))
+    over_F = omega_F if obj.freq_form == "quadratic" else (omega_F - obj.freq_scale).clamp_min(0)
+    return obj.freq_coeff * (over_F.square() / obj.freq_scale).sum()
 
 
 def jumprelu_inference(pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -121,7 +162,7 @@ class Output(NamedTuple):
 class Loss(NamedTuple):
     total: torch.Tensor  # what is minimised
     recon: torch.Tensor  # mean ‖x − x̂‖²
-    penalty: torch.Tensor  # the sparsity penalty (jumprelu) or α·AuxK (topk)
+    penalty: torch.Tensor  # the sparsity penalty (jumprelu) or α·AuxK (topk), + the frequency penalty
     x_hat_BD: torch.Tensor
     f_BF: torch.Tensor  # for logs and dead-latent counts (no gradient path is needed through it)
 
@@ -130,14 +171,14 @@ class Loss(NamedTuple):
 class Objective:
     """The training objective's settings beyond the SAE itself (see the module docstring)."""
 
-    bandwidth: float = 0.001  # JumpReLU: ε of the rectangle kernel
+    bandwidth: float = 0.001  # ε of the rectangle kernel: JumpReLU's, and TopK's frequency penalty's
     target_l0: float | None = None  # JumpReLU: T of the target-L0 penalty; None: λ·L0
     aux_k: int = 512  # TopK: dead latents in the auxiliary loss
     aux_coeff: float = 0.125  # TopK: α
     prefixes: tuple[int, ...] = ()  # Matryoshka: the nested prefix sizes m_1 < ... < F; () for a plain SAE
-    freq_coeff: float = 0.0  # JumpReLU: λ_f of the frequency penalty (0: none)
-    freq_scale: float = 0.1  # JumpReLU: ω₀ of the frequency penalty
-    freq_form: str = "quadratic"  # JumpReLU: "quadratic" (λ_f·Σ ω²/ω₀) or "hinge" (λ_f·Σ max(0, ω − ω₀)²/ω₀)
+    freq_coeff: float = 0.0  # λ_f of the frequency penalty (0: none)
+    freq_scale: float = 0.1  # ω₀ of the frequency penalty
+    freq_form: str = "quadratic"  # "quadratic" (λ_f·Σ ω²/ω₀) or "hinge" (λ_f·Σ max(0, ω − ω₀)²/ω₀)
 
 
 # ------------------------------------------------------------------------------ the model
@@ -285,9 +326,7 @@ class SAE(torch.nn.Module):
             l0_ = dist.mean_differentiable(group, l0_)  # the penalty is on the global batch's L0
             penalty = lam * (2 / obj.target_l0) * (l0_ - obj.target_l0).square()
         if obj.freq_coeff:  # each latent's firing frequency over the global batch, through the STE
-            omega_F = dist.mean_differentiable(group, fired_BF.mean(0))
-            over_F = omega_F if obj.freq_form == "quadratic" else (omega_F - obj.freq_scale).clamp_min(0)
-            penalty = penalty + obj.freq_coeff * (over_F.square() / obj.freq_scale).sum()
+            penalty = penalty + frequency_penalty(fired_BF, obj, group)
         return Loss(recon + penalty, recon, penalty, x_hat, f)
 
     def _nested_recon(self, f_BF, x_BD, y_BO, prefixes: tuple[int, ...]):
@@ -314,8 +353,11 @@ class SAE(torch.nn.Module):
             recon, x_hat = self._nested_recon(f, x_BD, y_BO, obj.prefixes)
         else:
             recon = (x_hat - y_BO).square().sum(-1).mean()
+        freq = torch.zeros_like(recon)  # the frequency penalty, through each row's threshold (topk_fired)
+        if obj.freq_coeff:
+            freq = frequency_penalty(topk_fired(pre, f, self.k, obj.bandwidth), obj, group)
         if dead_F is None:
-            return Loss(recon, recon, torch.zeros_like(recon), x_hat, f)
+            return Loss(recon + freq, recon, freq, x_hat, f)
         # On CPU, how many latents are dead is known at once: skip the auxiliary loss when none is and
         # take only the dead ones. On an accelerator, reading that count would wait for the device
         # every step (`sync_free`): take the aux_k largest of the dead latents' pre-activations among
@@ -324,7 +366,7 @@ class SAE(torch.nn.Module):
         n_dead = dead_F.sum()
         on_host = not sync_free
         if on_host and int(n_dead) == 0:
-            return Loss(recon, recon, torch.zeros_like(recon), x_hat, f)
+            return Loss(recon + freq, recon, freq, x_hat, f)
         err = (y_BO - x_hat).detach()
         k_aux = min(obj.aux_k, int(n_dead)) if on_host else min(obj.aux_k, self.width)
         aux_vals, aux_idx = pre.masked_fill(~dead_F, -torch.inf).topk(k_aux, dim=-1)
@@ -332,7 +374,7 @@ class SAE(torch.nn.Module):
         norm = err.square().sum(-1).mean()
         dist.mean_(group, [norm])  # the global batch's error, so that the ratio is the global one
         aux = (err_hat - err).square().sum(-1).mean() / norm.clamp_min(1e-12)
-        penalty = obj.aux_coeff * aux if on_host else obj.aux_coeff * aux * (n_dead > 0)
+        penalty = (obj.aux_coeff * aux if on_host else obj.aux_coeff * aux * (n_dead > 0)) + freq
         return Loss(recon + penalty, recon, penalty, x_hat, f)
 
     # -------------------------------------------------------------------------- files

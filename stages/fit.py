@@ -80,7 +80,7 @@ class FitConfig:
         None, "Linear lr decay to 0 over the last N steps (default: 20 % of the steps).", sweep=True
     )
     sparsity_warmup_steps: int | None = opt(
-        None, "Linear warm-up of λ from 0 (default: 20 % of the steps, at most 10,000).", sweep=True
+        None, "Linear warm-up of λ and λ_f from 0 (default: 20 % of the steps, at most 10,000).", sweep=True
     )
     decoder: Literal["auto", "sparse", "dense"] = opt(
         "auto", "JumpReLU decoder work: auto is sparse on CPU once < 5 % of latents fire (dense on CUDA for now)."
@@ -89,7 +89,9 @@ class FitConfig:
         "auto", "Matmul precision of the step: auto is tf32 on CUDA and fp32 on CPU; bf16 runs the SAE's "
         "matmuls under bfloat16 autocast (weights, Adam and the loss stay float32).",
     )  # fmt: skip
-    bandwidth: float = opt(0.001, "JumpReLU: width ε of the straight-through rectangle kernel.", sweep=True)
+    bandwidth: float = opt(
+        0.001, "JumpReLU (and TopK's frequency penalty): width ε of the straight-through rectangle kernel.", sweep=True
+    )
     theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).", sweep=True)
     b_dec_init: Literal["mean", "zero"] = opt("mean", "Decoder bias at the data mean (fewer dead latents) or 0.")
     matryoshka: str | None = opt(
@@ -97,13 +99,12 @@ class FitConfig:
         "dictionary is trained to reconstruct too.",
     )  # fmt: skip
     freq_penalty: float = opt(
-        0.0, "JumpReLU: λ_f of the frequency penalty λ_f·Σ ω_i²/ω₀ on latents' firing rates ω (0: off).", sweep=True,
+        0.0, "λ_f of the frequency penalty λ_f·Σ ω_i²/ω₀ on latents' firing rates ω (0: off); JumpReLU and TopK.",
+        sweep=True,
     )  # fmt: skip
-    freq_scale: float = opt(
-        0.1, "JumpReLU: ω₀ of the frequency penalty (the firing rate it starts to bite at).", sweep=True
-    )
+    freq_scale: float = opt(0.1, "ω₀ of the frequency penalty (the firing rate it starts to bite at).", sweep=True)
     freq_form: Literal["quadratic", "hinge"] = opt(
-        "quadratic", "JumpReLU: the frequency penalty's form: quadratic λ_f·Σ ω_i²/ω₀ (every latent), or hinge "
+        "quadratic", "The frequency penalty's form: quadratic λ_f·Σ ω_i²/ω₀ (every latent), or hinge "
         "λ_f·Σ max(0, ω_i − ω₀)²/ω₀ (only latents firing on more than the share ω₀ of tokens).", sweep=True,
     )  # fmt: skip
     aux_k: int = opt(512, "TopK: latents in the auxiliary loss that revives dead latents.", sweep=True)
@@ -146,8 +147,6 @@ class FitConfig:
         _ = self.prefixes  # a malformed --matryoshka is an error here
         if self.freq_penalty < 0 or not math.isfinite(self.freq_penalty) or not self.freq_scale > 0:
             raise GspError("--freq-penalty must be a finite number ≥ 0 and --freq-scale above 0")
-        if self.freq_penalty and self.arch != "jumprelu":
-            raise GspError("--freq-penalty is JumpReLU's (it acts through the thresholds); TopK fixes k per token")
         if self.skip and not self.target_store:
             raise GspError("--skip makes a skip transcoder: give --target-store, the hook point it predicts")
 
@@ -237,11 +236,15 @@ def _remove_smoke_output(path: Path, marker: str) -> None:
 # architecture's SAEs, so `--arch jumprelu,topk --target-l0 20,60 --k 20,60` is four SAEs, not eight.
 ARCH_ONLY = {
     **dict.fromkeys(("k", "aux_k", "aux_coeff"), "topk"),
-    **dict.fromkeys(
-        ("target_l0", "sparsity_coeff", "bandwidth", "theta_init", "freq_penalty", "freq_scale", "freq_form"),
-        "jumprelu",
-    ),
+    **dict.fromkeys(("target_l0", "sparsity_coeff", "bandwidth", "theta_init"), "jumprelu"),
 }
+
+
+def _reads(cfg: "FitConfig", key: str) -> bool:
+    """Whether an SAE of cfg's architecture reads the option (TopK reads --bandwidth for its frequency
+    penalty only)."""
+    owner = ARCH_ONLY.get(key, cfg.arch)
+    return owner == cfg.arch or (key == "bandwidth" and bool(cfg.freq_penalty))
 
 
 # What the SAEs of one sweep share: the stream of batches, the device and the run's bookkeeping.
@@ -261,10 +264,10 @@ def sweep(values: dict) -> list[FitConfig]:
     for combo in itertools.product(*lists.values()):
         v = {**values, **dict(zip(lists, combo, strict=True))}
         cfg = FitConfig(**v)
-        for key, owner in ARCH_ONLY.items():
-            if owner != cfg.arch and ("arch" in varying or key in varying):
+        for key in ARCH_ONLY:
+            if not _reads(cfg, key) and ("arch" in varying or key in varying):
                 setattr(cfg, key, defaults[key])  # not this architecture's option
-        shown = [k for k in varying if k not in ("arch", "width") and ARCH_ONLY.get(k, cfg.arch) == cfg.arch]
+        shown = [k for k in varying if k not in ("arch", "width") and _reads(cfg, k)]
         suffix = "".join(f"_{k}_{_short(getattr(cfg, k))}" for k in shown)
         members.setdefault((cfg.arch, cfg.width, suffix), (cfg, suffix))
     if len(members) > 1:

@@ -45,8 +45,27 @@ def _params(folder) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "arch",
-    [["--arch", "jumprelu", "--target-l0", "6", "--sparsity-coeff", "0.1"], ["--arch", "topk", "--k", "6"]],
-    ids=["jumprelu-target-l0", "topk"],
+    [
+        ["--arch", "jumprelu", "--target-l0", "6", "--sparsity-coeff", "0.1"],
+        ["--arch", "topk", "--k", "6"],
+        [
+            "--arch",
+            "topk",
+            "--k",
+            "6",
+            "--freq-penalty",
+            "0.05",
+            "--freq-scale",
+            "0.05",
+            "--freq-form",
+            "hinge",
+            "--bandwidth",
+            "0.05",
+            "--matryoshka",
+            "16",
+        ],
+    ],  # fmt: skip
+    ids=["jumprelu-target-l0", "topk", "topk-frequency-penalty-matryoshka"],
 )
 def test_two_processes_fit_what_one_process_fits(store, tmp_path, arch):
     one = gsp_subprocess(*_fit(store, tmp_path / "one", *arch), env={"OMP_NUM_THREADS": "1"})

@@ -137,7 +137,7 @@ def test_fit_never_imports_the_language_model(tmp_path):
         (["--matryoshka", "64,32", "--width", "128"], "--matryoshka sizes must increase"),
         (["--matryoshka", "32,128", "--width", "128"], "below --width 128"),
         (["--matryoshka", "a,b"], "--matryoshka takes prefix sizes like"),
-        (["--arch", "topk", "--freq-penalty", "0.1"], "--freq-penalty is JumpReLU's"),
+        (["--arch", "topk", "--freq-penalty", "0.1", "--freq-scale", "0"], "--freq-scale above 0"),
         (["--freq-penalty", "-1"], "--freq-penalty must be a finite number"),
     ],
 )
@@ -626,11 +626,12 @@ def test_a_plain_transcoder_of_equal_widths_reads_input_and_target_apart(gsp, pa
     assert config["final_train_metrics"]["fvu"] < 0.3
 
 
-def test_a_matryoshka_fit_with_a_frequency_penalty_resumes_exactly(synthetic, tmp_path):
+@pytest.mark.parametrize("arch", [["--target-l0", "4"], ["--arch", "topk", "--k", "4"]], ids=["jumprelu", "topk"])
+def test_a_matryoshka_fit_with_a_frequency_penalty_resumes_exactly(synthetic, tmp_path, arch):
     """--matryoshka and --freq-penalty through gsp fit: recorded with the SAE, and a fit killed after a
     checkpoint resumes to the same weights as one never stopped."""
     store, _ = synthetic
-    common = ["--width", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20", "--target-l0", "4",
+    common = ["--width", "64", "--steps", "60", "--batch-size", "128", "--checkpoint-every", "20", *arch,
               "--freq-penalty", "0.01"]  # fmt: skip
     whole = ["fit", "--store", store, "--out", tmp_path / "whole", "--matryoshka", "16,32", *common]
     assert gsp_subprocess(*whole).returncode == 0

@@ -337,3 +337,48 @@ def test_the_frequency_penalty_is_its_formula_through_the_thresholds(form):
                                rtol=1e-4, atol=1e-6)  # fmt: skip
     for k in ("w_enc", "b_enc", "w_dec", "b_dec"):  # nothing but θ feels it
         torch.testing.assert_close(grads[1][k], grads[0][k])
+
+
+@pytest.mark.parametrize("form", ["quadratic", "hinge"])
+@pytest.mark.parametrize("dead", ["none given", "some dead", "some dead, sync-free"])
+@pytest.mark.parametrize("k", [6, 32])
+def test_the_topk_frequency_penalty_is_its_formula_through_each_rows_threshold(form, dead, k):
+    """TopK: λ_f·Σ ω_i²/ω₀ (or the hinge) with ω_i the share of rows whose k largest ReLU'd
+    pre-activations include latent i; its gradient reaches the pre-activations through each row's
+    threshold τ_r (midway between the row's k-th and (k+1)-th pre-activation, at least 0):
+    dω_i/dpre_ri = (1/B)(1/ε)·K((pre_ri − τ_r)/ε); with k = width, τ_r = 0 (the ReLU). Computed here in
+    numpy, with and without AuxK."""
+    from pipeline.sae import Objective
+
+    g = torch.Generator().manual_seed(7)
+    eps, c, w0 = 0.3, 0.5, 0.25
+    sae = SAE(16, 32, arch="topk", k=k).init_gemma_scope(g)
+    x = torch.randn(300, 16, generator=g)
+    with torch.no_grad():  # latents from rare to firing on most rows
+        sae.b_enc.copy_(torch.linspace(-1.5, 2.0, 32))
+    dead_F = None if dead == "none given" else torch.arange(32) < 5
+    grads, totals = [], []
+    for coeff in (0.0, c):
+        sae.zero_grad()
+        obj = Objective(bandwidth=eps, aux_k=4, freq_coeff=coeff, freq_scale=w0, freq_form=form)
+        loss = sae.loss(x, obj, dead_F=dead_F, sync_free=dead.endswith("sync-free"))
+        loss.total.backward()
+        totals.append(float(loss.total))
+        grads.append({k: p.grad.clone() for k, p in sae.named_parameters() if p.grad is not None})
+    pre = (x @ sae.w_enc + sae.b_enc).detach().double().numpy()
+    order = np.argsort(-pre, axis=1)
+    fired = np.zeros_like(pre, dtype=bool)
+    np.put_along_axis(fired, order[:, :k], True, axis=1)
+    fired &= pre > 0
+    omega = fired.mean(0)
+    over = omega if form == "quadratic" else np.maximum(omega - w0, 0)
+    assert form == "quadratic" or 0 < (over > 0).sum() < 32  # the hinge: some latents above ω₀, some below
+    assert totals[1] - totals[0] == pytest.approx(c * (over**2 / w0).sum(), rel=1e-5)
+    sorted_ = np.take_along_axis(pre, order, axis=1)
+    tau = np.maximum((sorted_[:, k - 1] + sorted_[:, k]) / 2, 0)[:, None] if k < 32 else np.zeros((len(pre), 1))
+    d_pre = (c * 2 * over / w0) * (np.abs((pre - tau) / eps) < 0.5) / eps / len(pre)  # d penalty / d pre
+    np.testing.assert_allclose((grads[1]["b_enc"] - grads[0]["b_enc"]).numpy(), d_pre.sum(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose((grads[1]["w_enc"] - grads[0]["w_enc"]).numpy(), x.double().numpy().T @ d_pre,
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    for k in ("w_dec", "b_dec"):  # the decoder does not feel it
+        torch.testing.assert_close(grads[1][k], grads[0][k])

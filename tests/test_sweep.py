@@ -61,6 +61,18 @@ def test_options_of_the_other_architecture_do_not_multiply_a_sweep():
     assert names == ["s_jumprelu_256_target_l0_20", "s_jumprelu_256_target_l0_60", "s_topk_256_k_20", "s_topk_256_k_60"]
 
 
+def test_both_architectures_sweep_the_frequency_penalty_and_topk_reads_the_bandwidth_only_with_it():
+    cfgs = sweep(_values(arch="jumprelu,topk", freq_penalty="0,0.001", width="256"))
+    assert sorted((c.arch, c.freq_penalty) for c in cfgs) == [(a, f) for a in ("jumprelu", "topk") for f in (0, 0.001)]
+    # without the penalty a TopK SAE does not read --bandwidth: one SAE, at the default
+    (one,) = sweep(_values(arch="topk", bandwidth="0.001,0.01", width="256"))
+    assert one.bandwidth == FitConfig.__dataclass_fields__["bandwidth"].default
+    cfgs = sweep(_values(arch="topk", bandwidth="0.001,0.01", freq_penalty="0.01", width="256"))
+    assert [(c.bandwidth, c.out_dir.name) for c in cfgs] == [
+        (0.001, "s_topk_256_bandwidth_0.001"), (0.01, "s_topk_256_bandwidth_0.01")
+    ]  # fmt: skip
+
+
 def test_a_yaml_list_sweeps_and_one_value_configs_refuse_lists(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("fit:\n  width: [64, 128]\n  k: 8\n")
