@@ -266,7 +266,7 @@ def test_a_bf16_autocast_step_tracks_the_float32_step(arch):
             loss = train_step(sae, opt, x, Objective(target_l0=8), lam=1e-3, since_fired_F=since, dead_tokens=10**6,
                               sparse=False, autocast=autocast)  # fmt: skip
         assert all(p.dtype == torch.float32 for p in sae.parameters())
-        losses.append(float(loss.recon))
+        losses.append(float(loss.recon.detach()))
     assert losses[1] == pytest.approx(losses[0], rel=0.03)
 
 
