@@ -43,28 +43,18 @@ def _params(folder) -> dict[str, torch.Tensor]:
     return load_file(folder / "params.safetensors")
 
 
+_TOPK_FREQ_MATRYOSHKA = (
+    "--arch topk --k 6 --freq-penalty 0.05 --freq-scale 0.05 --freq-form hinge --bandwidth 0.05 --matryoshka 16"
+).split()
+
+
 @pytest.mark.parametrize(
     "arch",
     [
         ["--arch", "jumprelu", "--target-l0", "6", "--sparsity-coeff", "0.1"],
         ["--arch", "topk", "--k", "6"],
-        [
-            "--arch",
-            "topk",
-            "--k",
-            "6",
-            "--freq-penalty",
-            "0.05",
-            "--freq-scale",
-            "0.05",
-            "--freq-form",
-            "hinge",
-            "--bandwidth",
-            "0.05",
-            "--matryoshka",
-            "16",
-        ],
-    ],  # fmt: skip
+        _TOPK_FREQ_MATRYOSHKA,
+    ],
     ids=["jumprelu-target-l0", "topk", "topk-frequency-penalty-matryoshka"],
 )
 def test_two_processes_fit_what_one_process_fits(store, tmp_path, arch):

@@ -324,8 +324,8 @@ def test_the_frequency_penalty_is_its_formula_through_the_thresholds(form):
         sae.zero_grad()
         loss = sae.loss(x, Objective(bandwidth=eps, freq_coeff=coeff, freq_scale=w0, freq_form=form), lam=0.0)
         loss.total.backward()
-        totals.append(float(loss.total))
-        grads.append({k: p.grad.clone() for k, p in sae.named_parameters() if p.grad is not None})
+        totals.append(float(loss.total.detach()))
+        grads.append({name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
     pre = (x @ sae.w_enc + sae.b_enc).detach().double().numpy()
     theta = sae.threshold.detach().double().numpy()
     omega = (pre > theta).mean(0)
@@ -363,8 +363,8 @@ def test_the_topk_frequency_penalty_is_its_formula_through_each_rows_threshold(f
         obj = Objective(bandwidth=eps, aux_k=4, freq_coeff=coeff, freq_scale=w0, freq_form=form)
         loss = sae.loss(x, obj, dead_F=dead_F, sync_free=dead.endswith("sync-free"))
         loss.total.backward()
-        totals.append(float(loss.total))
-        grads.append({k: p.grad.clone() for k, p in sae.named_parameters() if p.grad is not None})
+        totals.append(float(loss.total.detach()))
+        grads.append({name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
     pre = (x @ sae.w_enc + sae.b_enc).detach().double().numpy()
     order = np.argsort(-pre, axis=1)
     fired = np.zeros_like(pre, dtype=bool)
@@ -380,5 +380,5 @@ def test_the_topk_frequency_penalty_is_its_formula_through_each_rows_threshold(f
     np.testing.assert_allclose((grads[1]["b_enc"] - grads[0]["b_enc"]).numpy(), d_pre.sum(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose((grads[1]["w_enc"] - grads[0]["w_enc"]).numpy(), x.double().numpy().T @ d_pre,
                                rtol=1e-4, atol=1e-6)  # fmt: skip
-    for k in ("w_dec", "b_dec"):  # the decoder does not feel it
-        torch.testing.assert_close(grads[1][k], grads[0][k])
+    for name in ("w_dec", "b_dec"):  # the decoder does not feel it
+        torch.testing.assert_close(grads[1][name], grads[0][name])
