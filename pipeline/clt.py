@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import GspError
+from pipeline.files import check_tensors, read_safetensors
 from pipeline.hooks import register_at_module, site_module
-from pipeline.sae import check_tensors, jumprelu_inference, read_safetensors
+from pipeline.sae import jumprelu_inference
 
 LAYER_FILE = re.compile(r"params_layer_(\d+)\.safetensors")
 

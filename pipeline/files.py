@@ -4,17 +4,21 @@ and so that gsp never replaces what it did not write.
 - `atomic_write_text` / `save_tensors`: write to `<name>.partial`, then rename over the name.
 - `OutputLock`: an exclusive lock file `<output>.lock` beside a store or an SAE folder, so two gsp
   runs never write one output at once.
+- `read_safetensors`, `read_json`, `check_tensors`: read a downloaded or user-given file safely (no
+  pickles) and check its tensors, every problem one GspError naming the file.
 - A full disk is always an `OSError(ENOSPC)` here (safetensors reports it as its own error type),
   which the stages turn into one line saying what to free and how to resume.
 """
 
 import errno
 import fcntl
+import json
 import os
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.errors import GspError
 
@@ -83,3 +87,41 @@ class OutputLock:
         if self.lock_path is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
+
+
+# ------------------------------------------------------------------------------ reading files safely
+def check_tensors(params: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]], file) -> None:
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise GspError(f"{file} lacks {', '.join(missing)} (it has {', '.join(sorted(params)) or 'nothing'})")
+    for name, shape in shapes.items():
+        if tuple(params[name].shape) != shape:
+            raise GspError(f"{file}: {name} has shape {tuple(params[name].shape)}, expected {shape}")
+        if not torch.isfinite(params[name]).all():
+            raise GspError(f"{file}: {name} holds NaN or infinite values: the file is damaged, fetch it again")
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Float tensors from a safetensors file (never a pickle), as float32."""
+    try:
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise GspError(f"{file} is not a readable safetensors file ({first_line(e)}): fetch it again") from None
+    bad = [k for k, v in tensors.items() if not v.is_floating_point()]
+    if bad:
+        raise GspError(f"{file}: {', '.join(bad)} are not floating-point tensors")
+    return {k: v.float() for k, v in tensors.items()}
+
+
+def read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GspError(f"{file} is not valid JSON ({first_line(e)})") from None
+    if not isinstance(data, dict):
+        raise GspError(f"{file} should hold a JSON object, not {type(data).__name__}")
+    return data

@@ -46,9 +46,10 @@ import torch
 
 from pipeline.console import warn
 from pipeline.errors import GspError
+from pipeline.files import check_tensors, first_line, read_json, read_safetensors
 from pipeline.hooks import POINT_SUFFIX, SITES
 from pipeline.models import hf_token, hub_errors
-from pipeline.sae import SAE, check_tensors, first_line, read_json, read_safetensors
+from pipeline.sae import SAE
 
 # Every file an SAE of any supported format may need, relative to its folder: all a Hub fetch downloads
 SAE_FILES = (

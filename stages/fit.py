@@ -35,11 +35,11 @@ from pipeline.config import differences, opt, resolve_path, stage_config
 from pipeline.console import console, err_console, info, warn
 from pipeline.errors import GspError
 from pipeline.faults import fault
-from pipeline.files import OutputLock, atomic_write_text, is_disk_full, save_tensors
+from pipeline.files import OutputLock, atomic_write_text, is_disk_full, read_json, save_tensors
 from pipeline.loader import LoaderState, ShuffledLoader
 from pipeline.metrics import dead_fraction, fvu, l0
 from pipeline.paths import cache_dir
-from pipeline.sae import FILE_ARCH, SAE, Objective, SAEConfig, read_json
+from pipeline.sae import FILE_ARCH, SAE, Objective, SAEConfig
 from pipeline.store import ActivationStore
 from pipeline.train import NonFinite, train_step
 

@@ -66,7 +66,7 @@ def test_folding_the_scale_gives_the_same_sae_on_raw_inputs():
 
 def test_sparse_jumprelu_path_has_the_dense_gradients():
     """The sparse decoder path gives the loss and every gradient of the dense autograd graph."""
-    from pipeline.sae import sparse_jumprelu_sae
+    from pipeline.sparse_jumprelu import sparse_jumprelu_sae
 
     eps = 0.05  # wide enough that many entries sit inside θ's kernel window
     sae = SAE(64, 256).init_gemma_scope(torch.Generator().manual_seed(0))
