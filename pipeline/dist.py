@@ -8,7 +8,9 @@ helper here is a no-op. The backend is NCCL on CUDA and gloo on the CPU (the tes
 processes on this machine's CPU).
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,21 @@ def teardown(group: Group) -> None:
     if group.world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device: str) -> Iterator[Group]:
+    """`setup(device)` for the length of a `with` block, torn down however the block ends: after a
+    barrier when it ends normally, at once on an error (a barrier then could wait for ever on a
+    process that has already left), so that no process group outlives a stage that failed."""
+    group = setup(device)
+    try:
+        yield group
+    except BaseException:
+        if group.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    teardown(group)
 
 
 def barrier(group: Group) -> None:
