@@ -20,7 +20,7 @@ from pipeline.dist import Group
 from pipeline.lm_loss import DeltaLoss
 from pipeline.metrics import reconstruction
 from pipeline.models import OFFLINE_DEFAULT, load_model, resolve_device
-from pipeline.saes import load_sae
+from pipeline.sae_formats import load_sae
 from pipeline.store import ActivationStore
 
 STORE = "cache/stores/gemma-3-270m_L12_resid_post_heldout_32768"

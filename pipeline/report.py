@@ -1,32 +1,45 @@
 """The evaluation report: a rich table in the terminal, and reports/report_<timestamp>.{md,json} + plots.
 
-The JSON keys are stable (documented in docs/evaluate.md); the Markdown says the same
-for people, with the plots a researcher looks at first: feature density, L0 distribution, error by
-position in the context.
+One SAE gets the single report (format gsp-evaluation: its figures, with the plots a researcher looks
+at first: feature density, L0 distribution, error by position in the context); several SAEs of one
+hook point get the comparison (format gsp-evaluation-set: a row per SAE and the L0–FVU and
+L0–delta-loss frontier). The JSON keys are stable (documented in docs/evaluate.md); the Markdown says
+the same for people. Every file is written atomically, and a report that cannot be written whole (a
+full disk) leaves none of its files behind.
 """
 
+import contextlib
 import datetime
 import json
 import math
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from pipeline.console import console
+from pipeline.files import atomic_path, atomic_write_text
 
 JSON_FORMAT = "gsp-evaluation"
 JSON_FORMAT_VERSION = 1
-SET_FORMAT = "gsp-evaluation-set"  # several SAEs of one hook point, compared (write_many)
+SET_FORMAT = "gsp-evaluation-set"  # several SAEs of one hook point, compared
 SET_FORMAT_VERSION = 1
 
 
-def write(results: dict, freq_F: torch.Tensor, folder: Path) -> Path:
-    """Print the table and write the report files; returns the Markdown path."""
+def write(evaluations: list[dict], freqs: list[torch.Tensor], folder: Path) -> Path:
+    """Print the table and write the report files of the SAEs evaluated (each one's figures as the
+    JSON holds them, and its latents' firing frequencies); returns the Markdown path."""
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     stem = free_stem(folder, f"report_{now:%Y%m%d-%H%M%S}")
+    with _whole(folder, stem):
+        if len(evaluations) == 1:
+            return _write_one(evaluations[0], freqs[0], folder, stem, now)
+        return _write_set(evaluations, freqs, folder, stem, now)
+
+
+def _write_one(results: dict, freq_F: torch.Tensor, folder: Path, stem: str, now) -> Path:
     results = {"format": JSON_FORMAT, "format_version": JSON_FORMAT_VERSION, "created_at": now.isoformat(), **results}
     return _finish(folder, stem, results, _plots(results, freq_F, folder, stem), markdown, table)
 
@@ -34,11 +47,22 @@ def write(results: dict, freq_F: torch.Tensor, folder: Path) -> Path:
 def _finish(folder: Path, stem: str, doc: dict, plots: list[str], markdown_fn, table_fn) -> Path:
     """Name the files in the JSON, write the JSON and the Markdown, print the table; the Markdown's path."""
     doc["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
-    atomic_write(folder / f"{stem}.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
-    atomic_write(folder / f"{stem}.md", markdown_fn(doc))
+    atomic_write_text(folder / f"{stem}.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(folder / f"{stem}.md", markdown_fn(doc))
     console.print(table_fn(doc))
     console.print(f"report: [bold]{folder / stem}.md[/] (+ .json, {len(plots)} plots)", highlight=False)
     return folder / f"{stem}.md"
+
+
+@contextlib.contextmanager
+def _whole(folder: Path, stem: str) -> Iterator[None]:
+    """A report written whole or not at all: on a failure (a full disk), its files already written go."""
+    try:
+        yield
+    except BaseException:
+        for file in [*folder.glob(f"{stem}.*"), *folder.glob(f"{stem}_*.png")]:
+            file.unlink(missing_ok=True)
+        raise
 
 
 def free_stem(folder: Path, stem: str) -> str:
@@ -61,10 +85,17 @@ def _finite(obj):
     return obj
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _save(fig, folder: Path, name: str) -> str:
+    """A plot written as `name` in `folder`, atomically; returns the name."""
+    import matplotlib.pyplot as plt
+
+    try:
+        fig.tight_layout()
+        with atomic_path(folder / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return name
 
 
 def _fmt(v, spec: str = ".4g") -> str:
@@ -193,10 +224,7 @@ def _plots(r: dict, freq_F: torch.Tensor, folder: Path, stem: str) -> list[str]:
     rec, names = r["reconstruction"], []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(folder / f"{stem}_{name}.png", dpi=110)
-        plt.close(fig)
-        names.append(f"{stem}_{name}.png")
+        names.append(_save(fig, folder, f"{stem}_{name}.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     alive = freq_F[freq_F > 0].log10().numpy()
@@ -231,14 +259,10 @@ def _plots(r: dict, freq_F: torch.Tensor, folder: Path, stem: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ several SAEs
-def write_many(results: list[dict], freqs: list[torch.Tensor], folder: Path) -> Path:
-    """The comparison of several SAEs of one hook point: a terminal table, reports/report_<timestamp>.md
-    and .json (format gsp-evaluation-set: each SAE's figures as a single report holds them, under
-    `evaluations`, by architecture, width and L0), the frontier plots and the SAEs' feature densities;
-    returns the Markdown path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    stem = free_stem(folder, f"report_{now:%Y%m%d-%H%M%S}")
+def _write_set(results: list[dict], freqs: list[torch.Tensor], folder: Path, stem: str, now) -> Path:
+    """The comparison of several SAEs of one hook point: a terminal table, the Markdown and the JSON
+    (format gsp-evaluation-set: each SAE's figures as a single report holds them, under `evaluations`,
+    by architecture, width and L0), the frontier plots and the SAEs' feature densities."""
     labels = _labels([r["sae"]["source"] for r in results])
     order = sorted(range(len(results)), key=lambda i: (_kind(results[i]), results[i]["sae"]["width"],
                                                        results[i]["reconstruction"]["l0"]))  # fmt: skip
@@ -349,10 +373,7 @@ def _frontier_plots(es: list[dict], freqs: list[torch.Tensor], folder: Path, ste
         ax.set(xlabel="L0 (active latents per token)", ylabel=ylabel, title=f"L0 vs {ylabel}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, which="both")
-        fig.tight_layout()
-        fig.savefig(folder / f"{stem}_{metric}.png", dpi=110)
-        plt.close(fig)
-        names.append(f"{stem}_{metric}.png")
+        names.append(_save(fig, folder, f"{stem}_{metric}.png"))
 
     frontier("l0_fvu", lambda e: e["reconstruction"]["fvu"], lambda e: 0.0, "FVU")
     if any(e["delta_loss"] and e["delta_loss"].get("predictions") for e in es):
@@ -369,8 +390,5 @@ def _frontier_plots(es: list[dict], freqs: list[torch.Tensor], folder: Path, ste
     ax.axvline(math.log10(es[0]["reconstruction"]["dense_threshold"]), color="#cc6677", ls="--", label="dense")
     ax.set(xlabel="log10 firing frequency", ylabel="latents", title="Feature density (dead latents not shown)")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(folder / f"{stem}_feature_density.png", dpi=110)
-    plt.close(fig)
-    names.append(f"{stem}_feature_density.png")
+    names.append(_save(fig, folder, f"{stem}_feature_density.png"))
     return names

@@ -8,13 +8,20 @@ scales):
   reads v_i afterwards while the SAE's reconstruction error is left in place.
 Positions: "all" edits every position but BOS; "generated" edits from the last prompt token on (the
 one whose output picks the first new token), so the prompt itself is read unchanged.
+
+A strength can be too large for the model: once an edited activation's mean square overflows
+float32, the norm after it (RMSNorm computes in float32) returns zeros or NaN, and decoding picks
+<pad> from flat or NaN logits. The edit refuses such an activation, and `finite_logits` refuses NaN
+or infinite logits however they arise: a one-line GspError, never an empty continuation.
 """
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 
+from pipeline.errors import GspError
 from pipeline.sae import SAE
 
 Positions = Literal["all", "generated"]
@@ -53,6 +60,29 @@ def steer_fn(
             delta = coef @ rows_FD
         else:
             delta = (vals @ rows_FD).expand_as(acts_BSD)
-        return torch.where(on, acts_BSD + delta.to(acts_BSD.dtype), acts_BSD)
+        edited_BSD = torch.where(on, acts_BSD + delta.to(acts_BSD.dtype), acts_BSD)
+        if not torch.isfinite(edited_BSD.float().square().mean(-1)).all():
+            raise GspError(f"steering by {max(abs(v) for v in values):g} makes the activation at the hook point too "
+                           "large for the model (its mean square overflows float32, so the next norm outputs zeros "
+                           "or NaN): use a smaller --strength")  # fmt: skip
+        return edited_BSD
 
     return edit
+
+
+@contextlib.contextmanager
+def finite_logits(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block, a forward pass whose last position's logits (what generation samples from)
+    hold NaN or an infinity raises a GspError."""
+
+    def check(module, args, out) -> None:
+        logits = getattr(out, "logits", None)
+        if logits is not None and not torch.isfinite(logits[:, -1]).all():
+            raise GspError("the steered model's logits are NaN or infinite (the edit broke its forward pass): "
+                           "use a smaller --strength")  # fmt: skip
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,33 +1,41 @@
-"""gsp evaluate: measure any SAE on a store's activations and, by re-running the model, on LM loss.
+"""gsp evaluate: measure SAEs on a store's activations and, by re-running the model, on LM loss.
 
 Two measurements, both over ordinary tokens only (BOS, EOS and PAD rows excluded):
 1. Reconstruction, from the store without the language model: L0, FVU, MSE, explained variance,
    cosine, dead and dense latents, feature frequencies, error by position (pipeline/metrics.py).
 2. Delta LM loss (pipeline/lm_loss.py): the model named in the store runs the store's own contexts
    clean, with the SAE's reconstruction spliced in at the hook, and zero-ablated there.
-Then a terminal table and reports/report_<timestamp>.{md,json} with plots (pipeline/report.py).
+Then a terminal table and reports/report_<timestamp>.{md,json} with plots (pipeline/report.py): the
+single report for one SAE, the comparison with the L0–FVU and L0–delta-loss frontier for several.
+
+One pipeline for every case. What --sae names is measured as `SAEs` of one hook point (one SAE is
+the comparison of one; several share each read of the store and each clean and zero-ablated forward
+pass) or as one `CrossLayer` transcoder, which reads every layer's MLP input and replaces every MLP's
+output at once; both answer the same four questions (what they are, moving to a device, their
+reconstruction figures, how they splice into the model). Every input (the SAE files, the stores, the
+rerun model's spec) is checked before the work starts, and under torchrun the process group is torn
+down however the stage ends.
 """
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
-import numpy as np
 import torch
 
 from pipeline import __version__, dist
-from pipeline.clt import is_clt_folder
+from pipeline.clt import CrossLayerTranscoder, is_clt_folder, replace_mlps, zero_mlps
 from pipeline.config import opt, stage_config
-from pipeline.console import info, progress, warn
+from pipeline.console import info, warn
 from pipeline.errors import GspError
-from pipeline.lm_loss import DeltaLoss
-from pipeline.metrics import clt_reconstruction, reconstruction, reconstructions
-from pipeline.models import rerun_model
+from pipeline.hooks import Point, site_width
+from pipeline.lm_loss import Splices, contexts_to_rerun, delta_losses, sae_splices
+from pipeline.metrics import clt_reconstruction, reconstructions
+from pipeline.models import LoadedModel, decoder_layers, load_model, model_to_run
 from pipeline.paths import cache_dir
-from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store, sae_folder, sae_sources
+from pipeline.sae_formats import LoadedSAE, check_against_store, load_sae, open_input_store, sae_folder, sae_sources
 from pipeline.store import ActivationStore
 from pipeline.store.reader import same_rows
 
@@ -83,62 +91,44 @@ def smoke_config(cfg: EvaluateConfig) -> EvaluateConfig:
     return dataclasses.replace(cfg, sae=[str(sae)], store=store, delta_tokens=1024, model=None)
 
 
-def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path:
-    """Measure, print the table, write the report; returns the Markdown report's path."""
-    if not cfg.sae:
-        raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
-    sources = sae_sources(cfg.sae)
-    if len(sources) > 1:
-        return _evaluate_many(cfg, sources, token)
-    folder = sae_folder(sources[0], revision=cfg.sae_revision, token=token)
-    if is_clt_folder(folder):
-        return _evaluate_clt(cfg, sources[0], folder, token)
-    loaded = load_sae(sources[0], revision=cfg.sae_revision, token=token)
-    store, target = _open_stores(cfg, loaded)
-    layer, site = check_against_store(loaded, store, target)
-    group = dist.setup(cfg.device)  # under torchrun, each process measures its share of the tokens
-    sae = loaded.sae.to(group.device)
-
-    dest = (loaded.layer_out, loaded.site_out) if loaded.is_transcoder else (layer, site)
-    return _measure(
-        cfg, group, _sae_info(loaded), store, target,
-        lambda: reconstruction(sae, store, cfg.tokens, cfg.batch_size, group, target),
-        lambda: _first(_delta_loss(cfg, [sae], store, (layer, site), dest, token, group)),
-    )  # fmt: skip
-
-
-def _measure(cfg: EvaluateConfig, group, sae_info: dict, store, target, recon_fn, delta_fn) -> Path:
-    """The reconstruction metrics and (unless --no-delta-loss) the delta loss, timed; the report."""
+def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path | None:
+    """Measure, print the table, write the report; returns the Markdown report's path (None on every
+    process of a torchrun but the first, which writes it)."""
     from pipeline import report
 
-    t0 = time.perf_counter()
-    recon = recon_fn()
-    _note_tokens(cfg, group, recon["tokens"])
-    t_recon = time.perf_counter() - t0
-    delta, lm_info, t_delta = None, None, 0.0
-    if cfg.delta_loss:
+    if not cfg.sae:
+        raise GspError("--sae is required: a gsp fit folder, a pretrained SAE folder, or a Hub path")
+    subjects = _subjects(cfg, token)
+    rerun_model = _rerun_model(cfg, subjects.store) if cfg.delta_loss else None
+    with dist.session(cfg.device) as group:  # under torchrun, each process measures its share of the tokens
+        subjects.to(group.device)
         t0 = time.perf_counter()
-        delta, lm_info = delta_fn()
-        t_delta = time.perf_counter() - t0
-    results = _results(cfg, group, sae_info, store, target, recon, (delta, lm_info), (t_recon, t_delta))
-    path = report.write(results, recon["_frequency"], Path(cfg.reports)) if group.main else None
-    dist.teardown(group)
-    return path
+        recons = subjects.reconstructions(cfg.tokens, cfg.batch_size, group)
+        if recons[0]["tokens"] < cfg.tokens and group.main:
+            info(f"the store holds {recons[0]['tokens']:,} ordinary tokens; all were used (asked for {cfg.tokens:,})")
+        t_recon = (time.perf_counter() - t0) / len(recons)  # each SAE's share of the one pass
+        deltas, lm_info, t_delta = [None] * len(recons), None, 0.0
+        if rerun_model is not None:
+            t0 = time.perf_counter()
+            deltas, lm_info = _delta_losses(cfg, subjects, rerun_model, token, group)
+            t_delta = (time.perf_counter() - t0) / len(recons)
+        results = [
+            _results(cfg, group, sae_info, subjects, recon, (delta, lm_info), (t_recon, t_delta))
+            for sae_info, recon, delta in zip(subjects.infos(), recons, deltas, strict=True)
+        ]
+        if not group.main:
+            return None
+        return report.write(results, [recon["_frequency"] for recon in recons], Path(cfg.reports))
 
 
-def _note_tokens(cfg: EvaluateConfig, group, measured: int) -> None:
-    if measured < cfg.tokens and group.main:
-        info(f"the store holds {measured:,} ordinary tokens; all were used (asked for {cfg.tokens:,})")
-
-
-def _results(cfg: EvaluateConfig, group, sae_info: dict, store, target, recon: dict, lm, seconds) -> dict:
+def _results(cfg: EvaluateConfig, group, sae_info: dict, subjects: "Subjects", recon: dict, lm, seconds) -> dict:
     """One SAE's figures as the report's JSON holds them."""
     (delta, lm_info), (t_recon, t_delta) = lm, seconds
     return {
         "gsp_version": __version__,
         "sae": sae_info,
-        "store": _store_info(store),
-        "target_store": _store_info(target) if target is not None else None,
+        "store": _store_info(subjects.store),
+        "target_store": _store_info(subjects.target) if subjects.target is not None else None,
         "model": lm_info,
         "settings": dataclasses.asdict(cfg),
         "reconstruction": {k: v for k, v in recon.items() if not k.startswith("_")},
@@ -154,88 +144,124 @@ def _results(cfg: EvaluateConfig, group, sae_info: dict, store, target, recon: d
     }
 
 
-def _evaluate_many(cfg: EvaluateConfig, sources: list[str], token) -> Path:
-    """Several SAEs of one hook point from one pass: each batch of store rows through every SAE, and
-    for the delta loss one clean and one zero-ablated forward per batch of contexts, then one spliced
-    forward per SAE. One report: a row per SAE, and the L0–FVU and L0–delta-loss frontier."""
-    from pipeline import report
+# ------------------------------------------------------------------------------ what is measured
+class Subjects(Protocol):
+    """What one evaluation measures, on one store."""
 
-    loaded = []
-    for spec in sources:
-        if is_clt_folder(sae_folder(spec, revision=cfg.sae_revision, token=token)):
-            raise GspError(f"{spec} is a cross-layer transcoder: evaluate it on its own (--sae {spec})")
-        loaded.append(load_sae(spec, revision=cfg.sae_revision, token=token))
+    store: ActivationStore  # what is read: the report's store, whose contexts the rerun re-runs
+    target: ActivationStore | None  # what a transcoder predicts (None for an SAE)
+    reads: Point  # the hook point read, where the rerun's activations are compared with the store's
+
+    def infos(self) -> list[dict]:
+        """The report's "sae" section of each SAE measured."""
+
+    def to(self, device: torch.device) -> None: ...
+
+    def reconstructions(self, tokens: int, batch_size: int, group: dist.Group) -> list[dict]:
+        """Each SAE's reconstruction figures (pipeline/metrics.py), from one pass over the store."""
+
+    def splices(self, lm: LoadedModel) -> Splices:
+        """How the rerun splices each SAE into the model, after checking that the model fits."""
+
+
+class SAEs:
+    """SAEs of one hook point (one, or several compared), the store they read and, for transcoders,
+    the store of the point they predict."""
+
+    def __init__(self, loaded: list[LoadedSAE], store: ActivationStore, target: ActivationStore | None):
+        self.loaded, self.store, self.target = loaded, store, target
+        self.reads = [check_against_store(s, store, target) for s in loaded][0]
+        first = loaded[0]
+        self.writes = (first.layer_out, first.site_out) if first.is_transcoder else self.reads
+
+    def infos(self) -> list[dict]:
+        return [_sae_info(s) for s in self.loaded]
+
+    def to(self, device: torch.device) -> None:
+        for s in self.loaded:
+            s.sae.to(device)
+
+    def reconstructions(self, tokens: int, batch_size: int, group: dist.Group) -> list[dict]:
+        return reconstructions([s.sae for s in self.loaded], self.store, tokens, batch_size, group, self.target)
+
+    def splices(self, lm: LoadedModel) -> Splices:
+        sae = self.loaded[0].sae
+        for (layer, site), width in ((self.reads, sae.d_in), (self.writes, sae.d_out)):
+            have = site_width(lm.model, layer, site)
+            if have != width:
+                raise GspError(f"model {lm.spec} has width {have} at layer {layer} {site}, the SAE {width}: pass "
+                               "the --model the store was harvested from")  # fmt: skip
+        return sae_splices(lm.model, [s.sae for s in self.loaded], self.reads, self.writes)
+
+
+class CrossLayer:
+    """A cross-layer transcoder on a store of every layer's MLP input and output (one harvest): its
+    prediction of every MLP output; in the rerun every MLP's output is replaced at once."""
+
+    reads = (0, "mlp_in")
+
+    def __init__(self, clt: CrossLayerTranscoder, spec: str, folder: Path, inputs: list, targets: list):
+        self.clt, self.spec, self.folder = clt, spec, folder
+        self.inputs, self.targets = inputs, targets
+        self.store, self.target = inputs[0], targets[0]
+
+    def infos(self) -> list[dict]:
+        c, last = self.clt, self.clt.n_layers - 1
+        return [{"source": self.spec, "format": "gemma-scope-2-clt", "path": str(self.folder), "model_name": None,
+                 "layer": 0, "site": "mlp_in", "d_in": c.d_model, "width": c.width, "architecture": "jumprelu",
+                 "k": None, "transcoder": True, "layer_out": last, "site_out": "mlp_out", "d_out": c.d_model,
+                 "skip": c.skip, "clt_layers": c.n_layers}]  # fmt: skip
+
+    def to(self, device: torch.device) -> None:
+        self.clt.to(device)
+
+    def reconstructions(self, tokens: int, batch_size: int, group: dist.Group) -> list[dict]:
+        return [clt_reconstruction(self.clt, self.inputs, self.targets, tokens, batch_size, group)]
+
+    def splices(self, lm: LoadedModel) -> Splices:
+        model, n_layers = lm.model, self.clt.n_layers
+        if len(decoder_layers(model)) != n_layers:
+            raise GspError(f"model {lm.spec} has {len(decoder_layers(model))} layers, the CLT {n_layers}")
+        return Splices([lambda special_BS1: replace_mlps(model, self.clt, special_BS1)],
+                       lambda special_BS1: zero_mlps(model, n_layers, special_BS1))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ inputs, checked before the work
+def _subjects(cfg: EvaluateConfig, token) -> Subjects:
+    """What --sae names, loaded, with the stores it is measured on."""
+    specs = sae_sources(cfg.sae)
+    folders = [sae_folder(spec, revision=cfg.sae_revision, token=token) for spec in specs]
+    clts = [spec for spec, folder in zip(specs, folders, strict=True) if is_clt_folder(folder)]
+    if clts and len(specs) > 1:
+        raise GspError(f"{clts[0]} is a cross-layer transcoder: evaluate it on its own (--sae {clts[0]})")
+    if clts:
+        return _cross_layer(cfg, specs[0], folders[0])
+    loaded = [load_sae(spec, revision=cfg.sae_revision, token=token) for spec in specs]
     points = {(s.layer, s.site, s.layer_out, s.site_out, s.is_transcoder) for s in loaded}
     if len(points) > 1:
         shown = "; ".join(f"{s.source}: layer {s.layer} {s.site}" for s in loaded[:4])
         raise GspError(f"these SAEs are of different hook points ({shown}): compare SAEs of one hook point, "
                        "or evaluate each on its own")  # fmt: skip
-    store, target = _open_stores(cfg, loaded[0])
-    layer, site = [check_against_store(s, store, target) for s in loaded][0]
-    group = dist.setup(cfg.device)
-    saes = [s.sae.to(group.device) for s in loaded]
-    t0 = time.perf_counter()
-    recons = reconstructions(saes, store, cfg.tokens, cfg.batch_size, group, target)
-    _note_tokens(cfg, group, recons[0]["tokens"])
-    t_recon = (time.perf_counter() - t0) / len(saes)
-    deltas, t_delta = [(None, None)] * len(saes), 0.0
-    if cfg.delta_loss:
-        t0 = time.perf_counter()
-        dest = (loaded[0].layer_out, loaded[0].site_out) if loaded[0].is_transcoder else (layer, site)
-        results, lm_info = _delta_loss(cfg, saes, store, (layer, site), dest, token, group)
-        deltas = [(r, lm_info) for r in results]
-        t_delta = (time.perf_counter() - t0) / len(saes)
-    results = [
-        _results(cfg, group, _sae_info(s), store, target, r, d, (t_recon, t_delta))
-        for s, r, d in zip(loaded, recons, deltas, strict=True)
-    ]
-    path = report.write_many(results, [r["_frequency"] for r in recons], Path(cfg.reports)) if group.main else None
-    dist.teardown(group)
-    return path
+    return SAEs(loaded, *_open_stores(cfg, loaded[0]))
 
 
-def _evaluate_clt(cfg: EvaluateConfig, source: str, folder: Path, token) -> Path:
-    """A cross-layer transcoder on a store of every layer's MLP input and output (one harvest): its
-    prediction of every MLP output; the delta loss with every MLP's output replaced at once."""
-    from pipeline.clt import CrossLayerTranscoder, replace_mlps, zero_mlps
-
+def _cross_layer(cfg: EvaluateConfig, spec: str, folder: Path) -> CrossLayer:
     clt = CrossLayerTranscoder.load(folder)
-    L = clt.n_layers
-    how = f"gsp harvest --layer all --site mlp_in,mlp_out (a store of all {L} layers' MLP inputs and outputs)"
+    n_layers = clt.n_layers
+    how = f"gsp harvest --layer all --site mlp_in,mlp_out (a store of all {n_layers} layers' MLP inputs and outputs)"
     if not cfg.store:
         raise GspError(f"--store is required for a cross-layer transcoder: {how}")
     hooks = {h.hook.name: h for h in ActivationStore.open_some(cfg.store)}
-    missing = [f"L{layer}.{site}" for site in ("mlp_in", "mlp_out") for layer in range(L)]
+    missing = [f"L{layer}.{site}" for site in ("mlp_in", "mlp_out") for layer in range(n_layers)]
     missing = [name for name in missing if name not in hooks]
     if missing:
         raise GspError(f"store {cfg.store} lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}, "
-                       f"which this {L}-layer CLT reads or predicts: {how}")  # fmt: skip
-    inputs = [hooks[f"L{layer}.mlp_in"] for layer in range(L)]
-    targets = [hooks[f"L{layer}.mlp_out"] for layer in range(L)]
+                       f"which this {n_layers}-layer CLT reads or predicts: {how}")  # fmt: skip
+    inputs = [hooks[f"L{layer}.mlp_in"] for layer in range(n_layers)]
+    targets = [hooks[f"L{layer}.mlp_out"] for layer in range(n_layers)]
     if inputs[0].d_in != clt.d_model:
         raise GspError(f"the CLT has d_model {clt.d_model} but store {cfg.store} holds d_in {inputs[0].d_in}")
-    group = dist.setup(cfg.device)
-    clt.to(group.device)
-
-    def check(lm) -> None:
-        from pipeline.models import decoder_layers
-
-        if len(decoder_layers(lm.model)) != L:
-            raise GspError(f"model {lm.spec} has {len(decoder_layers(lm.model))} layers, the CLT {L}")
-
-    def score(accs, model, ids) -> None:
-        accs[0].run_with(model, ids, inputs[0].special_ids, lambda sp: replace_mlps(model, clt, sp),
-                         lambda sp: zero_mlps(model, L, sp))  # fmt: skip
-
-    info_ = {"source": source, "format": "gemma-scope-2-clt", "path": str(folder), "model_name": None,
-             "layer": 0, "site": "mlp_in", "d_in": clt.d_model, "width": clt.width, "architecture": "jumprelu",
-             "k": None, "transcoder": True, "layer_out": L - 1, "site_out": "mlp_out", "d_out": clt.d_model,
-             "skip": clt.skip, "clt_layers": L}  # fmt: skip
-    return _measure(
-        cfg, group, info_, inputs[0], targets[0],
-        lambda: clt_reconstruction(clt, inputs, targets, cfg.tokens, cfg.batch_size, group),
-        lambda: _first(rerun(cfg, inputs[0], (0, "mlp_in"), token, group, check, score)),
-    )  # fmt: skip
+    return CrossLayer(clt, spec, folder, inputs, targets)
 
 
 def _open_stores(cfg: EvaluateConfig, loaded: LoadedSAE) -> tuple[ActivationStore, ActivationStore | None]:
@@ -276,85 +302,22 @@ def _open_store(cfg: EvaluateConfig, loaded: LoadedSAE) -> ActivationStore:
     return store
 
 
-# ------------------------------------------------------------------------------ delta loss
-def _delta_loss(cfg: EvaluateConfig, saes: list, store: ActivationStore, source, dest, token, group) -> tuple:
-    """The model re-run on the store's contexts with `dest` replaced by each SAE's output from `source`
-    (the same point for an SAE; a transcoder's input and output): ([result per SAE], model info)."""
-    from pipeline.hooks import site_width
-    from pipeline.lm_loss import run_many
-
-    def check(lm) -> None:
-        for (lay, s), width in ((source, saes[0].d_in), (dest, saes[0].d_out)):
-            if site_width(lm.model, lay, s) != width:
-                raise GspError(f"model {lm.spec} has width {site_width(lm.model, lay, s)} at layer {lay} {s}, the "
-                               f"SAE {width}: pass the --model the store was harvested from")  # fmt: skip
-
-    def score(accs: list[DeltaLoss], model, ids) -> None:
-        run_many(accs, model, saes, ids, *dest, store.special_ids, source=source)
-
-    return rerun(cfg, store, source, token, group, check, score, n=len(saes))
+def _rerun_model(cfg: EvaluateConfig, store: ActivationStore) -> tuple[str, str | None]:
+    """(spec, revision) of the model the delta loss re-runs, checked (and the store's contexts counted)
+    before any work: a missing model folder fails now, not after the reconstruction pass."""
+    contexts_to_rerun(store, cfg.delta_tokens)
+    return model_to_run(cfg.model, cfg.revision, harvested=store.meta.model)
 
 
-def _first(results_and_info: tuple) -> tuple:
-    results, lm_info = results_and_info
-    return results[0], lm_info
-
-
-def rerun(cfg: EvaluateConfig, store: ActivationStore, point, token, group, check, score, n: int = 1) -> tuple:
-    """Delta LM loss over the store's first contexts: the model (checked by `check(lm)`) re-runs them in
-    batches, `score(accs, model, ids)` running one batch into `n` accumulators (one per SAE); the
-    activations at `point` are compared with the store's first. ([result per accumulator], model info)."""
-    from pipeline.models import load_model
-
-    spec, revision = rerun_model(store.meta.model, cfg.model, cfg.revision)
+def _delta_losses(cfg: EvaluateConfig, subjects: Subjects, rerun_model: tuple, token, group) -> tuple[list, dict]:
+    """([delta loss of each SAE], the model's info): the model loaded and re-run on the store's contexts."""
+    spec, revision = rerun_model
     lm = load_model(spec, device=str(group.device), dtype=cfg.dtype, revision=revision, token=token)
-    check(lm)
-    C = store.context_size
-    n_ctx = min(math.ceil(cfg.delta_tokens / C), store.rows_written // C)
-    if n_ctx == 0:
-        raise GspError(f"store {store.path} holds no whole context to re-run")
-    per_batch = max(1, cfg.lm_batch_tokens // C)
-    ids_all = torch.from_numpy(store.read_tokens(0, n_ctx * C).astype(np.int64)).view(n_ctx, C)
-
-    mismatch = _rerun_mismatch(lm.model, store, ids_all[:per_batch].to(lm.device), *point)
-    accs = [DeltaLoss() for _ in range(n)]
-    passes = f"{2 + n} passes" if n > 1 else "3 passes"
-    with progress("tok", show=group.main) as bar:
-        task = bar.add_task(f"delta loss ({passes})", total=n_ctx * C)
-        for b, i in enumerate(range(0, n_ctx, per_batch)):
-            if b % group.world != group.rank:
-                continue
-            ids = ids_all[i : i + per_batch].to(lm.device)
-            score(accs, lm.model, ids)
-            bar.advance(task, ids.numel() * group.world)
-    shares = dist.gather(group, accs)  # a collective: every process takes part
-    results = []
-    for j in range(n):
-        acc = shares[0][j]
-        for other in shares[1:]:
-            acc.merge(other[j])
-        result = acc.result()
-        result["tokens"] = n_ctx * C
-        result["store_activation_mismatch"] = mismatch
-        results.append(result)
+    results = delta_losses(lm.model, subjects.store, subjects.splices(lm), reads=subjects.reads,
+                           tokens=cfg.delta_tokens, batch_tokens=cfg.lm_batch_tokens, group=group)  # fmt: skip
     lm_info = {"spec": lm.spec, "name": lm.name, "revision": lm.revision, "device": str(lm.device),
                "dtype": str(lm.dtype).removeprefix("torch.")}  # fmt: skip
     return results, lm_info
-
-
-def _rerun_mismatch(model, store: ActivationStore, ids_BS: torch.Tensor, layer: int, site: str) -> float:
-    """‖live − stored‖ / ‖stored‖ over the ordinary tokens of the first contexts: the rerun must see
-    what the harvest saw (bfloat16 storage alone gives ~0.2 %)."""
-    from pipeline.hooks import activations
-
-    live = activations(model, ids_BS, layer, site).float().reshape(-1, store.d_in).cpu()
-    stored = torch.from_numpy(store.read(0, len(live)))
-    ordinary = ~torch.isin(ids_BS.reshape(-1).cpu(), torch.tensor(store.special_ids))
-    mismatch = ((live - stored)[ordinary].norm() / stored[ordinary].norm()).item()
-    if mismatch > 0.05:
-        warn(f"the re-run model's activations differ from the store's by {100 * mismatch:.1f} % "
-             "(another model, revision or dtype?); the delta loss refers to the re-run model")  # fmt: skip
-    return mismatch
 
 
 # ------------------------------------------------------------------------------ what was measured

@@ -13,7 +13,7 @@ from pipeline.console import console
 from pipeline.errors import GspError
 from pipeline.export import export
 from pipeline.hooks import SITES, hook_point
-from pipeline.saes import load_sae
+from pipeline.sae_formats import load_sae
 
 
 def run_export(spec: str, fmt: str, out: str, *, l0: float | None = None, token: str | None = None) -> Path:

@@ -7,6 +7,8 @@ Three uses of one command:
   (logit lens), and write a self-contained HTML feature browser plus the same data as JSON;
 - `--feature N`: the same pass, printing that one feature in the terminal;
 - `--prompt "..."`: run the model on a prompt and show, token by token, which features fire.
+The model (for token text, the logit lens and prompts) is the store's, at its revision, chosen by
+pipeline/models.py's `model_to_run` as evaluate and steer choose it, and checked before the pass.
 """
 
 import datetime
@@ -24,8 +26,8 @@ from pipeline.config import opt, stage_config
 from pipeline.console import console, err_console, progress
 from pipeline.errors import GspError
 from pipeline.features import HIST_LOW, HIST_STEP, TopActivations, logit_lens
-from pipeline.models import rerun_model, resolve_device
-from pipeline.saes import LoadedSAE, check_against_store, load_sae, open_input_store
+from pipeline.models import model_to_run, resolve_device
+from pipeline.sae_formats import LoadedSAE, check_against_store, load_sae, open_input_store
 from pipeline.store import ActivationStore
 
 
@@ -69,9 +71,10 @@ def run_features(cfg: FeaturesConfig, *, token: str | None = None) -> Path | Non
         _prompt(cfg, loaded, token)
         return None
     store = _store(cfg, loaded)
+    spec, revision = model_to_run(cfg.model, cfg.revision, harvested=store.meta.model)  # checked before the pass
     device = resolve_device(cfg.device)
     top = stream(loaded.sae.to(device), store, cfg.tokens, cfg.top_k, device)
-    lm = _model(cfg, store, token, full=cfg.logit_lens)
+    lm = _model(spec, revision, cfg.device, token, full=cfg.logit_lens)
     feats = [cfg.feature] if cfg.feature is not None else _chosen(top, cfg.max_features)
     data = collect(loaded, store, top, feats, cfg, lm)
     if cfg.feature is not None:
@@ -223,31 +226,26 @@ def _store(cfg: FeaturesConfig, loaded: LoadedSAE) -> ActivationStore:
     return store
 
 
-def _model(cfg: FeaturesConfig, store: ActivationStore | None, token, *, full: bool):
+def _model(spec: str, revision: str | None, device: str, token, *, full: bool):
     """The model (for the logit lens and prompts) with its tokenizer, or just the tokenizer."""
     from pipeline.models import load_model, load_tokenizer
 
-    if store is not None:
-        spec, revision = rerun_model(store.meta.model, cfg.model, cfg.revision)
-    elif cfg.model:
-        spec, revision = cfg.model, cfg.revision
-    else:
-        raise GspError("--model is required with --prompt for this SAE (its files name no usable model)")
     if full:
-        return load_model(spec, device=cfg.device, revision=revision, token=token)
+        return load_model(spec, device=device, revision=revision, token=token)
     return SimpleNamespace(model=None, tokenizer=load_tokenizer(spec, revision=revision, token=token))
 
 
 # ------------------------------------------------------------------------------ outputs
 def _write(data: dict, loaded: LoadedSAE, folder: Path) -> Path:
     from pipeline.browser import render
-    from pipeline.report import atomic_write, free_stem
+    from pipeline.files import atomic_write_text
+    from pipeline.report import free_stem
 
     folder.mkdir(parents=True, exist_ok=True)
     stem = free_stem(folder, f"features_{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}")
-    atomic_write(folder / f"{stem}.json", json.dumps(data, separators=(",", ":")) + "\n")
+    atomic_write_text(folder / f"{stem}.json", json.dumps(data, separators=(",", ":")) + "\n")
     page = folder / f"{stem}.html"
-    atomic_write(page, render(data, f"gsp features · {loaded.source}"))
+    atomic_write_text(page, render(data, f"gsp features · {loaded.source}"))
     m = data["meta"]
     console.print(
         f"{len(data['features']):,} features ({m['dead']:,} dead) over {m['tokens']:,} tokens: "
@@ -275,20 +273,20 @@ def _print_feature(data: dict, feature: int) -> None:
     if not data["features"]:
         console.print(f"feature {feature} never fired on {data['meta']['tokens']:,} tokens (dead)")
         return
-    f, vocab = data["features"][0], data["vocab"]
+    shown, vocab = data["features"][0], data["vocab"]
     console.print(
-        f"[bold]feature {feature}[/]: fires on {100 * f['frequency']:.3g} % of {data['meta']['tokens']:,} tokens, "
-        f"mean {_num(f['mean'])}, max {_num(f['max'])}",
+        f"[bold]feature {feature}[/]: fires on {100 * shown['frequency']:.3g} % of {data['meta']['tokens']:,} tokens, "
+        f"mean {_num(shown['mean'])}, max {_num(shown['max'])}",
         highlight=False,
     )
-    for c in f["contexts"]:
+    for c in shown["contexts"]:
         line = Text(f"{_num(c['act']):>10}  ")
         for i, (t, a) in enumerate(zip(c["tokens"], c["acts"], strict=True)):
-            line.append_text(_shade(vocab.get(t, f"<{t}>").replace("\n", "⏎"), a, f["max"], i == c["at"]))
+            line.append_text(_shade(vocab.get(t, f"<{t}>").replace("\n", "⏎"), a, shown["max"], i == c["at"]))
         console.print(line)
-    if f["logits"]:
+    if shown["logits"]:
         console.print(
-            "promotes: " + "  ".join(vocab.get(i, f"<{i}>").strip() or repr(vocab.get(i)) for i, _ in f["logits"])
+            "promotes: " + "  ".join(vocab.get(i, f"<{i}>").strip() or repr(vocab.get(i)) for i, _ in shown["logits"])
         )
 
 
@@ -306,14 +304,15 @@ def _prompt(cfg: FeaturesConfig, loaded: LoadedSAE, token) -> None:
     site = loaded.site or (store.hook.site if store else None)
     if layer is None or site is None:
         raise GspError("this SAE's files name no layer or site: pass --store harvested at its hook point")
-    if cfg.model is None and store is None and loaded.model_name:
-        cfg.model = loaded.model_name
-    lm = _model(cfg, store, token, full=True)
+    harvested = store.meta.model if store is not None else None
+    spec, revision = model_to_run(cfg.model, cfg.revision, harvested=harvested, store_path=loaded.training_store,
+                                  named=loaded.model_name)  # fmt: skip
+    lm = _model(spec, revision, cfg.device, token, full=True)
     check_width(lm.model, layer, site, loaded.sae.d_in, f"the SAE {loaded.source}")
     ids = lm.tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(lm.device)
     x = activations(lm.model, ids, layer, site)[0].float()
     sae = loaded.sae.to(lm.device)
-    f = sae.encode(x)[0]
+    f_SF = sae.encode(x)[0]
     text = token_strings(lm.tokenizer, ids[0].tolist())
     table = Table(title=f"features of {loaded.source} on the prompt", title_justify="left")
     table.add_column("pos", justify="right")
@@ -322,7 +321,7 @@ def _prompt(cfg: FeaturesConfig, loaded: LoadedSAE, token) -> None:
     table.add_column("strongest features (#id activation)")
     special = set(lm.tokenizer.all_special_ids)
     for pos, t in enumerate(ids[0].tolist()):
-        row = f[pos]
+        row = f_SF[pos]
         vals, idx = row.topk(min(6, len(row)))
         shown = "  ".join(f"#{i} {_num(v)}" for v, i in zip(vals.tolist(), idx.tolist(), strict=True) if v > 0)
         note = " (special: not SAE data)" if t in special else ""

@@ -1,5 +1,11 @@
 """gsp steer: generate with SAE features added (or clamped) at the SAE's hook point, beside the
-unsteered continuation from the same seed (pipeline/steering.py holds the edit)."""
+unsteered continuation from the same seed (pipeline/steering.py holds the edit).
+
+The model is the one the SAE's training store was harvested from, at its revision (pipeline/models.py's
+`model_to_run`, as evaluate and features choose it). A strength beyond float32, or one that breaks the
+model's forward pass (an activation too large for its norms, NaN logits), is a one-line error rather
+than an empty continuation decoded from broken logits.
+"""
 
 import math
 from dataclasses import dataclass
@@ -11,9 +17,11 @@ from pipeline.config import opt, stage_config
 from pipeline.console import console
 from pipeline.errors import GspError
 from pipeline.hooks import check_width, splice_from
-from pipeline.saes import load_sae
-from pipeline.steering import steer_fn
-from pipeline.store import ActivationStore
+from pipeline.models import model_to_run
+from pipeline.sae_formats import load_sae
+from pipeline.steering import finite_logits, steer_fn
+
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the model computes in float32 or bfloat16: no larger value exists
 
 
 @stage_config("steer")
@@ -53,8 +61,10 @@ class SteerConfig:
             raise GspError(f"give one --strength, or one per --feature ({len(self.feature)}), not {len(self.strength)}")
         if self.max_new_tokens <= 0 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise GspError("--max-new-tokens must be positive, --temperature ≥ 0, 0 < --top-p ≤ 1, --top-k ≥ 0")
-        if not all(math.isfinite(v) for v in self.strength) or not math.isfinite(self.temperature):
-            raise GspError(f"--strength and --temperature must be finite numbers, got {self.strength}")
+        if not all(_is_float32(v) for v in (*self.strength, self.temperature)):
+            raise GspError(f"--strength and --temperature must be finite numbers in float32's range (|v| ≤ "
+                           f"{FLOAT32_MAX:.4g}), got --strength {self.strength}, "
+                           f"--temperature {self.temperature:g}")  # fmt: skip
         if not self.prompt.strip():
             raise GspError("--prompt is empty: give the text to continue")
 
@@ -79,7 +89,8 @@ def run_steer(cfg: SteerConfig, *, token: str | None = None) -> tuple[str, str]:
     site = cfg.site or loaded.site
     if layer is None or site is None:
         raise GspError("this SAE's files name no layer or site: pass --layer and --site")
-    lm = load_model(_model_spec(cfg, loaded), device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, token=token)
+    spec, revision = model_to_run(cfg.model, cfg.revision, store_path=loaded.training_store, named=loaded.model_name)
+    lm = load_model(spec, device=cfg.device, dtype=cfg.dtype, revision=revision, token=token)
     check_width(lm.model, layer, site, loaded.sae.d_in, f"the SAE {cfg.sae}")
     dest = (loaded.layer_out, loaded.site_out) if loaded.is_transcoder else (layer, site)
     check_width(lm.model, *dest, loaded.sae.d_out, f"the SAE {cfg.sae}'s decoder")
@@ -87,7 +98,7 @@ def run_steer(cfg: SteerConfig, *, token: str | None = None) -> tuple[str, str]:
     ids = lm.tokenizer(cfg.prompt, return_tensors="pt").input_ids.to(lm.device)
     plain = generate(lm.model, ids, cfg)
     fn = steer_fn(sae, cfg.feature, cfg.values, clamp=cfg.clamp, positions=cfg.positions, prompt_len=ids.shape[1])
-    with splice_from(lm.model, (layer, site), dest, fn):
+    with splice_from(lm.model, (layer, site), dest, fn), finite_logits(lm.model):
         steered = generate(lm.model, ids, cfg)
     texts = [lm.tokenizer.decode(out[ids.shape[1] :], skip_special_tokens=True) for out in (plain, steered)]
 
@@ -111,14 +122,6 @@ def generate(model: torch.nn.Module, ids: torch.Tensor, cfg: SteerConfig) -> tor
         return model.generate(ids, max_new_tokens=cfg.max_new_tokens, do_sample=sample, **kw)[0]
 
 
-def _model_spec(cfg: SteerConfig, loaded) -> str:
-    if cfg.model:
-        return cfg.model
-    if loaded.training_store:
-        try:
-            return ActivationStore.open(loaded.training_store).meta.model.spec
-        except GspError:
-            pass  # the training store has moved: fall back to the model's name
-    if loaded.model_name:
-        return loaded.model_name
-    raise GspError("--model is required: this SAE's files name no model")
+def _is_float32(v: float) -> bool:
+    """A finite number that float32 holds (1e39 is finite in Python, infinite in float32)."""
+    return math.isfinite(v) and abs(v) <= FLOAT32_MAX

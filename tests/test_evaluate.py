@@ -453,3 +453,76 @@ def test_a_gemma_scope_2_transcoder_folder_is_evaluated_on_a_store_of_both_point
     r = gsp("evaluate", "--sae", folder, "--store", transcoder / "store" / "L1.mlp_in", "--target-store",
             transcoder / "store" / "L1.mlp_in", "--no-delta-loss", "--reports", tmp_path / "c")  # fmt: skip
     assert r.exit_code == 1 and "predicts layer 1 mlp_out" in r.output and "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------ checked first, nothing left behind
+def _spy_rows(monkeypatch) -> list:
+    """Every read of a store's rows for the reconstruction pass, from now on."""
+    calls = []
+    rows = ActivationStore.ordinary_rows
+
+    def spy(self, *args, **kwargs):
+        calls.append(self.path)
+        return rows(self, *args, **kwargs)
+
+    monkeypatch.setattr(ActivationStore, "ordinary_rows", spy)
+    return calls
+
+
+@pytest.mark.parametrize("model", ["ev/nosuch_model", "./missing"])
+def test_a_missing_rerun_model_fails_before_the_reconstruction_pass(gsp, setup, tmp_path, monkeypatch, model):
+    """`ev/nosuch_model` beside an `ev/` folder is a local path (it used to go to the Hub: 10 retries over
+    ~51 s), and either fails at once, not after the whole reconstruction pass."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the code before this fix asked the Hub: fail fast there
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ev").mkdir()
+    reads = _spy_rows(monkeypatch)
+    r = gsp("evaluate", "--sae", setup / "sae", "--store", setup / "store", "--model", model,
+            "--reports", tmp_path / "r")  # fmt: skip
+    one_line_error(r, model, "not a local folder")
+    assert reads == [] and not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_leaves_no_part_of_a_report(gsp, setup, tmp_path, small_disk):
+    """64 KiB hold the first two plots (~45 KiB) but not the third (~53 KiB): the report is written
+    whole or not at all, and no truncated PNG is left behind."""
+    disk = small_disk(64)
+    reports = disk.path / "reports"
+    r = gsp("evaluate", "--sae", setup / "sae", "--store", setup / "store", "--no-delta-loss", "--reports", reports)
+    one_line_error(r, "disk full")
+    assert list(reports.iterdir()) == []
+    disk.resize(1024)  # space freed: the same command writes the whole report
+    r = gsp("evaluate", "--sae", setup / "sae", "--store", setup / "store", "--no-delta-loss", "--reports", reports)
+    assert r.exit_code == 0, r.output
+    (report,) = reports.glob("report_*.json")
+    for png in json.loads(report.read_text())["files"]["plots"]:
+        assert (reports / png).read_bytes()[-8:] == b"IEND\xaeB`\x82"  # each PNG whole, to its last chunk
+    assert not list(reports.glob("*.partial"))
+
+
+def test_a_failure_inside_evaluate_tears_the_process_group_down(gsp, setup, tmp_path, monkeypatch):
+    """Under torchrun a failing evaluate used to leave its process group up; here a real one-process
+    gloo group stands in for torchrun's, and the reconstruction pass fails."""
+    import torch.distributed as tdist
+
+    from pipeline import dist
+    from pipeline.errors import GspError
+
+    def setup_group(device):
+        tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+        return dist.Group(0, 2, torch.device("cpu"))
+
+    def failing_rows(self, *args, **kwargs):
+        raise GspError("shard 3 of the store is damaged")
+        yield
+
+    monkeypatch.setattr(dist, "setup", setup_group)
+    monkeypatch.setattr(ActivationStore, "ordinary_rows", failing_rows)
+    try:
+        r = gsp("evaluate", "--sae", setup / "sae", "--store", setup / "store", "--no-delta-loss",
+                "--reports", tmp_path / "r")  # fmt: skip
+        one_line_error(r, "shard 3 of the store is damaged")
+        assert not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from pipeline.hooks import hook_point
 from pipeline.sae import SAE, SAEConfig
-from pipeline.saes import load_sae
+from pipeline.sae_formats import load_sae
 
 D, F, LAYER = 24, 4096, 12
 

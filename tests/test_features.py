@@ -244,3 +244,28 @@ def test_a_transcoders_features_are_read_from_the_mlps_input(gsp, transcoder, tm
         assert feat["max"] == pytest.approx(f[:, j].max(), rel=1e-4)
         assert [c["act"] for c in feat["contexts"]] == pytest.approx(np.sort(f[:, j])[::-1][:3], rel=1e-4)
         assert len(feat["logits"]) == 10
+
+
+def test_a_prompt_through_an_sae_whose_training_store_is_gone_needs_model(gsp, tiny_fit, tiny_model, tmp_path):
+    """The model is chosen as evaluate and steer choose it: from the SAE's training store, which must be
+    readable (features used to fall back, silently, to the model name in the SAE's files)."""
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_fit / "sae", sae)
+    config = json.loads((sae / "config.json").read_text())
+    config["store"] = str(tmp_path / "moved-store")
+    (sae / "config.json").write_text(json.dumps(config))
+    one_line_error(gsp("features", "--sae", sae, "--prompt", "alpha beta"), "cannot read", "moved-store", "--model")
+    r = gsp("features", "--sae", sae, "--prompt", "alpha beta", "--model", tiny_model)
+    assert r.exit_code == 0, r.output
+
+
+def test_a_missing_model_fails_before_the_pass_over_the_store(gsp, tiny_fit, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ev").mkdir()
+    reads = []
+    rows = ActivationStore.ordinary_rows
+    monkeypatch.setattr(ActivationStore, "ordinary_rows", lambda self, *a, **k: reads.append(1) or rows(self, *a, **k))
+    r = gsp("features", "--sae", tiny_fit / "sae", "--store", tiny_fit / "store", "--model", "ev/nosuch_model",
+            "--out", tmp_path / "out")  # fmt: skip
+    one_line_error(r, "ev/nosuch_model", "ev/ is a folder here")
+    assert reads == [] and not (tmp_path / "out").exists()

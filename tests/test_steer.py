@@ -1,5 +1,6 @@
 """gsp steer on a tiny random Gemma 3: the edit is exactly S × the decoder row where it should be,
-strength 0 changes nothing, clamping swaps the feature's contribution, and the CLI's side-by-side."""
+strength 0 changes nothing, clamping swaps the feature's contribution, and the CLI's side-by-side;
+the model is the training store's at its revision, and strengths that break it are one-line errors."""
 
 import contextlib
 
@@ -8,8 +9,9 @@ import torch
 from conftest import one_line_error
 from transformers import AutoModelForCausalLM
 
+from pipeline.errors import GspError
 from pipeline.hooks import splice_from
-from pipeline.saes import load_sae
+from pipeline.sae_formats import load_sae
 from pipeline.steering import steer_fn
 
 
@@ -192,3 +194,99 @@ def test_steer_cli_runs_a_transcoder(gsp, transcoder, tiny_model):
     cells = [c.strip() for line in r.output.splitlines() if line.startswith("│") for c in line.strip("│").split("│")]
     assert " ".join(cells[0::2]) == " ".join(cells[1::2])  # strength 0: the same text
     assert "layer 1 mlp_in" in " ".join(r.output.split())
+
+
+# ------------------------------------------------------------------------------ the model, and strengths that break it
+def test_steer_runs_the_stores_model_at_its_revision(gsp, tiny_fit, monkeypatch):
+    """The model comes from the SAE's training store, at the revision recorded there (steer used to drop it)."""
+    import pipeline.models
+    from pipeline.store import ActivationStore
+
+    asked = []
+
+    def load_model(spec, **kw):
+        asked.append((spec, kw["revision"]))
+        raise GspError("stopped after choosing the model")
+
+    monkeypatch.setattr(pipeline.models, "load_model", load_model)
+    r = gsp("steer", "--sae", tiny_fit / "sae", "--feature", 3, "--strength", 1, "--max-new-tokens", 2)
+    one_line_error(r, "stopped after choosing the model")
+    ref = ActivationStore.open(tiny_fit / "store").meta.model
+    assert asked == [(ref.spec, ref.revision)] and ref.revision == "local"
+    r = gsp("steer", "--sae", tiny_fit / "sae", "--feature", 3, "--strength", 1, "--revision", "v2")
+    one_line_error(r, "stopped after choosing the model")
+    assert asked[-1] == (ref.spec, "v2")  # --revision wins
+
+
+def test_an_sae_whose_training_store_is_gone_needs_model(gsp, tiny_fit, tiny_model, tmp_path):
+    """steer used to fall back, silently, to the model name in the SAE's files."""
+    import json
+    import shutil
+
+    sae = tmp_path / "sae"
+    shutil.copytree(tiny_fit / "sae", sae)
+    config = json.loads((sae / "config.json").read_text())
+    config["store"] = str(tmp_path / "moved-store")
+    (sae / "config.json").write_text(json.dumps(config))
+    args = ["steer", "--sae", sae, "--feature", 3, "--strength", 1, "--max-new-tokens", 2, "--prompt", "alpha"]
+    one_line_error(gsp(*args), "cannot read", "moved-store", "pass --model")
+    r = gsp(*args, "--model", tiny_model)
+    assert r.exit_code == 0, r.output
+
+
+def test_a_missing_model_path_under_an_existing_folder_fails_at_once(gsp, tiny_fit, tmp_path, monkeypatch):
+    """`--model ev/nosuch_model` beside an `ev/` folder is a local path: no Hub lookup (which took ~51 s)."""
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked for a local path")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ev").mkdir()
+    r = gsp("steer", "--sae", tiny_fit / "sae", "--model", "ev/nosuch_model", "--feature", 3, "--strength", 1)
+    one_line_error(r, "ev/nosuch_model", "ev/ is a folder here")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--strength", "1e30", "--temperature", 0],  # greedy: used to decode <pad> from flat logits, exit 0
+        ["--strength", "-1e30"],
+        ["--clamp", "--strength", "1e30", "--temperature", 0],
+    ],
+)
+def test_a_strength_that_breaks_the_model_is_one_line(gsp, tiny_fit, tmp_path, monkeypatch, args):
+    monkeypatch.chdir(tmp_path)
+    r = gsp("steer", "--sae", tiny_fit / "sae", "--feature", 3, "--prompt", "alpha", "--max-new-tokens", 4, *args)
+    one_line_error(r, "too large for the model", "smaller --strength")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["1e39", "-1e39"])
+def test_a_strength_beyond_float32_is_refused_before_loading_anything(gsp, tiny_fit, value):
+    """1e39 is finite in Python but infinite in float32."""
+    r = gsp("steer", "--sae", tiny_fit / "sae", "--feature", 3, "--strength", value)
+    one_line_error(r, "--strength", "float32", value.replace("1e39", "1e+39"))
+
+
+def test_the_edit_refuses_an_activation_too_large_for_float32(lm, sae):
+    ids = IDS[:, :4]
+    assert _layer_out(lm, ids, steer_fn(sae, [3], [1e15])).isfinite().all()  # large, but the model copes
+    for value in (1e20, -1e30):  # the mean square overflows float32: every norm after it gives zeros
+        with pytest.raises(GspError, match="too large for the model"):
+            _layer_out(lm, ids, steer_fn(sae, [3], [value]))
+
+
+def test_non_finite_logits_stop_the_generation(lm):
+    """However an edit breaks the forward pass, NaN logits are an error, not a continuation."""
+    from pipeline.steering import finite_logits
+
+    with finite_logits(lm), torch.no_grad():
+        lm.generate(IDS[:, :3], max_new_tokens=2, do_sample=False)  # a sound model passes
+    handle = lm.lm_head.register_forward_hook(lambda m, a, out: torch.full_like(out, float("nan")))
+    try:
+        with finite_logits(lm), torch.no_grad(), pytest.raises(GspError, match="NaN or infinite"):
+            lm.generate(IDS[:, :3], max_new_tokens=2, do_sample=False)
+    finally:
+        handle.remove()

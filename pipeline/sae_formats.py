@@ -1,6 +1,8 @@
-"""Load any supported pretrained SAE, local or from the Hub, into gsp's one `SAE` class, taking raw activations.
+"""Pretrained and foreign SAE files, local or from the Hub, read into gsp's one `SAE` class (raw activations).
 
-The format is told by the folder's files, never by its name:
+The format is told by the folder's files, never by its name: `FORMATS` (below the readers) is the one
+table of each format's identifying files (all present), the files it may also read, and its reader;
+a Hub fetch downloads exactly the files the table names. The formats:
 
 - **gsp** and **Gemma Scope 2** (`google/gemma-scope-2-*`): `config.json` + `params.safetensors` (gsp's own
   config also holds "gsp_version"). Keys w_enc (D, F), b_enc (F,), w_dec (F, D), b_dec (D,), threshold (F,)
@@ -16,7 +18,8 @@ The format is told by the folder's files, never by its name:
 - **Gemma Scope 1** (`google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att}`): `params.npz`, keys W_enc (D, F),
   W_dec (F, D), b_enc, b_dec, threshold; the same JumpReLU inference. No config: the layer comes from a
   `layer_L` path part, the site and model from the repo name in the path (res/mlp/att → resid_post/mlp_out/attn_out;
-  att SAEs read the concatenated heads, o_proj's input, which is gsp's attn_out).
+  att SAEs read the concatenated heads, o_proj's input, which is gsp's attn_out). The SAEs of the token
+  embeddings (`embedding/`, no layer) are refused: gsp has no hook site before the first block.
 - **Llama Scope** (OpenMOSS lm-saes): `hyperparams.json` + `checkpoints/final.safetensors` with encoder.weight E
   (F, D), encoder.bias b_E, decoder.weight Dw (D, F), decoder.bias b_D. lm-saes inference, with
   s_in = √D / norm_in, s_out = √D / norm_out ("dataset-wise"; both 1 for "inference") and m_i = ‖Dw[:, i]‖
@@ -37,6 +40,7 @@ Pickles are never read: npz with allow_pickle=False, everything else safetensors
 import math
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,31 +48,14 @@ import huggingface_hub
 import numpy as np
 import torch
 
+from pipeline import clt
 from pipeline.console import warn
 from pipeline.errors import GspError
 from pipeline.files import check_tensors, first_line, read_json, read_safetensors
 from pipeline.hooks import POINT_SUFFIX, SITES
-from pipeline.models import hf_token, hub_errors
+from pipeline.models import hf_token, hub_errors, looks_local
 from pipeline.sae import SAE
 
-# Every file an SAE of any supported format may need, relative to its folder: all a Hub fetch downloads
-SAE_FILES = (
-    "config.json",
-    "params.safetensors",
-    "params.npz",
-    "hyperparams.json",
-    "lm_config.json",
-    "checkpoints/final.safetensors",
-    "params_layer_*.safetensors",  # a cross-layer transcoder's per-layer files (pipeline/clt.py)
-    "cfg.json",  # SAELens and sparsify
-    "sae_weights.safetensors",  # SAELens
-    "sae.safetensors",  # sparsify
-)
-_EXPECTED = (
-    "config.json + params.safetensors (gsp, Gemma Scope 2), params.npz (Gemma Scope), "
-    "hyperparams.json + checkpoints/final.safetensors (Llama Scope), cfg.json + sae_weights.safetensors "
-    "(SAELens) or cfg.json + sae.safetensors (sparsify)"
-)
 _HF_SITE = {suffix: site for site, suffix in POINT_SUFFIX.items()}  # "post_feedforward_layernorm.output" -> mlp_out
 _HF_HOOK = re.compile(r"(?:[\w.]*\.)?layers\.(\d+)\.(" + "|".join(map(re.escape, _HF_SITE)) + ")")
 _GS1_REPO = re.compile(r"gemma-scope-(\d+b)-(pt|it)-(res|mlp|att|transcoders)\b")
@@ -100,6 +87,20 @@ class LoadedSAE:
         return self.sae.is_transcoder or (self.layer_out, self.site_out) != (self.layer, self.site)
 
 
+@dataclass(frozen=True)
+class Format:
+    """One row of `FORMATS`: a folder holding every file of `files` (glob patterns relative to it) is
+    read by `read`; `also` names the files the reader uses when they are there (a Hub fetch gets them too)."""
+
+    name: str  # who publishes it, as the messages say it
+    files: tuple[str, ...]
+    read: Callable[[Path], LoadedSAE]
+    also: tuple[str, ...] = ()
+
+    def found_in(self, folder: Path) -> bool:
+        return all(_has(folder, pattern) for pattern in self.files)
+
+
 def sae_folder(spec: str, *, revision: str | None = None, token: str | None = None) -> Path:
     """The local folder of an SAE: `spec` itself (or the folder of a file in it), or a Hub path's
     files fetched into the Hub cache."""
@@ -107,7 +108,10 @@ def sae_folder(spec: str, *, revision: str | None = None, token: str | None = No
     if not path.exists():
         hub = hub_sae_path(spec)
         if hub is None:
-            raise GspError(f"no SAE at '{spec}': give an SAE folder that exists, or a Hub path owner/repo/sub/folder")
+            first = spec.split("/")[0]
+            why = f" (read as a local path: {first}/ is a folder here)" if "/" in spec and Path(first).is_dir() else ""
+            raise GspError(f"no SAE at '{spec}'{why}: give an SAE folder that exists, or a Hub path "
+                           "owner/repo/sub/folder")  # fmt: skip
         path = fetch_sae(*hub, revision=revision, token=token)
     return path.parent if path.is_file() else path
 
@@ -118,9 +122,9 @@ def sae_sources(specs: list[str]) -> list[str]:
     out = []
     for spec in specs:
         path = Path(spec).expanduser()
-        if path.is_dir() and not any((path / name).is_file() for name in (*SAE_FILES, "params_layer_0.safetensors")):
+        if path.is_dir() and not _has_sae_files(path):
             inside = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.endswith(".partial")
-                            and any((p / n).is_file() for n in SAE_FILES))  # fmt: skip
+                            and _has_sae_files(p))  # fmt: skip
             if inside:
                 out += [str(p) for p in inside]
                 continue
@@ -129,32 +133,23 @@ def sae_sources(specs: list[str]) -> list[str]:
 
 
 def load_sae(spec: str, *, revision: str | None = None, token: str | None = None) -> LoadedSAE:
-    """An SAE from a local folder (or a file in it) or a Hub path `owner/repo/sub/folder`."""
+    """An SAE from a local folder (or a file in it) or a Hub path `owner/repo/sub/folder`, read by the
+    first format in `FORMATS` whose files the folder holds."""
     path = sae_folder(spec, revision=revision, token=token)
-    if (path / "params_layer_0.safetensors").is_file():
-        raise GspError(f"{path} is a cross-layer transcoder: gsp evaluate measures it (a store of every layer's "
-                       "mlp_in and mlp_out); it has no single hook point for this command")  # fmt: skip
-    has = {name for name in SAE_FILES if (path / name).is_file()}
-    if {"config.json", "params.safetensors"} <= has:
-        loaded = _read_gemma_scope_2(path)
-    elif "params.npz" in has:
-        loaded = _read_gemma_scope_1(path)
-    elif {"hyperparams.json", "checkpoints/final.safetensors"} <= has:
-        loaded = _read_llama_scope(path)
-    elif {"cfg.json", "sae_weights.safetensors"} <= has:
-        loaded = _read_saelens(path)
-    elif {"cfg.json", "sae.safetensors"} <= has:
-        loaded = _read_sparsify(path)
-    else:
-        found = f"; it has only {', '.join(sorted(has))}" if has else ""
-        raise GspError(f"{path} holds no SAE gsp can read: expected {_EXPECTED}{found}")
+    fmt = next((f for f in FORMATS if f.found_in(path)), None)
+    if fmt is None:
+        has = sorted(p.relative_to(path).as_posix() for pattern in SAE_FILES for p in path.glob(pattern) if p.is_file())
+        found = f"; it has only {', '.join(has)}" if has else ""
+        raise GspError(f"{path} holds no SAE gsp can read: expected {expected()}{found}")
+    loaded = fmt.read(path)
     loaded.source = spec
     return loaded
 
 
 def hub_sae_path(spec: str) -> tuple[str, str] | None:
-    """(repo_id, subfolder) for `owner/repo/sub/folder` that is not an existing local path, else None."""
-    if spec.startswith(("/", ".", "~")) or Path(spec).expanduser().exists():
+    """(repo_id, subfolder) for `owner/repo/sub/folder` that is not a local path (pipeline.models'
+    `looks_local`: a missing `runs/sae/x` beside a `runs/` folder is a local path, not a Hub one), else None."""
+    if spec.startswith(".") or looks_local(spec) or Path(spec).expanduser().exists():
         return None
     parts = spec.strip("/").split("/")
     if len(parts) < 3 or any(p in ("", ".", "..") for p in parts):
@@ -176,12 +171,12 @@ def fetch_sae(
             repo_id,
             revision=revision,
             token=hf_token(token),
-            allow_patterns=[f"{subfolder}/{name}" for name in SAE_FILES],
+            allow_patterns=[f"{subfolder}/{pattern}" for pattern in SAE_FILES],
             local_dir=local_dir,
         )
     folder = Path(root) / subfolder
-    if not any(any(folder.glob(name)) for name in SAE_FILES):
-        raise GspError(f"Hub repository {repo_id} has no SAE under '{subfolder}' (expected {_EXPECTED})")
+    if not _has_sae_files(folder):
+        raise GspError(f"Hub repository {repo_id} has no SAE under '{subfolder}' (expected {expected()})")
     return folder
 
 
@@ -263,11 +258,15 @@ def _read_gemma_scope_1(path: Path) -> LoadedSAE:
     repo = next((m for part in reversed(path.parts) if (m := _GS1_REPO.search(part))), None)
     if repo and repo.group(3) == "transcoders":
         raise GspError(f"{path} is a Gemma Scope transcoder, not an SAE: gsp loads SAEs only")
+    layer = _layer_from_path(path)
+    if layer is None and "embedding" in path.parts:
+        raise GspError(f"{path} is a Gemma Scope SAE of the token embeddings (embedding/), which gsp cannot hook: "
+                       f"its sites are {', '.join(SITES)}, each at a layer")  # fmt: skip
     params = {k.lower(): v for k, v in _read_npz(path / "params.npz").items()}
     sae = SAE.from_params(params, "jumprelu", None, path / "params.npz")
     site = _GS1_SITE[repo.group(3)] if repo else _site_from_path(path)
     model = f"google/gemma-2-{repo.group(1)}" + ("-it" if repo.group(2) == "it" else "") if repo else None
-    return LoadedSAE(sae, str(path), path, "gemma-scope", model, _layer_from_path(path), site, {})
+    return LoadedSAE(sae, str(path), path, "gemma-scope", model, layer, site, {})
 
 
 def _read_llama_scope(path: Path) -> LoadedSAE:
@@ -382,6 +381,41 @@ def _read_sparsify(path: Path) -> LoadedSAE:
     m = _SPARSIFY_HOOK.fullmatch(path.name)
     layer, site = (int(m.group(1)), _SPARSIFY_SITE[m.group(2)]) if m else (None, None)
     return LoadedSAE(sae, str(path), path, "sparsify", None, layer, site, cfg)
+
+
+def _refuse_clt(path: Path) -> LoadedSAE:
+    raise GspError(f"{path} is a cross-layer transcoder: gsp evaluate measures it (a store of every layer's "
+                   "mlp_in and mlp_out); it has no single hook point for this command")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ the table of formats
+# fmt: off
+FORMATS = (  # the first whose files a folder holds reads it
+    Format("gsp, Gemma Scope 2", ("config.json", "params.safetensors"), _read_gemma_scope_2),
+    Format("Gemma Scope", ("params.npz",), _read_gemma_scope_1),
+    Format("Llama Scope", ("hyperparams.json", "checkpoints/final.safetensors"), _read_llama_scope,
+           also=("lm_config.json",)),
+    Format("SAELens", ("cfg.json", "sae_weights.safetensors"), _read_saelens),
+    Format("sparsify", ("cfg.json", "sae.safetensors"), _read_sparsify),
+    Format("a cross-layer transcoder", (clt.FIRST_LAYER_FILE,), _refuse_clt, also=(clt.LAYER_FILES,)),
+)
+# fmt: on
+# every file an SAE of any format may need, relative to its folder: all that a Hub fetch downloads
+SAE_FILES = tuple(dict.fromkeys(pattern for f in FORMATS for pattern in (*f.files, *f.also)))
+
+
+def expected() -> str:
+    """The formats' files, for messages: "config.json + params.safetensors (gsp, Gemma Scope 2), …"."""
+    shown = [f"{' + '.join(f.files)} ({f.name})" for f in FORMATS]
+    return ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def _has(folder: Path, pattern: str) -> bool:
+    return any(p.is_file() for p in folder.glob(pattern))
+
+
+def _has_sae_files(folder: Path) -> bool:
+    return any(_has(folder, pattern) for pattern in SAE_FILES)
 
 
 def _fold_input_bias(params: dict) -> torch.Tensor:

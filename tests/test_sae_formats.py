@@ -1,4 +1,4 @@
-"""pipeline.saes: every supported SAE format loads into gsp's SAE with the format's own inference, on raw inputs.
+"""pipeline.sae_formats: every supported SAE format loads into gsp's SAE with the format's own inference, on raw inputs.
 
 Each format is written here exactly as its publisher lays it out (file names, keys, shapes, dtypes) with
 random weights, and gsp's forward pass is compared with an independent numpy version of the format's
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.errors import GspError
-from pipeline.saes import SAE_FILES, hub_sae_path, load_sae
+from pipeline.sae_formats import SAE_FILES, hub_sae_path, load_sae
 
 D, F = 16, 48
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -548,3 +548,65 @@ def test_an_sae_is_not_a_transcoder(tmp_path):
     write_gemma_scope_2(folder)
     loaded = load_sae(str(folder))
     assert not loaded.is_transcoder and (loaded.layer_out, loaded.site_out) == (12, "resid_post")
+
+
+# ------------------------------------------------------------------------------ the table of formats
+def test_a_fetch_gets_every_file_each_format_reads(tmp_path):
+    """FORMATS is the one list of each format's files: a folder cut down to the files SAE_FILES names
+    (all that a Hub fetch downloads) is told apart by its own row and loads the same SAE."""
+    import shutil
+
+    from pipeline.export import export
+    from pipeline.sae import SAE
+    from pipeline.sae_formats import FORMATS, SAE_FILES
+
+    full = tmp_path / "full"
+    folders = [full / "resid_post" / "layer_12_width_16k_l0_medium", full / "gemma-scope-2b-pt-res" / "layer_20" /
+               "width_16k" / "average_l0_71", full / "Llama3_1-8B-Base-L15R-8x"]  # fmt: skip
+    write_gemma_scope_2(folders[0])
+    write_gemma_scope_1(folders[1])
+    write_llama_scope(folders[2])
+    p = {k: torch.from_numpy(v) for k, v in gs_weights(5).items()}
+    jumprelu = SAE.from_params(p, "jumprelu", None, "test")
+    topk = SAE.from_params({k: v for k, v in p.items() if k != "threshold"}, "topk", 6, "test")
+    hook = "model.layers.3.output"
+    for sae, fmt in ((jumprelu, "saelens"), (topk, "sparsify")):
+        folders.append(export(sae, fmt, full / fmt, layer=3, site="resid_post", model_name="m", hook_in=hook,
+                              hook_out=hook, l0=9))  # fmt: skip
+    told = []
+    for folder in folders:
+        (folder / "notes.txt").write_text("not an SAE file")
+        cut = tmp_path / "cut" / folder.relative_to(full)
+        for name in SAE_FILES:
+            for file in folder.glob(name):
+                (cut / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(file, cut / file.relative_to(folder))
+        assert not (cut / "notes.txt").exists()
+        told.append(next(f.name for f in FORMATS if f.found_in(cut)))
+        x = inputs()
+        np.testing.assert_array_equal(run_gsp(load_sae(str(cut)), x)[0], run_gsp(load_sae(str(folder)), x)[0])
+    assert told == ["gsp, Gemma Scope 2", "Gemma Scope", "Llama Scope", "SAELens", "sparsify"]
+
+
+def test_a_gemma_scope_sae_of_the_embeddings_is_refused(tmp_path):
+    """Gemma Scope's `embedding/` SAEs read the token embeddings, before any block: gsp has no site
+    there, and used to load one as a resid_post SAE with no layer."""
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "embedding" / "width_4k" / "average_l0_6"
+    write_gemma_scope_1(folder)
+    with pytest.raises(GspError, match="token embeddings") as e:
+        load_sae(str(folder))
+    assert "resid_post" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_missing_sae_path_under_an_existing_folder_is_local(tmp_path, monkeypatch):
+    """`runs/nosuch/sae` beside a `runs/` folder is a local path: never looked up on the Hub."""
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked for a local path")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_hub)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert hub_sae_path("runs/nosuch/sae") is None
+    with pytest.raises(GspError, match="no SAE at 'runs/nosuch/sae'.*runs/ is a folder here"):
+        load_sae("runs/nosuch/sae")
