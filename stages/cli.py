@@ -4,14 +4,17 @@ It sits above the stages (pipeline/ never imports it): `gsp` and `python -m stag
 """
 
 import inspect
+import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from pipeline import __version__
 from pipeline.config import build_config, command_from_config
-from pipeline.console import cli_errors, console
+from pipeline.console import UNWRAPPED, cli_errors, console
 from pipeline.errors import GspError
 from stages import evaluate as evaluate_stage
 from stages import fit as fit_stage
@@ -23,7 +26,22 @@ from stages.harvest import HarvestConfig, run_harvest
 from stages.run import RunConfig, run_all
 from stages.steer import SteerConfig, run_steer
 
+
+class _Commands(TyperGroup):
+    """gsp's commands, with help that is whole wherever it is read: rich's panels at a terminal; in a file
+    or a pipe (`gsp fit --help > file`, `| less`), click's plain help with each option's text on one line,
+    where rich would draw an 80-column table and cut a long word short ("STORE/L12.resid_po…")."""
+
+    def main(self, *args, **extra):
+        if not sys.stdout.isatty():  # asked per run: a test runner swaps sys.stdout
+            for command in (self, *self.commands.values()):
+                command.rich_markup_mode = None  # click's help (and usage errors), wrapped at terminal_width
+            extra.setdefault("terminal_width", UNWRAPPED)  # the commands' contexts inherit it
+        return super().main(*args, **extra)
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="gsp: harvest Gemma activations into a Zarr store, fit sparse autoencoders, evaluate them.",
     no_args_is_help=True,
     add_completion=False,
@@ -175,7 +193,7 @@ def download(
     Afterwards the same ids work offline (HF_HUB_OFFLINE=1): gsp harvest --model ID, gsp evaluate --sae PATH.
     """
     from pipeline.models import download_model
-    from pipeline.saes import fetch_sae, hub_sae_path
+    from pipeline.sae_formats import fetch_sae, hub_sae_path
 
     with cli_errors():
         if not model and not sae:
@@ -204,7 +222,7 @@ def info(
     with cli_errors():
         hooks = ActivationStore.open_some(store)
         s, m = hooks[0], hooks[0].meta
-        table = Table(title=f"gsp store {store}", show_header=False, title_justify="left")
+        table = Table(show_header=False)
         size = size_on_disk(s.root)
         rows = {
             "model": f"{m.model.name} ({m.model.revision})",
@@ -222,7 +240,8 @@ def info(
         }
         for k, v in rows.items():
             table.add_row(k, str(v))
-        console.print(table)
+        console.print(f"[italic]gsp store[/] {escape(store)}", highlight=False, soft_wrap=True)  # not a table title,
+        console.print(table)  # which wraps a long path to the table's width
         several = " (each is a store of its own: STORE/NAME)" if len(hooks) > 1 else ""
         console.print(f"[bold]hook points[/]{several}:", highlight=False)
         for h in hooks:
