@@ -20,10 +20,10 @@ import time
 import torch
 
 from pipeline.loader import ShuffledLoader
-from pipeline.sae import SAE, jumprelu, step
+from pipeline.sae import SAE, heaviside, jumprelu
 from pipeline.store import ActivationStore
-from pipeline.train import train_step
-from stages.fit import FitConfig, _precision
+from pipeline.train import precision, train_step
+from stages.fit import FitConfig
 
 
 def timed(fn, steps: int, batch: int, device: torch.device) -> float:
@@ -55,7 +55,7 @@ def bare_step(d_in: int, width: int, x: torch.Tensor, autocast):
         with torch.autocast(dev.type, dtype=autocast, enabled=autocast is not None):
             pre = x @ w_enc + b_enc
             f = jumprelu(pre, theta, 0.001)
-            loss = (f @ w_dec + b_dec - x).square().sum(-1).mean() + 1e-3 * step(pre, theta, 0.001).sum(-1).mean()
+            loss = (f @ w_dec + b_dec - x).square().sum(-1).mean() + 1e-3 * heaviside(pre, theta, 0.001).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -68,7 +68,7 @@ def gsp_step(cfg: FitConfig, d_in: int, batches, device: torch.device, autocast)
     with torch.no_grad():  # thresholds of a trained SAE: about 60 latents active per token, as in training
         sample = next(batches)
         sae.threshold.copy_((sample @ sae.w_enc).kthvalue(len(sample) - 60 * len(sample) // cfg.width, dim=0).values)
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(0.0, 0.999))
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved().lr, betas=(0.0, 0.999))
     since = torch.zeros(cfg.width, dtype=torch.int64, device=device)
     sparse = cfg.arch == "jumprelu" and device.type == "cpu"  # as gsp fit's decoder "auto" chooses
 
@@ -90,9 +90,9 @@ def main() -> None:
                     help="as gsp fit's --matmul, for every step measured")  # fmt: skip
     args = ap.parse_args()
     device = torch.device(args.device)
-    precision = _precision(args.matmul, device)
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-    autocast = torch.bfloat16 if precision == "bf16" else None
+    resolved = precision(args.matmul, device)
+    torch.set_float32_matmul_precision("high" if resolved == "tf32" else "highest")
+    autocast = torch.bfloat16 if resolved == "bf16" else None
     store = ActivationStore.open(args.store)
     d, b = store.d_in, args.batch_size
     scale = store.hook.stats.mean_sq_norm**-0.5
@@ -112,7 +112,7 @@ def main() -> None:
         rows.append((f"gsp {arch} fed by the loader (loader cost {100 * (1 - fed / mem):.0f} %)", fed, fed / floor))
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\nmachine: {platform.node()} · {where} · torch {torch.__version__} · matmul {precision}")
+    print(f"\nmachine: {platform.node()} · {where} · torch {torch.__version__} · matmul {resolved}")
     print(f"d_in {d}, width {args.width}, batch {b}, {args.steps} timed steps each, store {args.store}")
     print("| measure | tok/s | × bare step |\n|---|---|---|")
     for name, rate, ratio in rows:

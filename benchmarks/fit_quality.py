@@ -77,7 +77,7 @@ def main() -> None:
     for arch, m, wall, cfg in rows:
         what = (f"k={cfg.k}, aux {cfg.aux_coeff:.3g}, dead window {cfg.dead_tokens:,}" if arch == "topk"
                 else f"target L0 {cfg.target_l0}, λ {cfg.sparsity_coeff}")  # fmt: skip
-        settings = f"{what}, lr {cfg.learning_rate}, width {cfg.width}, batch {cfg.batch_size}, {cfg.tokens:,} tokens"
+        settings = f"{what}, lr {cfg.resolved().lr}, width {cfg.width}, batch {cfg.batch_size}, {cfg.tokens:,} tokens"
         print(f"| {arch} | {m['l0']:.1f} | {m['fvu']:.4f} | {100 * m['dead']:.1f} | {wall:.0f} s | {settings} |")
 
 

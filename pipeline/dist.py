@@ -89,6 +89,12 @@ def mean_(group: Group, tensors: list[torch.Tensor]) -> None:
         offset += t.numel()
 
 
+def min_(group: Group, t: torch.Tensor) -> None:
+    """Element-wise minimum of a tensor across processes, in place."""
+    if group.world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+
+
 def any_(group: Group, mask: torch.Tensor) -> torch.Tensor:
     """Element-wise OR of a boolean tensor across processes."""
     if group.world == 1:

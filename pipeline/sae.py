@@ -26,7 +26,7 @@ Objectives (`SAE.loss`), on inputs scaled so that E‖x‖² = 1:
               latent i fires: the quadratic term of DeepMind's λ·Σ_i ω_i(1 + ω_i/ω₀) ("Removing High
               Frequency Latents from JumpReLU SAEs"), whose linear term is JumpReLU's L0 penalty;
               or, the "hinge" form, + λ_f · Σ_i max(0, ω_i − ω₀)² / ω₀: only latents firing on more
-              than the share ω₀ of rows feel it. `gsp fit` warms λ_f up with λ (stages.fit._schedule).
+              than the share ω₀ of rows feel it. `gsp fit` warms λ_f up with λ (pipeline.train.Schedule).
               JumpReLU: ω_i through the same straight-through estimator as L0 (θ gets the gradient).
               TopK: a TopK SAE is a JumpReLU whose threshold τ is set per row (midway between the k-th
               and (k+1)-th pre-activation), so ω_i goes through the same estimator with τ held fixed,
@@ -37,6 +37,7 @@ gsp's files: `params.safetensors` + `config.json` (an `SAEConfig`), Gemma Scope 
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -76,7 +77,7 @@ class _JumpReLU(torch.autograd.Function):
         return grad_z, grad_theta, None
 
 
-class _Step(torch.autograd.Function):
+class _Heaviside(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, theta, bandwidth: float):
         ctx.save_for_backward(z, theta)
@@ -91,7 +92,7 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
-class _RowStep(torch.autograd.Function):
+class _RowHeaviside(torch.autograd.Function):
     """H(z − τ) given as `fired`, τ a threshold per row held fixed, with the straight-through
     derivative (1/ε)·K((z − τ)/ε) for z."""
 
@@ -112,9 +113,9 @@ def jumprelu(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> tor
     return _JumpReLU.apply(z_BF, theta_F, bandwidth)
 
 
-def step(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
+def heaviside(z_BF: torch.Tensor, theta_F: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """H(z−θ), whose sum over F is the L0; its gradient reaches θ only."""
-    return _Step.apply(z_BF, theta_F, bandwidth)
+    return _Heaviside.apply(z_BF, theta_F, bandwidth)
 
 
 def topk_fired(
@@ -127,7 +128,7 @@ def topk_fired(
     with torch.no_grad():  # the (k+1)-th: the largest of the others (a second topk costs ~12× more)
         next_B1 = pre_BF.scatter(-1, idx_BK, -torch.inf).amax(-1, keepdim=True)
         tau_B1 = ((top_BK[:, -1:] + next_B1) / 2).clamp_min(0)
-    return _RowStep.apply(pre_BF, f_BF > 0, tau_B1, bandwidth)
+    return _RowHeaviside.apply(pre_BF, f_BF > 0, tau_B1, bandwidth)
 
 
 def frequency_penalty(fired_BF: torch.Tensor, obj: "Objective", group: dist.Group) -> torch.Tensor:
@@ -135,7 +136,7 @@ def frequency_penalty(fired_BF: torch.Tensor, obj: "Objective", group: dist.Grou
     which latent i fires, differentiable through `fired_BF`'s straight-through estimator."""
     omega_F = dist.mean_differentiable(group, fired_BF.mean(0))
     over_F = omega_F if obj.freq_form == "quadratic" else (omega_F - obj.freq_scale).clamp_min(0)
-    return obj.freq_coeff * (over_F.square() / obj.freq_scale).sum()
+    return obj.freq_penalty * (over_F.square() / obj.freq_scale).sum()
 
 
 def jumprelu_inference(pre: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -173,7 +174,7 @@ class Objective:
     aux_k: int = 512  # TopK: dead latents in the auxiliary loss
     aux_coeff: float = 0.125  # TopK: α
     prefixes: tuple[int, ...] = ()  # Matryoshka: the nested prefix sizes m_1 < ... < F; () for a plain SAE
-    freq_coeff: float = 0.0  # λ_f of the frequency penalty (0: none)
+    freq_penalty: float = 0.0  # λ_f of the frequency penalty (0: none)
     freq_scale: float = 0.1  # ω₀ of the frequency penalty
     freq_form: str = "quadratic"  # "quadratic" (λ_f·Σ ω²/ω₀) or "hinge" (λ_f·Σ max(0, ω − ω₀)²/ω₀)
 
@@ -212,17 +213,24 @@ class SAE(torch.nn.Module):
     def is_transcoder(self) -> bool:
         return self.skip or self.d_out != self.d_in
 
+    def pre_activation(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """x·W_enc + b_enc, (B, F)."""
+        return x_BD @ self.w_enc + self.b_enc
+
+    def add_skip(self, x_BD: torch.Tensor, out_BO: torch.Tensor) -> torch.Tensor:
+        """out + x·W_skip for a skip transcoder (its affine path from the input); out otherwise."""
+        return out_BO + x_BD @ self.w_skip if self.skip else out_BO
+
     def encode(self, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(features f (B, F), pre-activations (B, F)) at inference (no surrogate gradients)."""
-        pre = x_BD @ self.w_enc + self.b_enc
+        pre = self.pre_activation(x_BD)
         if self.arch == "topk":
             return topk(pre, self.k), pre
         return jumprelu_inference(pre, self.threshold), pre
 
     def decode(self, f_BF: torch.Tensor, x_BD: torch.Tensor | None = None) -> torch.Tensor:
         """The prediction from the latents; a skip transcoder also needs its input x."""
-        out = f_BF @ self.w_dec + self.b_dec
-        return out + x_BD @ self.w_skip if self.skip else out
+        return self.add_skip(x_BD, f_BF @ self.w_dec + self.b_dec)
 
     def forward(self, x_BD: torch.Tensor) -> Output:
         f, pre = self.encode(x_BD)
@@ -299,59 +307,61 @@ class SAE(torch.nn.Module):
         return self._topk_loss(x_BD, y_BO, objective, dead_F, group, sync_free)
 
     def _jumprelu_loss(self, x_BD, y_BO, obj: Objective, lam: float, sparse: bool, group) -> Loss:
-        eps = obj.bandwidth
-        if obj.prefixes:  # Matryoshka: every nested prefix reconstructs too (dense decoder work)
-            pre = x_BD @ self.w_enc + self.b_enc
-            f = jumprelu(pre, self.threshold, eps)
-            recon, x_hat = self._nested_recon(f, x_BD, y_BO, obj.prefixes)
-        elif sparse:
-            x_hat, pre, active = sparse_jumprelu_sae(x_BD, self.w_enc, self.b_enc, self.threshold, self.w_dec, eps)
-            x_hat, f = x_hat + self.b_dec, pre * active  # f only for metrics: no gradient through it
+        if sparse and not obj.prefixes:  # every GEMM but the encoder's sparse (Matryoshka decodes densely)
+            x_hat, pre, active = sparse_jumprelu_sae(x_BD, self.w_enc, self.b_enc, self.threshold, self.w_dec,
+                                                     obj.bandwidth)  # fmt: skip
+            x_hat, f = self.add_skip(x_BD, x_hat + self.b_dec), pre * active  # f for metrics: no gradient path
+            recon = _mse(x_hat, y_BO)
         else:
-            pre = x_BD @ self.w_enc + self.b_enc
-            f = jumprelu(pre, self.threshold, eps)
-            x_hat = f @ self.w_dec + self.b_dec
-        if not obj.prefixes:
-            if self.skip:
-                x_hat = x_hat + x_BD @ self.w_skip
-            recon = (x_hat - y_BO).square().sum(-1).mean()
-        fired_BF = step(pre, self.threshold, eps)
+            pre = self.pre_activation(x_BD)
+            f = jumprelu(pre, self.threshold, obj.bandwidth)
+            recon, x_hat = self._reconstruction(f, x_BD, y_BO, obj.prefixes)
+        penalty = self._sparsity_penalty(pre, obj, lam, group)
+        return Loss(recon + penalty, recon, penalty, x_hat, f)
+
+    def _sparsity_penalty(self, pre_BF, obj: Objective, lam: float, group) -> torch.Tensor:
+        """λ·L0 or the target-L0 penalty, plus the frequency penalty: all through H(pre − θ), whose
+        straight-through gradient reaches θ only."""
+        fired_BF = heaviside(pre_BF, self.threshold, obj.bandwidth)
         l0_ = fired_BF.sum(-1).mean()
         if obj.target_l0 is None:
             penalty = lam * l0_
         else:
             l0_ = dist.mean_differentiable(group, l0_)  # the penalty is on the global batch's L0
             penalty = lam * (2 / obj.target_l0) * (l0_ - obj.target_l0).square()
-        if obj.freq_coeff:  # each latent's firing frequency over the global batch, through the STE
+        if obj.freq_penalty:  # each latent's firing frequency over the global batch, through the STE
             penalty = penalty + frequency_penalty(fired_BF, obj, group)
-        return Loss(recon + penalty, recon, penalty, x_hat, f)
+        return penalty
 
-    def _nested_recon(self, f_BF, x_BD, y_BO, prefixes: tuple[int, ...]):
-        """(Σ over the nested prefixes m of mean ‖y − (f[:, :m] W_dec[:m] + b_dec)‖², the full width
-        included, each weighted 1; the full prediction). A skip transcoder's x·W_skip is in every prefix."""
-        x_hat = self.b_dec + (x_BD @ self.w_skip if self.skip else 0)
+    def _reconstruction(self, f_BF, x_BD, y_BO, prefixes: tuple[int, ...]):
+        """(the reconstruction loss, the prediction ŷ): mean ‖y − ŷ‖², or for Matryoshka the sum over
+        the nested prefixes m of mean ‖y − (f[:, :m] W_dec[:m] + b_dec)‖², the full width included,
+        each weighted 1 (a skip transcoder's x·W_skip is in every prefix)."""
+        if not prefixes:
+            x_hat = self.decode(f_BF, x_BD)
+            return _mse(x_hat, y_BO), x_hat
+        x_hat = self.add_skip(x_BD, self.b_dec)
         recon, start = 0, 0
         for end in (*prefixes, self.width):
             x_hat = x_hat + f_BF[:, start:end] @ self.w_dec[start:end]
-            recon = recon + (x_hat - y_BO).square().sum(-1).mean()
+            recon = recon + _mse(x_hat, y_BO)
             start = end
         return recon, x_hat
 
     def _topk_loss(self, x_BD, y_BO, obj: Objective, dead_F, group, sync_free: bool) -> Loss:
         # decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
-        pre = x_BD @ self.w_enc + self.b_enc
+        pre = self.pre_activation(x_BD)
         top, idx = pre.topk(self.k, dim=-1)
         values = top.relu()
         x_hat = torch.nn.functional.embedding_bag(idx, self.w_dec, per_sample_weights=values, mode="sum") + self.b_dec
-        if self.skip:
-            x_hat = x_hat + x_BD @ self.w_skip
+        x_hat = self.add_skip(x_BD, x_hat)
         f = torch.zeros_like(pre).scatter_(-1, idx, values)
         if obj.prefixes:  # Matryoshka: the same k latents, every nested prefix reconstructing
-            recon, x_hat = self._nested_recon(f, x_BD, y_BO, obj.prefixes)
+            recon, x_hat = self._reconstruction(f, x_BD, y_BO, obj.prefixes)
         else:
-            recon = (x_hat - y_BO).square().sum(-1).mean()
+            recon = _mse(x_hat, y_BO)
         freq = torch.zeros_like(recon)  # the frequency penalty, through each row's threshold (topk_fired)
-        if obj.freq_coeff:
+        if obj.freq_penalty:
             freq = frequency_penalty(topk_fired(pre, f, top.detach(), idx, obj.bandwidth), obj, group)
         if dead_F is None:
             return Loss(recon + freq, recon, freq, x_hat, f)
@@ -370,7 +380,7 @@ class SAE(torch.nn.Module):
         err_hat = torch.nn.functional.embedding_bag(aux_idx, self.w_dec, per_sample_weights=aux_vals.relu(), mode="sum")
         norm = err.square().sum(-1).mean()
         dist.mean_(group, [norm])  # the global batch's error, so that the ratio is the global one
-        aux = (err_hat - err).square().sum(-1).mean() / norm.clamp_min(1e-12)
+        aux = _mse(err_hat, err) / norm.clamp_min(1e-12)
         penalty = (obj.aux_coeff * aux if on_host else obj.aux_coeff * aux * (n_dead > 0)) + freq
         return Loss(recon + penalty, recon, penalty, x_hat, f)
 
@@ -386,6 +396,10 @@ class SAE(torch.nn.Module):
         (d, n), o = w_enc.shape, w_dec.shape[1]
         if d == 0 or n == 0 or o == 0:
             raise GspError(f"{source} holds an SAE with d_in {d}, d_out {o} and width {n}: it is empty")
+        if w_dec.shape[0] != n:
+            hint = " (it looks transposed)" if w_dec.shape[1] == n else ""
+            raise GspError(f"{source}: w_dec has shape {tuple(w_dec.shape)}, expected ({n}, d_out): one row for each "
+                           f"of the {n} latents of w_enc {tuple(w_enc.shape)}{hint}")  # fmt: skip
         skip = FILE_KEYS["w_skip"] in params
         shapes = {"w_enc": (d, n), "b_enc": (n,), "w_dec": (n, o), "b_dec": (o,), "threshold": (n,)}
         if skip:
@@ -479,24 +493,32 @@ class SAEConfig:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
-    @staticmethod
-    def from_json(d: dict, folder: Path) -> "SAEConfig":
-        kinds = {"architecture": str, "model_name": str, "hf_hook_point_in": str, "hf_hook_point_out": str,
-                 "width": int, "l0": (int, float), "affine_connection": bool, "type": str, "k": int, "d_in": int,
-                 "layer": int, "site": str, "store": str, "target_store": str, "model_revision": str,
-                 "input_scale_folded": (int, float), "output_scale_folded": (int, float),
-                 "steps": int, "tokens_seen": int, "final_train_metrics": dict, "fit_config": dict,
-                 "gsp_version": str}  # fmt: skip
+    @classmethod
+    def from_json(cls, d: dict, folder: Path) -> "SAEConfig":
+        """The config of `folder/config.json`, every field of the dataclass read and its type checked
+        (a key the file lacks, or null, takes the field's default; keys gsp does not know are ignored)."""
         values: dict[str, Any] = {}
-        for key, kind in kinds.items():
-            if d.get(key) is None:
+        for name, annotation in typing.get_type_hints(cls).items():
+            v, kinds = d.get(name), _kinds(annotation)
+            if v is None:
                 continue
-            v = d[key]
-            if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
-                raise GspError(f"{folder / 'config.json'}: '{key}' should be "
-                               f"{getattr(kind, '__name__', 'a number')}, not {v!r}")  # fmt: skip
-            values[key] = v
-        config = SAEConfig(**values)
+            if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+                wanted = " or ".join(k.__name__ for k in kinds)
+                raise GspError(f"{folder / 'config.json'}: '{name}' should be {wanted}, not {v!r}")
+            values[name] = v
+        config = cls(**values)
         if config.architecture not in ("jump_relu", "jumprelu", "topk"):
             raise GspError(f"{folder}: unknown architecture {config.architecture!r}: gsp loads jump_relu and topk SAEs")
         return config
+
+
+def _mse(y_hat_BO: torch.Tensor, y_BO: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ‖y − ŷ‖²."""
+    return (y_hat_BO - y_BO).square().sum(-1).mean()
+
+
+def _kinds(annotation) -> tuple[type, ...]:
+    """The JSON value types a field of this annotation accepts (a float field takes an integer too)."""
+    kinds = tuple(t for t in (typing.get_args(annotation) or (annotation,)) if t is not type(None))
+    kinds = tuple(typing.get_origin(t) or t for t in kinds)
+    return kinds + (int,) if float in kinds and int not in kinds else kinds

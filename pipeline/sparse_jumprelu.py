@@ -18,9 +18,9 @@ class _SparseJumpReLUSAE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BD, w_enc, b_enc, theta, w_dec, bandwidth: float):
-        pre = torch.addmm(b_enc, x_BD, w_enc)  # (B, F): the one dense GEMM
+        pre = _encoder(x_BD, w_enc, b_enc)  # (B, F): the one dense GEMM
         active = pre > theta
-        with _quiet_sparse():
+        with _float32(x_BD), _quiet_sparse():
             x_hat = _csr(active, pre) @ w_dec
         # entries whose gradient matters: active ones (for z) and those in θ's kernel window
         need = active | ((pre - theta).abs() < bandwidth / 2)
@@ -34,7 +34,7 @@ class _SparseJumpReLUSAE(torch.autograd.Function):
         x_BD, w_dec, theta, pre, active, need = ctx.saved_tensors
         eps = ctx.bandwidth
         rows, cols = need.nonzero(as_tuple=True)
-        with _quiet_sparse():
+        with _float32(x_BD), _quiet_sparse():
             pattern = torch.sparse_csr_tensor(
                 _crow(need), cols, torch.zeros(len(cols), dtype=g_BD.dtype, device=g_BD.device), need.shape
             )
@@ -46,13 +46,30 @@ class _SparseJumpReLUSAE(torch.autograd.Function):
             0, cols, g_f * -(th / eps) * ((z - th).abs() < eps / 2).to(g_f.dtype)
         )
         shape_t = (need.shape[1], need.shape[0])
-        with _quiet_sparse():
+        with _float32(x_BD), _quiet_sparse():
             f_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), torch.where(on, z, 0.0), shape_t)
             g_w_dec = torch.sparse.mm(f_t, g_BD)  # fᵀ·g, (F, D)
             gz_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), g_z, shape_t)
             g_w_enc = torch.sparse.mm(gz_t, x_BD).T  # xᵀ·∂L/∂pre, (D, F)
         g_b_enc = torch.zeros_like(theta).index_add_(0, cols, g_z)
         return None, g_w_enc, g_b_enc, g_theta, g_w_dec, None
+
+
+def _encoder(x_BD, w_enc, b_enc) -> torch.Tensor:
+    """x·W_enc + b_enc in float32. Under autocast (`gsp fit --matmul bf16`) the GEMM runs in its dtype
+    and the bias is added in float32, exactly as in the dense path; everything after it, the sparse
+    kernels included (which have no bfloat16 CPU kernels), stays float32."""
+    device = x_BD.device.type
+    if not torch.is_autocast_enabled(device):
+        return torch.addmm(b_enc, x_BD, w_enc)
+    low = torch.get_autocast_dtype(device)
+    with _float32(x_BD):
+        return (x_BD.to(low) @ w_enc.to(low)).float() + b_enc
+
+
+def _float32(x: torch.Tensor):
+    """No autocast: the sparse kernels run in float32."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 @contextlib.contextmanager

@@ -1,15 +1,40 @@
-"""One SAE training step, the one `gsp fit` runs and the benchmarks time, and what it keeps on the device.
+"""One SAE training step, the one `gsp fit` runs and the benchmarks time, and what it needs beside it:
+the training state, the schedule of lr and penalties, the matmul precision, and the finiteness check.
 
 A step: the loss (pipeline.sae.SAE.loss) → backward → gradients averaged across processes → the
 decoder gradient's component parallel to each decoder row removed → Adam → decoder rows
 renormalised, θ clamped at 0 → dead-latent counters. Nothing here waits on the device: whether the
-loss stayed finite is recorded on the device and read at log steps (`NonFinite`).
+loss stayed finite is recorded on the device and read at log steps (`NonFinite`), and decided by
+every process together.
 """
+
+import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from pipeline import dist
+from pipeline.errors import GspError
+from pipeline.loader import LoaderState
 from pipeline.sae import SAE, Loss, Objective
+
+
+@dataclass
+class TrainState:
+    """Everything a fit carries from step to step, and all a checkpoint holds (pipeline/checkpoint.py)."""
+
+    sae: SAE
+    opt: torch.optim.Optimizer
+    since_fired_F: torch.Tensor  # tokens since each latent last fired (int64, on the device)
+    step: int = 0  # steps done
+    loader: LoaderState | None = None  # the loader's position after `step` batches (None: the start)
+    density: float = 1.0  # share of latents active at the last log step; picks JumpReLU's decoder path
+
+    @staticmethod
+    def fresh(sae: SAE, lr: float) -> "TrainState":
+        """A new state: Adam with Gemma Scope's betas (0, 0.999), no latent yet counted as idle."""
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.0, 0.999))
+        return TrainState(sae, opt, torch.zeros(sae.width, dtype=torch.int64, device=sae.w_enc.device))
 
 
 def train_step(
@@ -43,17 +68,64 @@ def train_step(
     return loss
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """lr, λ and λ_f at each step: linear warm-ups from 0, lr constant, then decaying linearly to 0
+    over the last `lr_decay` steps. λ_f (the frequency penalty's) ramps up with λ: at the first steps
+    every latent fires on about half the rows, and an unramped penalty would meet them at full
+    strength before the L0 term had acted."""
+
+    steps: int
+    lr: float
+    lr_warmup: int
+    lr_decay: int
+    sparsity_coeff: float  # λ
+    sparsity_warmup: int
+    freq_penalty: float  # λ_f
+
+    def at(self, step: int) -> tuple[float, float, float]:
+        """(lr, λ, λ_f) for step `step` (0-based)."""
+        lr = self.lr * min(1.0, (step + 1) / self.lr_warmup) if self.lr_warmup else self.lr
+        lr *= min(1.0, (self.steps - step) / self.lr_decay) if self.lr_decay else 1.0
+        ramp = min(1.0, (step + 1) / self.sparsity_warmup) if self.sparsity_warmup else 1.0
+        return lr, self.sparsity_coeff * ramp, self.freq_penalty * ramp
+
+
+def precision(matmul: str, device: torch.device) -> str:
+    """--matmul resolved on this device: fp32, tf32 or bf16."""
+    if matmul == "tf32" and device.type != "cuda":
+        raise GspError("--matmul tf32 needs a CUDA device; on CPU use fp32 (the default) or bf16")
+    return ("tf32" if device.type == "cuda" else "fp32") if matmul == "auto" else matmul
+
+
+@contextlib.contextmanager
+def matmul_precision(matmul: str, device: torch.device):
+    """Set float32 matmul precision for the fit (restored after); yields the autocast dtype (or None)."""
+    resolved = precision(matmul, device)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if resolved == "tf32" else "highest")
+    try:
+        yield torch.bfloat16 if resolved == "bf16" else None
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 class NonFinite:
     """The first step whose loss was NaN or infinite, tracked on the device without a sync."""
 
+    NONE = torch.iinfo(torch.int64).max
+
     def __init__(self, device: torch.device):
-        self.first = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
 
     def update(self, step: int, loss: torch.Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach()) & (self.first < 0)
-        self.first = torch.where(bad, torch.full_like(self.first, step), self.first)
+        bad = ~torch.isfinite(loss.detach())
+        self.first = torch.where(bad, self.first.clamp(max=step), self.first)
 
-    def step(self) -> int | None:
-        """The step number (1-based) of the first non-finite loss, or None (this syncs)."""
-        first = int(self.first)
-        return None if first < 0 else first
+    def first_bad(self, group: dist.Group) -> int | None:
+        """The step number (1-based) of the first non-finite loss in any process, or None (this syncs,
+        and is a collective: every process calls it at the same step and gets the same answer, so
+        all of them stop an SAE together)."""
+        first = self.first.clone()
+        dist.min_(group, first)
+        return None if int(first) == self.NONE else int(first)

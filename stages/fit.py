@@ -1,24 +1,22 @@
 """gsp fit: train a JumpReLU or TopK SAE from an activation store, never loading the language model.
 
-The loop, once per step: set lr and sparsity coefficient (warm-ups) → read a shuffled batch (already
-prefetched) → pipeline.train.train_step (loss, backward, decoder-gradient projection, Adam,
-renormalisation, dead latents) → log / check the loss stayed finite / checkpoint.
+Read top to bottom: the config (`FitConfig`, the smoke test, sweeps), the run (`run_sweep`: outputs,
+locks, one stream of batches for every SAE, the final save), and the loop (`_train`), which once per
+step takes the next shuffled batch (already prefetched) and runs pipeline.train.train_step (loss,
+backward, decoder-gradient projection, Adam, renormalisation, dead latents) for each SAE at the
+schedule's lr and λ, then logs, checks the loss stayed finite, and checkpoints.
 
 Inputs are scaled by one constant s so that E‖x‖² = 1 (from the store's statistics); the saved SAE
 has s folded in (pipeline.sae.SAE.fold_input_scale) and takes raw activations, like Gemma Scope 2's.
-
-The output folder appears whole or not at all: training works in `<out>.partial/` (its checkpoints
-there), the SAE's files are written into it, and it is renamed to `<out>` at the end. A lock file
-`<out>.lock` keeps two fits from writing one output.
+The training state and its checkpoints: pipeline/train.py and pipeline/checkpoint.py; the output
+folder, which appears whole or not at all: pipeline/outputs.py. A lock file `<out>.lock` keeps two
+fits from writing one output.
 """
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
-import os
 import re
 import shutil
 import time
@@ -27,21 +25,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
 
-from pipeline import __version__, dist
+from pipeline import __version__, checkpoint, dist, outputs
 from pipeline.config import differences, opt, resolve_path, stage_config
-from pipeline.console import console, err_console, info, warn
+from pipeline.console import console, info, progress, warn
 from pipeline.errors import GspError
 from pipeline.faults import fault
-from pipeline.files import OutputLock, atomic_write_text, is_disk_full, read_json, save_tensors
+from pipeline.files import OutputLock, is_disk_full, read_json
 from pipeline.loader import LoaderState, ShuffledLoader
 from pipeline.metrics import dead_fraction, fvu, l0
 from pipeline.paths import cache_dir
 from pipeline.sae import FILE_ARCH, SAE, Objective, SAEConfig
 from pipeline.store import ActivationStore
-from pipeline.train import NonFinite, train_step
+from pipeline.train import NonFinite, Schedule, TrainState, matmul_precision, precision, train_step
 
 DEFAULT_LR = {"jumprelu": 1.75e-3, "topk": 1e-3}  # tuned on the default store at the default budget (RESULTS.md)
 
@@ -151,13 +147,25 @@ class FitConfig:
             raise GspError("--skip makes a skip transcoder: give --target-store, the hook point it predicts")
 
     @property
-    def learning_rate(self) -> float:
-        """--lr, or the architecture's default (resolved here, where it is used)."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.arch]
-
-    @property
     def total_steps(self) -> int:
         return self.steps if self.steps is not None else max(1, self.tokens // self.batch_size)
+
+    def resolved(self, like: dict | None = None) -> "FitConfig":
+        """These settings with every default that is resolved where it is used made explicit (the
+        learning rate and the warm-up and decay lengths), as a fit runs and records them: taken from
+        `like` (the settings a checkpoint or a saved SAE recorded) where it has them, so that a
+        resumed or reused fit keeps what it started with even if gsp's defaults change."""
+        n, like = self.total_steps, like or {}
+        defaults = {"lr": DEFAULT_LR[self.arch], "lr_warmup_steps": min(1000, n // 20), "lr_decay_steps": n // 5,
+                    "sparsity_warmup_steps": min(10_000, n // 5)}  # fmt: skip
+        given = {k: getattr(self, k) if getattr(self, k) is not None else like.get(k) for k in defaults}
+        return dataclasses.replace(self, **{k: v if v is not None else defaults[k] for k, v in given.items()})
+
+    @property
+    def schedule(self) -> Schedule:
+        r = self.resolved()
+        return Schedule(r.total_steps, r.lr, r.lr_warmup_steps, r.lr_decay_steps, r.sparsity_coeff,
+                        r.sparsity_warmup_steps, r.freq_penalty)  # fmt: skip
 
     @property
     def prefixes(self) -> tuple[int, ...]:
@@ -188,6 +196,26 @@ class FitConfig:
             name += f"_to_{Path(self.target_store.rstrip('/')).name}" + ("_skip" if self.skip else "")
         return cache_dir() / "saes" / f"{name}_{self.arch}_{self.width}"
 
+    @property
+    def checkpoints(self) -> Path:
+        return outputs.work_dir(self.out_dir) / "checkpoints"
+
+    def record(self) -> dict:
+        """The settings as checkpoints and config.json keep them, the store's local path made absolute: a
+        relative one would name another folder when resumed, reused or evaluated from another directory."""
+        return {**dataclasses.asdict(self), "store": resolve_path(self.store),
+                "target_store": resolve_path(self.target_store)}  # fmt: skip
+
+    def differences(self, saved: dict, what: str) -> list[str]:
+        """How the settings `saved` (a checkpoint's or a saved SAE's record) differ from these, with the
+        defaults resolved where they are used made explicit on both sides ([] when the same)."""
+        names = {f.name for f in dataclasses.fields(FitConfig)}
+        try:
+            was = FitConfig(**{k: v for k, v in saved.items() if k in names}).resolved()
+        except (GspError, TypeError, ValueError) as e:
+            return [f"{what} records settings gsp cannot read ({e})"]
+        return differences(was.record(), self.resolved(like=saved), what)
+
 
 def _store_name(path: str) -> str:
     """A store's folder name; a hook point of a store of several (STORE/L12.mlp_in) as STORE_L12.mlp_in."""
@@ -209,26 +237,16 @@ def smoke_config(cfg: FitConfig) -> FitConfig:
     try:
         ActivationStore.open(store)
     except GspError:
-        _remove_smoke_output(store, "zarr.json")
+        outputs.remove_smoke_output(store, "zarr.json")
         x = np.random.default_rng(0).standard_normal((8192, 32)).astype(np.float32) * 50
         write_synthetic_store(store, x)
     out = Path(cfg.out) if cfg.out else root / "fit-sae"
     if not cfg.out:  # the default smoke output: an earlier smoke test's SAE and work folder are gsp's own
-        _remove_smoke_output(out, "config.json")
-        shutil.rmtree(_work_dir(out), ignore_errors=True)
+        outputs.remove_smoke_output(out, "config.json")
+        shutil.rmtree(outputs.work_dir(out), ignore_errors=True)
     target = min(cfg.target_l0, 16) if cfg.target_l0 is not None else None
     return dataclasses.replace(cfg, store=str(store), out=str(out), width=128, k=min(cfg.k, 16), steps=40,
                                batch_size=256, target_l0=target)  # fmt: skip
-
-
-def _remove_smoke_output(path: Path, marker: str) -> None:
-    """Remove an earlier smoke test's output under cache/smoke, and only if gsp wrote it."""
-    if not path.exists():
-        return
-    text = (path / marker).read_text(errors="replace") if (path / marker).is_file() else ""
-    if "gsp" not in text:
-        raise GspError(f"{path} holds files gsp did not write; move them away to run the smoke test")
-    shutil.rmtree(path)
 
 
 # ------------------------------------------------------------------------------ sweeps
@@ -240,7 +258,7 @@ ARCH_ONLY = {
 }
 
 
-def _reads(cfg: "FitConfig", key: str) -> bool:
+def _reads(cfg: FitConfig, key: str) -> bool:
     """Whether an SAE of cfg's architecture reads the option (TopK reads --bandwidth for its frequency
     penalty only)."""
     owner = ARCH_ONLY.get(key, cfg.arch)
@@ -284,10 +302,29 @@ def _short(v) -> str:
     return f"{v:g}" if isinstance(v, float) and float(f"{v:g}") == v else str(v)
 
 
-# ------------------------------------------------------------------------------ the stage
+# ------------------------------------------------------------------------------ the run
 def run_fit(cfg: FitConfig, *, resume: bool = False) -> Path:
     """Train, checkpoint, and write the SAE in Gemma Scope 2's format to cfg.out_dir."""
     return run_sweep([cfg], resume=resume)[0]
+
+
+def fit_or_reuse(cfg: FitConfig) -> Path:
+    """Fit; or resume an interrupted fit; or keep an SAE already fitted with these settings (gsp run)."""
+    out = cfg.out_dir
+    if (out / "config.json").is_file():
+        diffs = _saved_differences(cfg)
+        if not diffs:
+            info(f"{out} already holds an SAE fitted with these settings; keeping it")
+            return out
+        raise GspError(f"{out} holds an SAE fitted with other settings ({'; '.join(diffs)}); "
+                       "move it away or set fit.out in the config")  # fmt: skip
+    return run_fit(cfg, resume=(cfg.checkpoints / "latest.json").is_file())
+
+
+def _saved_differences(cfg: FitConfig) -> list[str]:
+    """How the SAE saved at cfg.out_dir was fitted differently from cfg ([] when the same)."""
+    saved = SAEConfig.from_json(read_json(cfg.out_dir / "config.json"), cfg.out_dir).fit_config
+    return cfg.differences(saved, "the SAE") if saved is not None else ["it was not written by gsp fit"]
 
 
 def run_sweep(cfgs: list[FitConfig], *, resume: bool = False) -> list[Path]:
@@ -311,281 +348,147 @@ def run_sweep(cfgs: list[FitConfig], *, resume: bool = False) -> list[Path]:
     outs = [c.out_dir for c in cfgs]
     if len(set(outs)) < len(outs):
         raise GspError("two SAEs of this sweep would be written to one folder; give each its own --out")
-    group = dist.setup(first.device)  # one process, or this process's share under torchrun
-    _precision(first.matmul, group.device)  # a wrong --matmul before any file is touched
-    with contextlib.ExitStack() as locks:
+    with dist.session(first.device) as group, contextlib.ExitStack() as locks:  # one process, or its share
+        precision(first.matmul, group.device)  # a wrong --matmul before any file is touched
         if group.main:
             for out in outs:
                 locks.enter_context(OutputLock(out, "gsp fit"))
-        todo = dist.on_main(group, lambda: _check_outputs(cfgs, resume))
-        members = _fit([c for c in cfgs if c.out_dir in todo], todo, store, group) if todo else []
-        if group.main:
-            for m in members:
-                if not m.failed:
-                    _publish(_work_dir(m.cfg.out_dir), m.cfg.out_dir)
-    dist.teardown(group)
-    failed = [m.failed for m in members if m.failed]  # (a fit of one SAE raised already)
+        todo = dist.on_main(group, lambda: outputs.prepare(_output_states(cfgs, resume), resume))
+        fits = _fit([c for c in cfgs if c.out_dir in todo], todo, store, group) if todo else []
+    failed = [f.failed for f in fits if f.failed]  # (a fit of one SAE raised already)
     if failed:
-        raise GspError(f"{len(failed)} of the sweep's {len(cfgs)} SAEs stopped early, the others were saved: "
-                       + "; ".join(failed))  # fmt: skip
+        saved = "none was saved" if len(failed) == len(cfgs) else "the others were saved"
+        raise GspError(f"{len(failed)} of the sweep's {len(cfgs)} SAEs stopped early, {saved}: " + "; ".join(failed))
     return outs
 
 
-def fit_or_reuse(cfg: FitConfig) -> Path:
-    """Fit; or resume an interrupted fit; or keep an SAE already fitted with these settings (gsp run)."""
-    out = cfg.out_dir
-    if (out / "config.json").is_file():
-        diffs = _saved_differences(cfg)
-        if not diffs:
-            info(f"{out} already holds an SAE fitted with these settings; keeping it")
-            return out
-        raise GspError(f"{out} holds an SAE fitted with other settings ({'; '.join(diffs)}); "
-                       "move it away or set fit.out in the config")  # fmt: skip
-    return run_fit(cfg, resume=(_work_dir(out) / "checkpoints" / "latest.json").is_file())
-
-
-def _saved_differences(cfg: FitConfig) -> list[str]:
-    """How the SAE saved at cfg.out_dir was fitted differently from cfg ([] when the same)."""
-    saved = SAEConfig.from_json(read_json(cfg.out_dir / "config.json"), cfg.out_dir).fit_config
-    return differences(saved, cfg, "the SAE") if saved is not None else ["it was not written by gsp fit"]
-
-
-def _work_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def _record(cfg: FitConfig) -> dict:
-    """The settings as checkpoints and config.json keep them, the store's local path made absolute: a
-    relative one would name another folder when resumed, reused or evaluated from another directory."""
-    return {**dataclasses.asdict(cfg), "store": resolve_path(cfg.store), "target_store": resolve_path(cfg.target_store)}
-
-
-def _check_outputs(cfgs: list[FitConfig], resume: bool) -> dict[Path, str]:
-    """Rank 0: the outputs still to train, each "resume" (from its checkpoint) or "train" (from the start).
-
-    With --resume, an SAE of the sweep already fitted with these settings is kept, one whose final save
-    only needed its last rename is finished, and one killed before its first checkpoint starts over."""
-    state = {c.out_dir: _output_state(c, resume) for c in cfgs}
-    if resume and "resume" not in state.values():
-        c = cfgs[0]
-        if "train" in state.values():
-            raise GspError(f"no checkpoint in {_work_dir(c.out_dir)} to resume from; run without --resume to start")
-        if "saved" not in state.values():
-            raise GspError(f"{c.out_dir} already holds an SAE; choose another --out (or move it away to fit again)")
-    for c in cfgs:
-        out, work = c.out_dir, _work_dir(c.out_dir)
-        if state[out] == "saved":
-            _publish(work, out)  # killed between the SAE's files and the rename: they are whole
-            info(f"finished saving the SAE of an interrupted fit to {out}")
-        elif state[out] == "done" and len(cfgs) > 1:
-            info(f"{out} already holds this sweep's SAE; kept")
-        elif state[out] == "train" and work.exists():
-            _clear_work(work)
-    return {out: s for out, s in state.items() if s in ("train", "resume")}
-
-
-def _output_state(cfg: FitConfig, resume: bool) -> str:
-    """ "done" (kept), "saved" (to publish), "resume" or "train"; or why this output cannot be fitted."""
-    out, work = cfg.out_dir, _work_dir(cfg.out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if (out / "config.json").is_file() and (out / "params.safetensors").is_file():
-            if resume and not _saved_differences(cfg):
-                return "done"
-            raise GspError(f"{out} already holds an SAE; choose another --out (or move it away to fit again)")
-        raise GspError(f"{out} exists and is not a gsp SAE folder; choose another --out (nothing was changed)")
-    if (work / "config.json").is_file() and not (work / "checkpoints").exists():
-        return "saved"
-    if (work / "checkpoints" / "latest.json").is_file():
-        if not resume:
-            raise GspError(f"{work} holds an interrupted fit of this output: add --resume to continue it, "
-                           "or move it away to start over")  # fmt: skip
-        return "resume"
-    return "train"
-
-
-def _clear_work(work: Path) -> None:
-    """A work folder with nothing to resume (a fit stopped before its first checkpoint): gsp's own
-    files only are removed; anything else in it is a reason to stop."""
-    ours = {"checkpoints", "params.safetensors", "params.safetensors.partial", "config.json.partial"}
-    if not work.is_dir() or any(p.name not in ours for p in work.iterdir()):
-        raise GspError(f"{work} is in the way of this fit's work folder and holds files gsp did not write; "
-                       "move it away")  # fmt: skip
-    shutil.rmtree(work)
-
-
-def _publish(work: Path, out: Path) -> None:
-    """The finished folder appears at `out` in one rename (over an empty folder, if one is there)."""
-    os.replace(work, out)
-    fault("fit-published")
+def _output_states(cfgs: list[FitConfig], resume: bool) -> dict[Path, str]:
+    """Each output's state (pipeline/outputs.py): an SAE already there counts as done only if it was
+    fitted with the same settings."""
+    return {c.out_dir: outputs.state(c.out_dir, resume, lambda c=c: not _saved_differences(c)) for c in cfgs}
 
 
 @dataclass
-class _Member:
-    """One SAE of a sweep (a plain fit is a sweep of one) and its training state."""
+class _Fit:
+    """One SAE of a sweep (a plain fit is a sweep of one): its settings, as resolved for this run, and state."""
 
     cfg: FitConfig
-    sae: SAE
-    opt: torch.optim.Optimizer
-    since_fired: torch.Tensor  # tokens since each latent last fired
+    state: TrainState
     finite: NonFinite
-    start: int = 0  # the step it resumes from: it sits out the stream's earlier batches
-    loader_state: LoaderState | None = None
-    density: float = 1.0  # share of latents active at the last log step; picks JumpReLU's decoder path
-    metrics: dict = dataclasses.field(default_factory=dict)
-    lr: float = 0.0  # this step's lr and λ
-    lam: float = 0.0
+    start: int  # the step it resumes from: it sits out the stream's earlier batches
+    schedule: Schedule
+    objective: Objective
+    metrics: dict = dataclasses.field(default_factory=dict)  # the last log step's
     failed: str | None = None  # why it stopped early (a sweep goes on without it)
 
-    @property
-    def ckpt(self) -> Path:
-        return _work_dir(self.cfg.out_dir) / "checkpoints"
 
-
-def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, group: dist.Group) -> list[_Member]:
-    first, device = cfgs[0], group.device
+def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, group: dist.Group) -> list[_Fit]:
+    """Start (or resume) each SAE, open one stream for all of them, train, and save each SAE into its
+    work folder and publish it."""
+    first = cfgs[0]
     target = ActivationStore.open(first.target_store) if first.target_store else None  # a transcoder's
     out = target or store
     # unit-scaled inputs (and targets): E‖x·s‖² = 1, E‖y·t‖² = 1
     scales = (1.0 / math.sqrt(store.hook.stats.mean_sq_norm), 1.0 / math.sqrt(out.hook.stats.mean_sq_norm))
-    members = [_member(cfg, store, out, scales, device, todo[cfg.out_dir] == "resume") for cfg in cfgs]
-    start = min(m.start for m in members)  # the stream starts where the furthest-behind SAE stopped
+    fits = [_start(cfg, store, out, scales, group.device, todo[cfg.out_dir] == "resume") for cfg in cfgs]
+    start = min(f.start for f in fits)  # the stream starts where the furthest-behind SAE stopped
     loader = ShuffledLoader(
-        store, first.batch_size, seed=first.seed, buffer_mib=first.buffer_mib, device=device,
+        store, first.batch_size, seed=first.seed, buffer_mib=first.buffer_mib, device=group.device,
         scales=scales if target else scales[:1], part=(group.rank, group.world), lanes=first.lanes, target=target,
-        state=next(m.loader_state for m in members if m.start == start),
+        state=next(f.state.loader for f in fits if f.start == start),
     )  # fmt: skip
     if group.world > 1 and group.main:
-        share, lanes = first.batch_size // group.world, loader.lanes
-        info(
-            f"{group.world} processes, {share:,} rows each of every {first.batch_size:,}-row batch, "
-            f"each reading {lanes // group.world} of the store's {lanes} loader lanes"
-        )
-    if len(members) > 1 and group.main:
-        info(f"{len(members)} SAEs from one read of {first.store}, each batch through each")
-    logger = _wandb(cfgs) if first.wandb and group.main else None
-    _train(members, loader, start, group, logger)
+        info(f"{group.world} processes, {first.batch_size // group.world:,} rows each of every "
+             f"{first.batch_size:,}-row batch, each reading {loader.lanes // group.world} of the store's "
+             f"{loader.lanes} loader lanes")  # fmt: skip
+    if len(fits) > 1 and group.main:
+        info(f"{len(fits)} SAEs from one read of {first.store}, each batch through each")
+    logger = _wandb([f.cfg for f in fits]) if first.wandb and group.main else None
+    _train(fits, loader, start, group, logger)
     if group.main:
-        for m in members:
-            if not m.failed:
-                _save(m.cfg, store, target, m.sae, scales, m.metrics, _work_dir(m.cfg.out_dir))
-    return members
+        kept = [f for f in fits if not f.failed]
+        for f in kept:
+            _save(f, store, target, scales)
+        for f in kept:  # each SAE whole in its work folder first: a kill now loses no training
+            outputs.publish(f.cfg.out_dir)
+    return fits
 
 
-def _member(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales, device, resume: bool) -> _Member:
-    """A fresh SAE (Gemma Scope 2's initialisation, seeded), or the one in its checkpoint."""
+def _start(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales, device, resume: bool) -> _Fit:
+    """A fresh SAE (Gemma Scope 2's initialisation, seeded), or the one in its checkpoint, which also
+    decides the defaults this run resolves (a resumed fit keeps the learning rate it started with)."""
+    cfg = cfg.resolved(like=checkpoint.settings(cfg.checkpoints) if resume else None)
     sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k, d_out=out.d_in, skip=cfg.skip).init_gemma_scope(
         torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
     )
     if cfg.b_dec_init == "mean":
         with torch.no_grad():
             sae.b_dec.copy_(torch.tensor(out.hook.stats.mean) * scales[1])
-    sae.to(device)
-    opt_ = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate, betas=(0.0, 0.999))
-    m = _Member(cfg, sae, opt_, torch.zeros(cfg.width, dtype=torch.int64, device=device), NonFinite(device))
+    state = TrainState.fresh(sae.to(device), cfg.lr)
     if resume:
-        m.start, m.loader_state, m.density = _load_checkpoint(m.ckpt, cfg, sae, opt_, m.since_fired)
-        info(f"{cfg.out_dir.name}: resuming from step {m.start:,} of {cfg.total_steps:,}")
-    return m
+        checkpoint.load(cfg.checkpoints, state, lambda saved: cfg.differences(saved, "checkpoint"))
+        info(f"{cfg.out_dir.name}: resuming from step {state.step:,} of {cfg.total_steps:,}")
+    return _Fit(cfg, state, NonFinite(device), start=state.step, schedule=cfg.schedule, objective=cfg.objective)
 
 
-def _schedule(cfg: FitConfig, step_: int) -> tuple[float, float, float]:
-    """(lr, λ, λ_f) at this step: linear warm-ups, lr constant, then decaying linearly to 0 at the end.
-    The frequency penalty's λ_f ramps up with λ: at the first steps every latent fires on about half
-    the rows, and an unramped penalty would meet them at full strength before the L0 term had acted."""
-    n, lr_max = cfg.total_steps, cfg.learning_rate
-    lr_warm = cfg.lr_warmup_steps if cfg.lr_warmup_steps is not None else min(1000, n // 20)
-    decay = cfg.lr_decay_steps if cfg.lr_decay_steps is not None else n // 5
-    sp_warm = cfg.sparsity_warmup_steps if cfg.sparsity_warmup_steps is not None else min(10_000, n // 5)
-    lr = lr_max * min(1.0, (step_ + 1) / lr_warm) if lr_warm else lr_max
-    lr *= min(1.0, (n - step_) / decay) if decay else 1.0
-    ramp = min(1.0, (step_ + 1) / sp_warm) if sp_warm else 1.0
-    return lr, cfg.sparsity_coeff * ramp, cfg.freq_penalty * ramp
-
-
-def _train(members: list[_Member], loader, start: int, group, logger) -> None:
-    """The loop: each batch of the stream through each SAE that is at that step; logs, checks, checkpoints."""
-    first = members[0].cfg
+# ------------------------------------------------------------------------------ the loop
+def _train(fits: list[_Fit], loader, start: int, group, logger) -> None:
+    """Each batch of the stream through each SAE that is at that step; logs, checks, checkpoints."""
+    first = fits[0].cfg
     paired = loader.target is not None  # a transcoder's batches: input columns, then the target's
     n, every = first.total_steps, first.checkpoint_every
     t0 = time.perf_counter()
     batches = iter(loader)
-    with contextlib.closing(batches), _display(group.main) as live, _matmul(first.matmul, group.device) as autocast:
-        tasks = [live.add_task(_name(m, members), total=n, completed=m.start, metrics="") for m in members]
-        for step_ in range(start, n):
+    live = progress("steps", show=group.main, fields=("metrics",))  # under torchrun only rank 0 shows it
+    with contextlib.closing(batches), live, matmul_precision(first.matmul, group.device) as ac:
+        tasks = [live.add_task(_name(f, fits), total=n, completed=f.start, metrics="") for f in fits]
+        for step in range(start, n):
             batch = next(batches)
-            done = step_ + 1
-            active = [m for m in members if m.start <= step_ and not m.failed]
-            for m in active:
-                loss, truth = _step(m, batch, step_, paired, group, autocast)
-                if done % m.cfg.log_every == 0 or done == n:
-                    _log(m, loss, truth, done, group, (time.perf_counter() - t0, (done - start) * first.batch_size))
-                    live.update(tasks[members.index(m)], completed=done, metrics=_line(m.metrics))
+            done = step + 1
+            active = [f for f in fits if f.start <= step and not f.failed]
+            for f in active:
+                loss, truth = _step(f, batch, step, paired, group, ac)
+                if done % f.cfg.log_every == 0 or done == n:
+                    _log(f, loss, truth, done, group, (time.perf_counter() - t0, (done - start) * first.batch_size))
+                    live.update(tasks[fits.index(f)], completed=done, metrics=_line(f.metrics))
                     if logger:
-                        logger.log({f"{_name(m, members)}/{k}" if len(members) > 1 else k: v
-                                    for k, v in m.metrics.items()}, step=done)  # fmt: skip
-                    _check_finite(m, members)
+                        logger.log({f"{_name(f, fits)}/{k}" if len(fits) > 1 else k: v
+                                    for k, v in f.metrics.items()}, step=done)  # fmt: skip
+                    _check_finite(f, fits, group)
             if every and done % every == 0 and done < n and active:
                 position = LoaderState.merge(dist.gather(group, loader.state))  # every process's lanes
-                for m in active:
-                    _check_finite(m, members)
-                    if group.main and not m.failed:
-                        _save_checkpoint(m.ckpt, m.cfg, m.sae, m.opt, m.since_fired, done, position, m.density)
+                for f in active:
+                    _check_finite(f, fits, group)
+                    if group.main and not f.failed:
+                        f.state.loader = position
+                        checkpoint.save(f.cfg.checkpoints, f.state, f.cfg.record())
                 if group.main:
                     fault("fit-checkpoint-saved")
                 dist.barrier(group)
-    for m in members:
-        _check_finite(m, members)
+    for f in fits:
+        if not f.failed:
+            _check_finite(f, fits, group)
 
 
-def _step(m: _Member, batch: torch.Tensor, step_: int, paired: bool, group, autocast):
+def _step(f: _Fit, batch: torch.Tensor, step: int, paired: bool, group, autocast):
     """One training step of one SAE on the shared batch (read, never written); (its loss, the rows it reconstructs)."""
-    cfg = m.cfg
-    lr, lam, freq = _schedule(cfg, step_)
-    for pg in m.opt.param_groups:
+    cfg, state = f.cfg, f.state
+    lr, lam, freq_penalty = f.schedule.at(step)
+    for pg in state.opt.param_groups:
         pg["lr"] = lr
-    x, y = _split(batch, m.sae, paired)  # unit-scaled by the loader, on the device
+    x, y = _split(batch, state.sae, paired)  # unit-scaled by the loader, on the device
     # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
     cpu = group.device.type == "cpu"
-    sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and m.density < 0.05)
+    sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and state.density < 0.05)
     sparse = sparse and not cfg.prefixes  # Matryoshka's nested prefixes decode densely
-    objective = dataclasses.replace(cfg.objective, freq_coeff=freq) if freq != cfg.freq_penalty else cfg.objective
-    loss = train_step(m.sae, m.opt, x, objective, lam=lam, since_fired_F=m.since_fired,
+    objective = dataclasses.replace(f.objective, freq_penalty=freq_penalty)
+    loss = train_step(state.sae, state.opt, x, objective, lam=lam, since_fired_F=state.since_fired_F,
                       dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y,
                       autocast=autocast)  # fmt: skip
-    m.finite.update(step_ + 1, loss.total)
-    m.lr, m.lam = lr, lam
+    state.step = step + 1
+    f.finite.update(step + 1, loss.total)
+    f.metrics.update(lr=lr, **{"lambda": lam})
     return loss, (x if y is None else y)
-
-
-def _log(m: _Member, loss, truth: torch.Tensor, done: int, group, elapsed: tuple[float, int]) -> None:
-    """The live metrics, averaged over processes (FVU as the mean of the shares' FVUs): the same on every process."""
-    f, x_hat = loss.f_BF, loss.x_hat_BD.detach()
-    logged = torch.stack([loss.total.detach(), l0(f), fvu(truth, x_hat).float(), (f != 0).float().mean()])
-    dist.mean_(group, [logged])
-    loss_, l0_, fvu_, m.density = logged.tolist()
-    seconds, rows = elapsed
-    m.metrics = {"step": done, "loss": loss_, "l0": l0_, "fvu": fvu_,
-                 "dead": dead_fraction(m.since_fired, m.cfg.dead_tokens), "lr": m.lr, "lambda": m.lam,
-                 "tok_s": rows / seconds}  # fmt: skip
-
-
-def _precision(matmul: str, device: torch.device) -> str:
-    """--matmul resolved on this device: fp32, tf32 or bf16."""
-    if matmul == "tf32" and device.type != "cuda":
-        raise GspError("--matmul tf32 needs a CUDA device; on CPU use fp32 (the default) or bf16")
-    return ("tf32" if device.type == "cuda" else "fp32") if matmul == "auto" else matmul
-
-
-@contextlib.contextmanager
-def _matmul(precision: str, device: torch.device):
-    """Set float32 matmul precision for the fit (restored after); yields the autocast dtype (or None)."""
-    precision = _precision(precision, device)
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
-    try:
-        yield torch.bfloat16 if precision == "bf16" else None
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def _split(batch: torch.Tensor, sae: SAE, paired: bool):
@@ -596,23 +499,38 @@ def _split(batch: torch.Tensor, sae: SAE, paired: bool):
     return batch[:, : sae.d_in], batch[:, sae.d_in :]
 
 
-def _check_finite(m: _Member, members: list[_Member]) -> None:
-    """Stop a fit whose loss became NaN or infinite; in a sweep, only that SAE stops (its last checkpoint kept)."""
-    bad = m.finite.step()
-    if bad is None or m.failed:
+def _log(f: _Fit, loss, truth: torch.Tensor, done: int, group, elapsed: tuple[float, int]) -> None:
+    """The live metrics, averaged over processes (FVU as the mean of the shares' FVUs): the same on every process."""
+    x_hat, f_BF = loss.x_hat_BD.detach(), loss.f_BF
+    logged = torch.stack([loss.total.detach(), l0(f_BF), fvu(truth, x_hat).float(), (f_BF != 0).float().mean()])
+    dist.mean_(group, [logged])
+    loss_, l0_, fvu_, f.state.density = logged.tolist()
+    seconds, rows = elapsed
+    f.metrics = {"step": done, "loss": loss_, "l0": l0_, "fvu": fvu_,
+                 "dead": dead_fraction(f.state.since_fired_F, f.cfg.dead_tokens), "lr": f.metrics["lr"],
+                 "lambda": f.metrics["lambda"], "tok_s": rows / seconds}  # fmt: skip
+
+
+def _check_finite(f: _Fit, fits: list[_Fit], group) -> None:
+    """Stop a fit whose loss became NaN or infinite in any process: decided by all of them together (a
+    collective), so that they stop the same SAE at the same step. In a sweep only that SAE stops
+    (its last checkpoint kept) and the others go on."""
+    bad = f.finite.first_bad(group)
+    if bad is None:
         return
-    kept = _latest_step(m.ckpt)
+    kept = checkpoint.latest_step(f.cfg.checkpoints)
     then = f"; the checkpoint at step {kept:,} is kept (--resume continues from it)" if kept else ""
-    why = (f"the loss became NaN or infinite at step {bad:,} (lr {m.cfg.learning_rate:g}): lower --lr "
+    why = (f"the loss became NaN or infinite at step {bad:,} (lr {f.cfg.lr:g}): lower --lr "
            f"(or check the store's values); nothing was saved{then}")  # fmt: skip
-    if len(members) == 1:
+    if len(fits) == 1:
         raise GspError(why)
-    m.failed = f"{m.cfg.out_dir.name}: {why}"
-    warn(m.failed)
+    f.failed = f"{f.cfg.out_dir.name}: {why}"
+    if group.main:
+        warn(f.failed)
 
 
-def _name(m: _Member, members: list[_Member]) -> str:
-    return m.cfg.out_dir.name if len(members) > 1 else "fit"
+def _name(f: _Fit, fits: list[_Fit]) -> str:
+    return f.cfg.out_dir.name if len(fits) > 1 else "fit"
 
 
 def _line(m: dict) -> str:
@@ -622,122 +540,23 @@ def _line(m: dict) -> str:
     )
 
 
-def _display(show: bool = True):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps · ETA"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[metrics]}"),
-        console=err_console,
-        disable=not show,  # under torchrun only rank 0 shows progress
-    )
-
-
-# ------------------------------------------------------------------------------ checkpoints
-# <work>/checkpoints/step-N/{state.safetensors, state.json} and latest.json naming the newest. The
-# sha256 of state.safetensors is in state.json and the sha256 of state.json is in latest.json, so a
-# damaged or incomplete checkpoint is an error on --resume, never a silently different run.
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _save_checkpoint(root: Path, cfg, sae, opt_, since_fired, done: int, loader_state: LoaderState, density) -> None:
-    """Training-scale weights, Adam moments and dead-latent counters (safetensors) + JSON state.
-
-    Written to a fresh `step-N/` folder; then `latest.json` is replaced atomically to point at it;
-    only then are older folders removed. A kill at any moment leaves a complete checkpoint.
-    """
-    folder = root / f"step-{done}"
-    tensors = {f"param.{k}": getattr(sae, k).detach().cpu().contiguous() for k in sae.params}
-    adam_steps = {}
-    for k in sae.params:
-        st = opt_.state.get(getattr(sae, k), {})
-        if st:
-            tensors[f"adam.{k}.exp_avg"] = st["exp_avg"].cpu().contiguous()
-            tensors[f"adam.{k}.exp_avg_sq"] = st["exp_avg_sq"].cpu().contiguous()
-            adam_steps[k] = float(st["step"])
-    tensors["since_fired"] = since_fired.cpu().contiguous()
+def _wandb(cfgs: list[FitConfig]):
+    """One W&B run; a sweep's SAEs log under their folder names."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(tensors, folder / "state.safetensors")
-        state = {"step": done, "loader": dataclasses.asdict(loader_state), "adam_steps": adam_steps,
-                 "density": density, "config": _record(cfg),
-                 "state_sha256": _sha256((folder / "state.safetensors").read_bytes())}  # fmt: skip
-        text = json.dumps(state, indent=1)
-        atomic_write_text(folder / "state.json", text)
-        latest = {"folder": folder.name, "json_sha256": _sha256(text.encode())}
-        atomic_write_text(root / "latest.json", json.dumps(latest))
-    except OSError as e:
-        shutil.rmtree(folder, ignore_errors=True)  # this step's folder only: the previous checkpoint stays
-        if not is_disk_full(e):
-            raise
-        kept = _latest_step(root)
-        then = f"with --resume, it continues from step {kept:,}" if kept else "no checkpoint was kept"
-        raise GspError(f"disk full while writing the checkpoint at step {done:,}: free some space and rerun "
-                       f"({then})") from None  # fmt: skip
-    for old in root.glob("step-*"):
-        if old != folder:
-            shutil.rmtree(old)
-
-
-def _latest_step(root: Path) -> int | None:
-    try:
-        return int(json.loads((root / "latest.json").read_text())["folder"].removeprefix("step-"))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _load_checkpoint(root: Path, cfg, sae, opt_, since_fired) -> tuple[int, LoaderState, float]:
-    def damaged(why: str) -> GspError:
-        return GspError(f"the checkpoint in {root} is damaged ({why}); it cannot be resumed: move "
-                        f"{root.parent} away and fit again")  # fmt: skip
-
-    try:
-        latest = json.loads((root / "latest.json").read_text())
-        path = root / latest["folder"]
-        text = (path / "state.json").read_text()
-        if _sha256(text.encode()) != latest["json_sha256"]:
-            raise damaged("state.json does not match its checksum")
-        state = json.loads(text)
-        data = (path / "state.safetensors").read_bytes()
-        if _sha256(data) != state["state_sha256"]:
-            raise damaged("state.safetensors does not match its checksum")
-        tensors = load_safetensors_bytes(data)
-        step_, loader, adam_steps, density = state["step"], state["loader"], state["adam_steps"], state["density"]
-        saved_config = state["config"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, SafetensorError) as e:
-        raise damaged(f"{type(e).__name__}: {e}") from None
-    diffs = differences(saved_config, cfg, "checkpoint")
-    if diffs:
-        raise GspError(f"the checkpoint in {path} was trained with other parameters ({'; '.join(diffs)})")
-    try:
-        with torch.no_grad():
-            for k in sae.params:
-                getattr(sae, k).copy_(tensors[f"param.{k}"])
-            since_fired.copy_(tensors["since_fired"])
-        for k, n in adam_steps.items():
-            p = getattr(sae, k)
-            opt_.state[p] = {
-                "step": torch.tensor(n),
-                "exp_avg": tensors[f"adam.{k}.exp_avg"].to(p.device),
-                "exp_avg_sq": tensors[f"adam.{k}.exp_avg_sq"].to(p.device),
-            }
-        return step_, LoaderState.from_json(loader), density
-    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
-        raise damaged(f"incomplete state: {type(e).__name__}: {e}") from None
+        import wandb
+    except ImportError:
+        raise GspError("--wandb needs the wandb package: pip install wandb") from None
+    config = {c.out_dir.name: dataclasses.asdict(c) for c in cfgs} if len(cfgs) > 1 else dataclasses.asdict(cfgs[0])
+    return wandb.init(project="gsp", config=config)
 
 
 # ------------------------------------------------------------------------------ the saved SAE
-def _save(cfg, store: ActivationStore, target, sae: SAE, scales, final: dict, work: Path) -> None:
+def _save(f: _Fit, store: ActivationStore, target, scales) -> None:
     """params.safetensors + config.json in Gemma Scope 2's format (its transcoder layout for a
-    transcoder), the scales folded in, into the work folder; then its checkpoints go (the caller
-    renames the folder to the output)."""
-    m, record = store.meta, _record(cfg)
-    sae = sae.cpu().fold_input_scale(*scales)
+    transcoder), the scales folded in, into the work folder; then its checkpoints go."""
+    cfg, m, record, work = f.cfg, store.meta, f.cfg.record(), outputs.work_dir(f.cfg.out_dir)
+    final = f.metrics
+    sae = f.state.sae.cpu().fold_input_scale(*scales)
     config = SAEConfig(
         architecture=FILE_ARCH[cfg.arch],
         model_name=m.model.name,
@@ -767,19 +586,8 @@ def _save(cfg, store: ActivationStore, target, sae: SAE, scales, final: dict, wo
     except OSError as e:
         if not is_disk_full(e):
             raise
-        kept = _latest_step(work / "checkpoints")
-        then = f"with --resume, it continues from step {kept:,}" if kept else "no checkpoint was kept"
-        raise GspError(f"disk full while saving the SAE to {work}: free some space and rerun ({then})") from None
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # the SAE is complete: checkpoints are done with
+        raise GspError(f"disk full while saving the SAE to {work}: free some space and rerun "
+                       f"({checkpoint.resume_hint(cfg.checkpoints)})") from None  # fmt: skip
+    shutil.rmtree(cfg.checkpoints, ignore_errors=True)  # the SAE is complete: checkpoints are done with
     fault("fit-saved")
     console.print(f"saved the SAE to [bold]{cfg.out_dir}[/] ({_line(final)})", highlight=False)
-
-
-def _wandb(cfgs: list[FitConfig]):
-    """One W&B run; a sweep's SAEs log under their folder names."""
-    try:
-        import wandb
-    except ImportError:
-        raise GspError("--wandb needs the wandb package: pip install wandb") from None
-    config = {c.out_dir.name: dataclasses.asdict(c) for c in cfgs} if len(cfgs) > 1 else dataclasses.asdict(cfgs[0])
-    return wandb.init(project="gsp", config=config)

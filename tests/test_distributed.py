@@ -1,6 +1,8 @@
 """gsp under torchrun: 2 gloo processes on the CPU give what one process gives with the same global batch."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -181,3 +183,28 @@ def test_process_workers_are_refused_under_torchrun(tiny_model, corpus, tmp_path
     r = torchrun(2, "harvest", *args, "--device", "cpu", "--workers", "processes")
     assert r.returncode != 0 and "--workers processes runs one process only" in r.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_a_loss_that_goes_non_finite_in_one_process_stops_the_sae_in_all(tmp_path):
+    """One row too large for float32 once scaled reaches one process's share of one batch first: the
+    processes decide together, so each SAE of the sweep stops at one step, said once, and none is
+    reported saved (before, each process stopped it at its own step and the all-reduces went astray)."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8192, 32)) * 20).astype(np.float32)
+    write_synthetic_store(tmp_path / "plain", x)
+    x[1000] = 1e30  # its square overflows float32
+    write_synthetic_store(tmp_path / "huge", x)
+    # the statistics of the plain rows (as if the harvest's had missed the huge one): the row stays huge once scaled
+    shutil.copy(tmp_path / "plain" / "zarr.json", tmp_path / "huge" / "zarr.json")
+    r = torchrun(2, *_fit(tmp_path / "huge", tmp_path / "sweep", "--arch", "topk", "--k", "8,16", "--steps", "40"))
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    stops = re.findall(r"(topk_64_k_\d+): the loss became NaN or infinite at step ([\d,]+)", out)
+    named = sorted({name for name, _ in stops})
+    assert named == ["topk_64_k_16", "topk_64_k_8"], out[-3000:]
+    for name in named:  # each stop said once (warned by rank 0, then in the final error of each process)
+        steps = {step for n, step in stops if n == name}
+        assert len(steps) == 1, (name, stops)
+    assert out.count("warning: topk_64_k_8:") == 1
+    assert "2 of the sweep's 2 SAEs stopped early, none was saved" in out
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").glob("*/params.safetensors"))

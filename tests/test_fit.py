@@ -18,6 +18,7 @@ from conftest import error_line, gsp_subprocess
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from pipeline.errors import GspError
 from pipeline.tiny import SYNTHETIC_HOOK as H
 from pipeline.tiny import write_synthetic_store
 from stages.fit import FitConfig, fit_or_reuse, run_fit
@@ -160,15 +161,13 @@ def test_existing_output_and_mismatched_resume(gsp, synthetic, tmp_path):
     killed = _fit_args(store, tmp_path / "k")
     assert gsp_subprocess(*killed, env={"GSP_FAULT": "fit-checkpoint-saved:1"}).returncode == -9
     r = gsp(*killed, "--resume", "--lr", "1e-3")
-    assert r.exit_code == 1 and "lr: checkpoint has the default, asked 0.001" in r.output
+    assert r.exit_code == 1 and "lr: checkpoint has 0.00175, asked 0.001" in r.output
 
 
 def test_schedule_warmups_and_decay():
-    from stages.fit import _schedule
-
     cfg = FitConfig(store="s", steps=100, lr=1.0, sparsity_coeff=2.0, lr_warmup_steps=10, lr_decay_steps=20,
                     sparsity_warmup_steps=50, freq_penalty=4.0)  # fmt: skip
-    lr, lam, freq = zip(*[_schedule(cfg, s) for s in range(100)], strict=True)
+    lr, lam, freq = zip(*[cfg.schedule.at(s) for s in range(100)], strict=True)
     assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[50] == 1.0 and lr[80] == 1.0
     assert lr[90] == pytest.approx(0.5) and lr[99] == pytest.approx(0.05)
     assert lam[24] == pytest.approx(1.0) and lam[49] == lam[99] == 2.0
@@ -182,7 +181,7 @@ def test_the_frequency_penalty_ramps_up_with_lambda_in_the_fit(synthetic, tmp_pa
     seen = []
 
     def recording(sae, opt, x, objective, *, lam, **kw):
-        seen.append((objective.freq_coeff, lam))
+        seen.append((objective.freq_penalty, lam))
         return train_step(sae, opt, x, objective, lam=lam, **kw)
 
     from pipeline.train import train_step
@@ -275,14 +274,12 @@ def test_kill_after_the_sae_is_written_is_finished_by_the_same_command(gsp, synt
 
 
 def test_default_lr_follows_the_architecture():
-    from stages.fit import _schedule
-
     jumprelu = FitConfig(store="s")
     topk = dataclasses.replace(jumprelu, arch="topk")  # lr is resolved where used, not frozen at construction
     assert jumprelu.lr is None and topk.lr is None
-    assert jumprelu.learning_rate == 1.75e-3 and topk.learning_rate == 1e-3
-    assert _schedule(dataclasses.replace(topk, steps=100), 50)[0] == 1e-3  # past warm-up, before decay
-    assert dataclasses.replace(topk, lr=5e-4).learning_rate == 5e-4
+    assert jumprelu.resolved().lr == 1.75e-3 and topk.resolved().lr == 1e-3
+    assert dataclasses.replace(topk, steps=100).schedule.at(50)[0] == 1e-3  # past warm-up, before decay
+    assert dataclasses.replace(topk, lr=5e-4).resolved().lr == 5e-4
 
 
 def test_importing_the_sae_installs_no_warning_filters():
@@ -337,7 +334,7 @@ def test_fit_refuses_a_folder_that_is_not_a_gsp_sae(gsp, synthetic, tmp_path):
     r = gsp(*_fit_args(store, model))
     line = error_line(r.output)
     assert r.exit_code == 1 and "is not a gsp SAE folder" in line and str(model) in line
-    assert "steps · ETA" not in r.output  # stopped before training: no progress display
+    assert not any(x.startswith("fit: ") for x in r.output.splitlines())  # stopped before training: no progress
     assert _snapshot(model) == before and not (tmp_path / "model.partial").exists()
 
 
@@ -570,7 +567,7 @@ def test_transcoders_learn_the_map_and_the_skip_connection_helps(gsp, paired, tm
 
 
 def test_a_transcoder_is_saved_in_gemma_scope_2s_transcoder_layout(gsp, paired, tmp_path):
-    from pipeline.saes import load_sae
+    from pipeline.sae_formats import load_sae
 
     store, _ = paired
     r = gsp(*_transcoder_args(store, tmp_path / "t", "--skip", "--steps", 50))
@@ -643,3 +640,62 @@ def test_a_matryoshka_fit_with_a_frequency_penalty_resumes_exactly(synthetic, tm
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     config = json.loads((tmp_path / "whole" / "config.json").read_text())
     assert config["fit_config"]["matryoshka"] == "16,32" and config["fit_config"]["freq_penalty"] == 0.01
+
+
+def test_a_resumed_fit_keeps_the_default_lr_it_started_with(synthetic, tmp_path, monkeypatch):
+    """The default lr is recorded resolved: a resumed fit continues with it even if gsp's default changed."""
+    import stages.fit
+    from pipeline.train import train_step
+
+    store, _ = synthetic
+    args = _fit_args(store, tmp_path / "sae")
+    assert gsp_subprocess(*args, env={"GSP_FAULT": "fit-checkpoint-saved:1"}).returncode == -9
+    seen = []
+
+    def recording(sae, opt, x, objective, **kw):
+        seen.append(opt.param_groups[0]["lr"])
+        return train_step(sae, opt, x, objective, **kw)
+
+    monkeypatch.setattr(stages.fit, "train_step", recording)
+    monkeypatch.setattr(stages.fit, "DEFAULT_LR", {"jumprelu": 9e-3, "topk": 9e-3})
+    cfg = FitConfig(store=str(store), out=str(tmp_path / "sae"), arch="jumprelu", width=64, steps=60, batch_size=128,
+                    checkpoint_every=20, target_l0=4)  # fmt: skip
+    run_fit(cfg, resume=True)
+    started = dataclasses.replace(cfg, lr=1.75e-3).schedule
+    assert seen == [pytest.approx(started.at(s)[0]) for s in range(20, 60)]
+    saved = json.loads((tmp_path / "sae" / "config.json").read_text())["fit_config"]
+    assert saved["lr"] == 1.75e-3 and saved["lr_warmup_steps"] == 3 and saved["sparsity_warmup_steps"] == 12
+
+
+def test_a_checkpoint_gives_back_the_state_it_saved(tmp_path):
+    """Weights, Adam's state (its step counters' dtype and device included), counters and position,
+    through Adam's own load_state_dict."""
+    from pipeline import checkpoint
+    from pipeline.loader import LoaderState
+    from pipeline.sae import SAE, Objective
+    from pipeline.train import TrainState, train_step
+
+    def state(seed):
+        return TrainState.fresh(SAE(16, 32, skip=True).init_gemma_scope(torch.Generator().manual_seed(seed)), 1e-3)
+
+    a = state(0)
+    x = torch.randn(64, 16)
+    for _ in range(3):
+        train_step(a.sae, a.opt, x, Objective(target_l0=4), lam=1e-3, since_fired_F=a.since_fired_F,
+                   dead_tokens=100, sparse=False)  # fmt: skip
+    a.step, a.loader, a.density = 3, LoaderState([[1, 96], [0, 32]]), 0.25
+    checkpoint.save(tmp_path, a, {"width": 32})
+    b = state(1)
+    checkpoint.load(tmp_path, b, lambda saved: [] if saved == {"width": 32} else ["other"])
+    assert (b.step, b.loader, b.density) == (3, a.loader, 0.25)
+    torch.testing.assert_close(b.since_fired_F, a.since_fired_F, rtol=0, atol=0)
+    for name in a.sae.params:
+        torch.testing.assert_close(getattr(b.sae, name), getattr(a.sae, name), rtol=0, atol=0)
+    sa, sb = a.opt.state_dict()["state"], b.opt.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for key, t in sa[i].items():
+            assert (sb[i][key].dtype, sb[i][key].device) == (t.dtype, t.device), key
+            torch.testing.assert_close(sb[i][key], t, rtol=0, atol=0)
+    with pytest.raises(GspError, match="trained with other parameters"):
+        checkpoint.load(tmp_path, state(2), lambda saved: ["width: checkpoint has 32, asked 64"])

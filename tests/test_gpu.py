@@ -92,6 +92,7 @@ def test_cuda_loader_serves_the_cpu_loaders_batches(tmp_path):
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_the_steady_state_cuda_step_never_waits_for_the_device(arch):
     """No host sync in the fit step (dead-latent bookkeeping, the AuxK count, the finite check)."""
+    from pipeline import dist
     from pipeline.sae import SAE, Objective
     from pipeline.train import NonFinite, train_step
 
@@ -109,10 +110,10 @@ def test_the_steady_state_cuda_step_never_waits_for_the_device(arch):
     try:
         for i in range(5):
             loss = train_step(sae, opt, x, Objective(target_l0=16), **kw)
-            finite.update(i, loss.total)
+            finite.update(i + 1, loss.total)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert finite.step() is None
+    assert finite.first_bad(dist.Group(device=dev)) is None
 
 
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])

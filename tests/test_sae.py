@@ -1,10 +1,12 @@
 """The SAE math against hand computations: straight-through gradients, TopK, init, scale folding."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from pipeline.sae import SAE, jumprelu, step
+from pipeline.sae import SAE, heaviside, jumprelu
 
 
 def test_jumprelu_and_step_gradients_match_the_formulas():
@@ -23,7 +25,7 @@ def test_jumprelu_and_step_gradients_match_the_formulas():
 
     theta.grad = None
     z.grad = None
-    (step(z, theta, eps) * g).sum().backward()
+    (heaviside(z, theta, eps) * g).sum().backward()
     assert z.grad is None or not z.grad.any()  # the L0 term moves θ only
     np.testing.assert_allclose(theta.grad.numpy(), (gn * -(1 / eps) * inside).sum(0), rtol=1e-6)
     np.testing.assert_array_equal(jumprelu(z, theta, eps).detach().numpy(), zn * (zn > tn))
@@ -78,11 +80,12 @@ def test_sparse_jumprelu_path_has_the_dense_gradients():
     def dense():
         pre = x @ sae.w_enc + sae.b_enc
         x_hat = jumprelu(pre, sae.threshold, eps) @ sae.w_dec + sae.b_dec
-        return (x_hat - x).square().sum(-1).mean() + 0.01 * step(pre, sae.threshold, eps).sum(-1).mean()
+        return (x_hat - x).square().sum(-1).mean() + 0.01 * heaviside(pre, sae.threshold, eps).sum(-1).mean()
 
     def sparse():
         x_hat, pre, _ = sparse_jumprelu_sae(x, sae.w_enc, sae.b_enc, sae.threshold, sae.w_dec, eps)
-        return (x_hat + sae.b_dec - x).square().sum(-1).mean() + 0.01 * step(pre, sae.threshold, eps).sum(-1).mean()
+        penalty = 0.01 * heaviside(pre, sae.threshold, eps).sum(-1).mean()
+        return (x_hat + sae.b_dec - x).square().sum(-1).mean() + penalty
 
     grads = []
     for fn in (dense, sparse):
@@ -169,7 +172,7 @@ def test_transcoder_gradients_equal_an_independent_computation(arch, sparse):
     if arch == "jumprelu":
         f = jumprelu(pre, ref["threshold"], eps)
         y_hat = f @ ref["w_dec"] + ref["b_dec"] + x @ ref["w_skip"]
-        total = (y_hat - y).square().sum(-1).mean() + 0.01 * step(pre, ref["threshold"], eps).sum(-1).mean()
+        total = (y_hat - y).square().sum(-1).mean() + 0.01 * heaviside(pre, ref["threshold"], eps).sum(-1).mean()
     else:
         vals, idx = pre.topk(6, dim=-1)
         f = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
@@ -292,7 +295,7 @@ def test_matryoshka_loss_and_gradients_equal_each_prefix_written_out(arch):
     pre = x @ ref["w_enc"] + ref["b_enc"]
     if arch == "jumprelu":
         f = jumprelu(pre, ref["threshold"], 0.05)
-        penalty = 0.01 * step(pre, ref["threshold"], 0.05).sum(-1).mean()
+        penalty = 0.01 * heaviside(pre, ref["threshold"], 0.05).sum(-1).mean()
     else:
         vals, idx = pre.topk(6, dim=-1)
         f, penalty = torch.zeros_like(pre).scatter(-1, idx, vals.relu()), 0.0
@@ -322,7 +325,7 @@ def test_the_frequency_penalty_is_its_formula_through_the_thresholds(form):
     grads, totals = [], []
     for coeff in (0.0, c):
         sae.zero_grad()
-        loss = sae.loss(x, Objective(bandwidth=eps, freq_coeff=coeff, freq_scale=w0, freq_form=form), lam=0.0)
+        loss = sae.loss(x, Objective(bandwidth=eps, freq_penalty=coeff, freq_scale=w0, freq_form=form), lam=0.0)
         loss.total.backward()
         totals.append(float(loss.total.detach()))
         grads.append({name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None})
@@ -360,7 +363,7 @@ def test_the_topk_frequency_penalty_is_its_formula_through_each_rows_threshold(f
     grads, totals = [], []
     for coeff in (0.0, c):
         sae.zero_grad()
-        obj = Objective(bandwidth=eps, aux_k=4, freq_coeff=coeff, freq_scale=w0, freq_form=form)
+        obj = Objective(bandwidth=eps, aux_k=4, freq_penalty=coeff, freq_scale=w0, freq_form=form)
         loss = sae.loss(x, obj, dead_F=dead_F, sync_free=dead.endswith("sync-free"))
         loss.total.backward()
         totals.append(float(loss.total.detach()))
@@ -382,3 +385,69 @@ def test_the_topk_frequency_penalty_is_its_formula_through_each_rows_threshold(f
                                rtol=1e-4, atol=1e-6)  # fmt: skip
     for name in ("w_dec", "b_dec"):  # the decoder does not feel it
         torch.testing.assert_close(grads[1][name], grads[0][name])
+
+
+def test_the_sparse_path_under_bf16_autocast_follows_the_dense_path():
+    """--decoder sparse with --matmul bf16: the encoder GEMM in bfloat16 with the bias added in float32
+    (the dense path's pre-activations, bit for bit), the sparse kernels in float32; the gradients are
+    the dense float32 step's to bfloat16's precision."""
+    from pipeline.sae import Objective
+
+    torch.manual_seed(0)
+    sae = SAE(32, 256).init_gemma_scope(torch.Generator().manual_seed(0), theta=0.05)
+    x = torch.randn(512, 32) / 32**0.5
+    obj = Objective(bandwidth=0.01, target_l0=8)
+
+    def run(sparse: bool, autocast: bool):
+        sae.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = sae.loss(x, obj, lam=1e-2, sparse=sparse)
+        loss.total.backward()
+        return loss, {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    sparse, g_sparse = run(True, True)
+    dense, g_dense = run(False, True)
+    _, g_fp32 = run(False, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pre_bf16 = x @ sae.w_enc + sae.b_enc
+    torch.testing.assert_close(sparse.f_BF != 0, pre_bf16 > sae.threshold, rtol=0, atol=0)
+    torch.testing.assert_close(sparse.f_BF, dense.f_BF, rtol=0, atol=0)  # the same pre-activations and active set
+    assert sparse.x_hat_BD.dtype == torch.float32 and all(g.dtype == torch.float32 for g in g_sparse.values())
+    for reference in (g_dense, g_fp32):  # θ's gradient only against the same kernel window (the same pre)
+        for name, g in reference.items():
+            rel = ((g_sparse[name] - g).norm() / g.norm()).item()
+            assert rel < 0.02 or (name == "threshold" and reference is g_fp32), (name, rel)
+
+
+def test_the_config_reads_every_field_of_its_dataclass(tmp_path):
+    """SAEConfig.from_json is derived from the dataclass: a field added to it is read back, typed."""
+    from pipeline.errors import GspError
+    from pipeline.sae import SAEConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class Later(SAEConfig):
+        new_field: int | None = None
+
+    read = Later.from_json({**Later(new_field=7, width=16, l0=3).to_json()}, tmp_path)
+    assert read == Later(new_field=7, width=16, l0=3)
+    full = SAEConfig(**{f.name: _a_value(f.type) for f in dataclasses.fields(SAEConfig) if f.name != "architecture"})
+    assert SAEConfig.from_json(full.to_json(), tmp_path) == full
+    with pytest.raises(GspError, match="'new_field' should be int, not 'x'"):
+        Later.from_json({"new_field": "x"}, tmp_path)
+
+
+def _a_value(annotation):
+    """A non-default value of a config field's type."""
+    text = str(annotation)
+    return {"bool": True, "int": 3, "float": 0.5, "dict": {"a": 1}}.get(
+        next((k for k in ("bool", "float", "int", "dict") if k in text), "str"), "some text"
+    )
+
+
+def test_a_transposed_decoder_is_named_with_the_shape_it_should_have():
+    from pipeline.errors import GspError
+
+    params = {"w_enc": torch.zeros(8, 32), "b_enc": torch.zeros(32), "w_dec": torch.zeros(8, 32),
+              "b_dec": torch.zeros(8), "threshold": torch.zeros(32)}  # fmt: skip
+    with pytest.raises(GspError, match=r"w_dec has shape \(8, 32\), expected \(32, d_out\).*looks transposed"):
+        SAE.from_params(params, "jumprelu", None, "file.safetensors")
