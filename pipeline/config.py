@@ -136,8 +136,10 @@ def resolve_config_path(name: str) -> Path:
 def load_config_values(cls: type, name: str) -> dict[str, Any]:
     """The values a config file sets for `cls`'s section, checked and keyed by field name."""
     path = resolve_config_path(name)
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        _refuse_repeated_keys(yaml.compose(text), path)
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise GspError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -169,6 +171,24 @@ def load_config_values(cls: type, name: str) -> dict[str, Any]:
             f = fields[own[key]]
             values[f.name] = _sweep_values(f, value, key) if f.metadata.get("sweep") else _coerce(f.type, value, key)
     return values
+
+
+def _refuse_repeated_keys(node: yaml.Node | None, path: Path, prefix: str = "") -> None:
+    """A key given twice in one mapping (`width:` twice, or a whole `fit:` section): YAML lets the
+    later one win silently, so one of the two settings would be ignored without a word."""
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, path, prefix)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[str, int] = {}
+    for key, value in node.value:
+        name = prefix + str(key.value)
+        line = key.start_mark.line + 1
+        if name in lines:
+            raise GspError(f"config {path} sets '{name}' twice (lines {lines[name]} and {line}); keep one")
+        lines[name] = line
+        _refuse_repeated_keys(value, path, name + ".")
 
 
 def _sweep_values(f: dataclasses.Field, value: Any, key: str) -> list:

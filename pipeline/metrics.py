@@ -199,7 +199,7 @@ def reconstructions(saes: list, store, tokens: int, batch_size: int, group=None,
     rows goes through every SAE.
 
     Under torchrun each process reads and measures only its share of the rows (pipeline.store's
-    `ordinary_rows` with a part); the sums are then merged, giving the one-process figures."""
+    `ordinary_rows` with a share); the sums are then merged, giving the one-process figures."""
     from pipeline import dist
     from pipeline.console import progress
     from pipeline.errors import GspError
@@ -210,7 +210,7 @@ def reconstructions(saes: list, store, tokens: int, batch_size: int, group=None,
     with progress("tok", show=group.main) as bar:
         what = "reconstruction" + (f" ({len(saes)} SAEs)" if len(saes) > 1 else "")
         task = bar.add_task(what, total=min(tokens, store.rows_written))
-        for rows in store.ordinary_rows(tokens, batch_size, part=(group.rank, group.world), target=target):
+        for rows in store.ordinary_rows(tokens, batch_size, share=(group.rank, group.world), target=target):
             x = torch.from_numpy(rows[0]).to(device)
             truth = x if target is None else torch.from_numpy(rows[1]).to(device)
             pos = torch.from_numpy(rows[-1] % C).to(device)

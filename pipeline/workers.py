@@ -11,6 +11,7 @@ import collections
 import multiprocessing as mp
 import queue
 import threading
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from pipeline.corpus import Cursor, documents, pack, pack_shared
 from pipeline.errors import GspError
 from pipeline.faults import fault
 
-_CHUNK = 64  # contexts per message from the reader
+_MESSAGE = 64  # contexts per message from the reader
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ReaderSpec:
 
 
 def _produce(spec: ReaderSpec, put, stopped) -> None:
-    """Pack contexts and `put` them in chunks: (ids (n, C) int32, [cursor, ...]); then None."""
+    """Pack contexts and `put` them in messages of _MESSAGE: (ids (n, C) int32, [cursor, ...]); then None."""
     try:
         tok = spec.tokenizer
         if isinstance(tok, str):
@@ -63,7 +64,7 @@ def _produce(spec: ReaderSpec, put, stopped) -> None:
         for context, cursor in contexts:
             ids.append(context)
             cursors.append(cursor)
-            if len(ids) == _CHUNK:
+            if len(ids) == _MESSAGE:
                 if not put((np.stack(ids), cursors), stopped):
                     return
                 ids, cursors = [], []
@@ -71,9 +72,9 @@ def _produce(spec: ReaderSpec, put, stopped) -> None:
             return
         put(None, stopped)
     except GspError as e:
-        put(("gsp-error", str(e)), stopped)
-    except Exception as e:  # handed to the harvest, which raises it
-        put(("error", f"{type(e).__name__}: {e}"), stopped)
+        put(("gsp-error", str(e), ""), stopped)
+    except Exception as e:  # handed to the harvest, which raises it, with this traceback
+        put(("error", f"{type(e).__name__}: {e}", traceback.format_exc()), stopped)
 
 
 def _put_until_stopped(q, item, stopped, discard=None) -> bool:
@@ -88,8 +89,11 @@ def _put_until_stopped(q, item, stopped, discard=None) -> bool:
 
 
 def _reader_process(spec: ReaderSpec, q, stopped) -> None:
-    q.cancel_join_thread()  # when stopped, exit without waiting for the harvest to drain the queue
     _produce(spec, lambda item, s: _put_until_stopped(q, item, s), stopped)
+    # The last items (the end, or an error) are still in the queue's buffer: exiting waits until they
+    # are in the pipe, unless the harvest stopped, which reads no more.
+    if stopped.is_set():
+        q.cancel_join_thread()
 
 
 class ContextReader:
@@ -112,14 +116,26 @@ class ContextReader:
     def take(self, n: int) -> list[tuple[np.ndarray, Cursor]]:
         """Up to n (ids (C,), cursor) pairs; fewer only when the corpus has ended."""
         while len(self._ready) < n and not self._ended:
-            item = self._q.get()
+            item = self._next()
             if item is None:
                 self._ended = True
             elif isinstance(item[0], str):
-                _raise(*item)
+                _raise_reader_error(*item)
             else:
                 self._ready.extend(zip(item[0], item[1], strict=True))
         return [self._ready.popleft() for _ in range(min(n, len(self._ready)))]
+
+    def _next(self):
+        """The reader's next message; a reader that ended without its last word (a killed process) is an
+        error, not a wait for ever."""
+        while True:
+            alive = self._worker.is_alive()
+            try:
+                return self._q.get(timeout=0.5)
+            except queue.Empty:
+                if not alive:  # it had ended before this wait, and nothing came
+                    raise RuntimeError("the corpus reader ended without finishing (killed?); rerun the same "
+                                       "command to resume") from None  # fmt: skip
 
     def _put(self, item, stopped) -> bool:
         if item is not None and isinstance(item[0], str):
@@ -131,7 +147,7 @@ class ContextReader:
         self._discard.set()
         self._worker.join()
         if self._error:
-            _raise(*self._error)
+            _raise_reader_error(*self._error)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -141,8 +157,18 @@ class ContextReader:
                 self._worker.terminate()
 
 
-def _raise(kind: str, message: str):
-    raise GspError(message) if kind == "gsp-error" else RuntimeError(f"corpus reader failed: {message}")
+class WorkerTraceback(Exception):
+    """A worker's traceback, as text carried to the harvest: the cause of the error raised there, so
+    that a traceback shown with GSP_DEBUG=1 goes on into the worker, where the error happened."""
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0].rstrip()
+
+
+def _raise_reader_error(kind: str, message: str, trace: str):
+    if kind == "gsp-error":
+        raise GspError(message)
+    raise RuntimeError(f"corpus reader failed: {message}") from WorkerTraceback(trace)
 
 
 def _writer_process(path: str, conn) -> None:
@@ -161,7 +187,11 @@ def _writer_process(path: str, conn) -> None:
             store.write_shard_data(shard, acts, tokens)
             conn.send(None)
         except Exception as e:
-            conn.send(e)
+            trace = traceback.format_exc()
+            try:
+                conn.send((e, trace))
+            except Exception:  # an error that does not pickle: its text
+                conn.send((RuntimeError(f"{type(e).__name__}: {e}"), trace))
 
 
 class ShardWriter:
@@ -217,12 +247,13 @@ class ShardWriter:
             for a in acts.values():
                 conn.send_bytes(np.ascontiguousarray(a).reshape(-1))  # pipe writes release the interpreter lock
             conn.send_bytes(np.ascontiguousarray(tokens))
-            error = conn.recv()
+            failed = conn.recv()
         except (EOFError, OSError):
             raise RuntimeError("a shard writer process died; rerun the same command to resume") from None
         self.conns.put(conn)
-        if error is not None:
-            raise error
+        if failed is not None:
+            error, trace = failed
+            raise error from WorkerTraceback(trace)
 
     def close(self) -> None:
         """Wait until everything in flight is written and claimed, raising the first error."""

@@ -394,7 +394,7 @@ def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, g
     start = min(f.start for f in fits)  # the stream starts where the furthest-behind SAE stopped
     loader = ShuffledLoader(
         store, first.batch_size, seed=first.seed, buffer_mib=first.buffer_mib, device=group.device,
-        scales=scales if target else scales[:1], part=(group.rank, group.world), lanes=first.lanes, target=target,
+        scales=scales if target else scales[:1], share=(group.rank, group.world), lanes=first.lanes, target=target,
         state=next(f.state.loader for f in fits if f.start == start),
     )  # fmt: skip
     if group.world > 1 and group.main:

@@ -28,14 +28,16 @@ import torch
 from pipeline import dist
 from pipeline.config import content, differences, opt, stage_config
 from pipeline.console import console, info, progress, warn
-from pipeline.corpus import Cursor
+from pipeline.corpus import Cursor, check_corpus
 from pipeline.errors import GspError
 from pipeline.files import OutputLock
 from pipeline.hooks import ORDER, SITES, Point, activations_at, forward_order, hook_point, point_name, site_width
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, decoder_layers, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter, is_url, local, path_state
-from pipeline.store.ledger import RankLedger, StoreClaims, other_worlds
+from pipeline.store.checksums import TABLE
+from pipeline.store.ledger import RankLedger, StoreClaims, other_worlds, rank_claims
+from pipeline.store.location import entries
 from pipeline.store.meta import Compute, CorpusRef, HookMeta, ModelRef, StoreMeta, TokenizerRef
 from pipeline.workers import ContextReader, ReaderSpec, ShardWriter, Share
 
@@ -164,6 +166,9 @@ def run_harvest(
                 info(f"store {path} is already complete; nothing to do")
             dist.teardown(group)
             return path
+        # the corpus opens and has the text column before anything is written (nor a model loaded)
+        dist.on_main(group, lambda: check_corpus(cfg.dataset, split=cfg.split, dataset_config=cfg.dataset_config,
+                                                 text_column=cfg.text_column, token=hf_token(token)))  # fmt: skip
         lm = model or load_model(cfg.model, device=str(group.device), dtype=cfg.dtype, revision=cfg.revision,
                                  token=token)  # fmt: skip
         points = cfg.points(len(decoder_layers(lm.model)))
@@ -176,33 +181,43 @@ def run_harvest(
         _harvest_shards(writer, claims, cfg, lm, token, group)
         dist.barrier(group)  # every process has claimed its shards
         if group.main:
-            _finish(writer, claims, state == "new", start_rows, time.perf_counter() - t0, group.world)
+            _finish(writer, claims, state != "resume", start_rows, time.perf_counter() - t0, group.world)
     dist.teardown(group)
     return path
 
 
 # ------------------------------------------------------------------------------------- store setup
 def _existing(cfg: HarvestConfig, path: str, overwrite: bool) -> str:
-    """ "new" (nothing there, or a gsp store to replace), "resume" or "complete"; never touches a
-    folder that is not a gsp store."""
-    state = path_state(path)
-    if state == "file":
+    """ "new" (nothing there, or a gsp store to replace), "replace" (a gsp store that holds no rows yet,
+    started with other parameters), "resume" or "complete"; never touches a folder that is not a gsp store."""
+    found = path_state(path)
+    if found == "file":
         raise GspError(f"--store {path} is a file; give a folder path for the store")
-    if state in ("missing", "empty"):
+    if found in ("missing", "empty"):
         return "new"
-    if state != "zarr":
+    if found != "zarr":
         raise GspError(f"{path} exists and is not a gsp store; choose another --store (nothing was changed)")
     if overwrite:
         _check_replaceable(path)
         return "new"
     store = ActivationStore.open_all(path)[0]
     diffs = differences(store.meta.spec, cfg, "store")
+    if diffs and _holds_nothing(store, path):
+        return "replace"
     if diffs:
         raise GspError(
             f"store {path} was harvested with other parameters ({'; '.join(diffs)}); "
             "use the same parameters to resume, another --store, or --overwrite to replace it"
         )
     return "complete" if store.complete else "resume"
+
+
+def _holds_nothing(store: ActivationStore, path: str) -> bool:
+    """Whether a store claims no rows (nor does any torchrun process's record) and holds only what gsp
+    writes in a store: starting it again loses nothing, and deletes nothing gsp did not write (a harvest
+    that failed before its first shard, rerun with other parameters, needs no --overwrite)."""
+    ours = {"zarr.json", "token_ids", "progress", TABLE, "activations", *(h.name for h in store.meta.hooks)}
+    return not store.rows_written and not rank_claims(store.group) and set(entries(path)) <= ours
 
 
 def _check_replaceable(path: str) -> None:
@@ -217,7 +232,9 @@ def _check_replaceable(path: str) -> None:
 
 def _prepare(cfg: HarvestConfig, path: str, lm: LoadedModel, widths: dict, compute: Compute, state: str, world: int):
     """Rank 0: create the store, or check that this run may resume it."""
-    if state == "new":
+    if state == "replace":
+        info(f"store {path} holds no rows yet and was started with other parameters: starting it again")
+    if state in ("new", "replace"):
         _create_store(cfg, path, lm, widths, compute)
         return
     writer = StoreWriter.open(path)
@@ -289,7 +306,7 @@ def _remove_new_store(path: str, hooks: list[str]) -> None:
     """Delete the entries of a store this run created and left empty (nothing else at the path)."""
     import shutil
 
-    names = ["token_ids", "progress", *hooks]
+    names = ["token_ids", "progress", TABLE, *hooks]
     if is_url(path):
         from pipeline.store.location import filesystem
 

@@ -320,7 +320,7 @@ def test_each_process_reads_only_its_share_of_the_activations(split_store, monke
     served, reads = {}, {}
     for part in [(0, 1), (0, 2), (1, 2)]:
         calls.clear()
-        served[part] = list(store.ordinary_rows(limit, 100, part=part))
+        served[part] = list(store.ordinary_rows(limit, 100, share=part))
         reads[part] = list(calls)
     one, r0, r1 = reads[(0, 1)], reads[(0, 2)], reads[(1, 2)]
     assert one == [(s, min(s + 256, 2048)) for s in range(0, 256 * (7 if limit == 1500 else 8), 256)]

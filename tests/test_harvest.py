@@ -148,6 +148,47 @@ def test_missing_text_column(gsp, tiny_model, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.parametrize("bad", ["missing file", "no text column"])
+def test_a_bad_dataset_creates_no_store_and_the_corrected_rerun_runs(gsp, tiny_model, corpus, tmp_path, bad):
+    """The corpus is checked before the store is made: a half-made store would refuse the corrected
+    command as one with other parameters."""
+    store = tmp_path / "s"
+    if bad == "missing file":
+        dataset, words = tmp_path / "no-such-corpus.txt", "could not open dataset"
+    else:
+        dataset, words = tmp_path / "d.jsonl", "has no column 'text'"
+        dataset.write_text("\n".join(json.dumps({"body": f"text number {i} " * 20}) for i in range(50)))
+    r = gsp(*tiny_harvest_args(tiny_model, dataset, store))
+    assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+    assert not store.exists() or not any(store.iterdir())  # nothing made
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, store))
+    assert r.exit_code == 0, r.output
+    assert ActivationStore.open(store).complete
+
+
+def test_a_store_holding_no_rows_yet_starts_again_with_other_parameters(gsp, tiny_model, corpus, tmp_path):
+    """A harvest killed before it claimed a shard leaves a store of no rows: a rerun with other
+    parameters starts it again without --overwrite, unless the folder holds something gsp did not write."""
+    import shutil
+
+    store, mine = tmp_path / "s", tmp_path / "mine"
+    r = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, store), env={"GSP_FAULT": "shard-data-written:1"})
+    assert r.returncode == -9
+    assert ActivationStore.open(store).rows_written == 0 and (store / "token_ids" / "c" / "0").is_file()
+    shutil.copytree(store, mine)
+    (mine / "notes.txt").write_text("keep me")
+
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, store, seed=5))
+    assert r.exit_code == 0 and "holds no rows yet" in r.output, r.output
+    s = ActivationStore.open(store)
+    assert s.complete and s.rows_written == 1024 and s.meta.seed == 5
+
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    r = gsp(*tiny_harvest_args(tiny_model, corpus, mine, seed=5))
+    assert r.exit_code == 1 and "other parameters" in r.output
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
 def test_store_path_that_is_not_a_store(gsp, tiny_model, corpus, tmp_path):
     a_file = tmp_path / "f"
     a_file.write_text("keep me")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import zarr
 
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
@@ -109,7 +110,7 @@ def test_process_shares_make_up_the_global_batch(tmp_path):
     whole = _copies(itertools.islice(ShuffledLoader(store, 96, seed=3, lanes=6), 50))
     for world in (2, 3, 6):
         parts = [
-            _copies(itertools.islice(ShuffledLoader(store, 96, seed=3, part=(r, world), lanes=6), 50))
+            _copies(itertools.islice(ShuffledLoader(store, 96, seed=3, share=(r, world), lanes=6), 50))
             for r in range(world)
         ]
         for i in range(50):
@@ -157,7 +158,7 @@ def test_each_process_reads_only_its_lanes_chunks(store, monkeypatch):
 
     monkeypatch.setattr(ActivationStore, "read_chunk", spy)
     for rank in range(2):
-        loader = ShuffledLoader(store, 48, seed=2, buffer_mib=0.02, lanes=4, part=(rank, 2))
+        loader = ShuffledLoader(store, 48, seed=2, buffer_mib=0.02, lanes=4, share=(rank, 2))
         list(itertools.islice(loader, 3))
 
     def lane_chunks(lane, epochs=(0, 1)):  # the reader may already be one window into epoch 2
@@ -175,13 +176,13 @@ def test_each_process_reads_only_its_lanes_chunks(store, monkeypatch):
 def test_a_position_saved_at_one_world_size_resumes_at_another(store, first_world, then_world):
     kw = dict(seed=7, buffer_mib=0.02, lanes=4)
     whole = _copies(itertools.islice(ShuffledLoader(store, 48, **kw), 26))
-    loaders = [ShuffledLoader(store, 48, part=(r, first_world), **kw) for r in range(first_world)]
+    loaders = [ShuffledLoader(store, 48, share=(r, first_world), **kw) for r in range(first_world)]
     for loader in loaders:
         list(itertools.islice(loader, 20))
     saved = LoaderState.merge([ld.state for ld in loaders])
     saved = LoaderState.from_json(json.loads(json.dumps(dataclasses.asdict(saved))))  # as a checkpoint holds it
     parts = [
-        _copies(itertools.islice(ShuffledLoader(store, 48, part=(r, then_world), state=saved, **kw), 6))
+        _copies(itertools.islice(ShuffledLoader(store, 48, share=(r, then_world), state=saved, **kw), 6))
         for r in range(then_world)
     ]
     for i in range(6):
@@ -194,7 +195,7 @@ def test_lanes_follow_the_store_not_the_processes(tmp_path, store):
     assert [effective_lanes(8, n) for n in (1, 2, 3, 5, 7, 8, 100)] == [1, 2, 2, 4, 4, 8, 8]
     assert effective_lanes(6, 5) == 3
     with pytest.raises(GspError, match="3 processes cannot share 4 loader lanes"):
-        ShuffledLoader(store, 48, lanes=4, part=(0, 3))
+        ShuffledLoader(store, 48, lanes=4, share=(0, 3))
     with pytest.raises(GspError, match="multiple of the loader's lanes"):
         ShuffledLoader(store, 50, lanes=4)
     with pytest.raises(GspError, match="has 1 lanes"):
@@ -247,3 +248,64 @@ def test_a_corrupt_chunk_stops_the_loader_with_one_clear_error(store, resident):
     loader = ShuffledLoader(store, 48, seed=0, buffer_mib=0.02, lanes=4, resident=resident)
     with pytest.raises(GspError, match="failed their crc32c checksum"):
         list(itertools.islice(loader, 200))
+
+
+def test_a_reader_starts_where_the_iteration_began(store, monkeypatch):
+    """A lane's reader thread takes its start position from the iteration that made it, not from
+    `loader.state` when the thread first runs: the consumer reassigns that after every batch."""
+    kw = dict(seed=4, buffer_mib=0.02, lanes=2)
+    expected = _copies(itertools.islice(ShuffledLoader(store, 48, **kw), 4))
+    original = ShuffledLoader._read_ahead
+
+    def late(self, *args):
+        self.state = LoaderState([[3, 100]] * self.lanes)  # the consumer moved on before this thread ran
+        return original(self, *args)
+
+    monkeypatch.setattr(ShuffledLoader, "_read_ahead", late)
+    got = _copies(itertools.islice(ShuffledLoader(store, 48, **kw), 4))
+    for x, y in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_swapped_shard_files_stop_the_loader(store, resident):
+    """Two intact shard files exchanged: zarr's per-chunk checksums pass, and without the checksum
+    table the loader would serve their rows in each other's places."""
+    folder = store.group.store.root / store.array_name / "c"
+    one, two = (folder / str(i) / "0" for i in (1, 2))
+    data_one, data_two = one.read_bytes(), two.read_bytes()
+    one.write_bytes(data_two)
+    two.write_bytes(data_one)
+    loader = ShuffledLoader(store, 48, seed=0, buffer_mib=0.02, lanes=4, resident=resident)
+    with pytest.raises(GspError, match=rf"are not the rows written there \(shard file {store.array_name}/c/[12]/0"):
+        list(itertools.islice(loader, 200))
+
+
+def _transcoder_store(tmp_path) -> tuple[ActivationStore, ActivationStore]:
+    """A store of two hook points of the same rows (a transcoder's input and target), laid out as `store`."""
+    lay = Layout.plan(C, 2 * D, 4, chunk_rows=64, shard_mib=16 * C * 2 * D * 4 / 2**20)
+    s = StoreWriter.create(tmp_path / "t", synthetic_meta(N_CTX, D, lay, sites={"mlp_in": D, "mlp_out": D}))
+    rows = np.arange(N_CTX * C)
+    acts = np.repeat(rows[:, None], D, axis=1).astype(np.float32)
+    toks = np.where(rows % C == 0, 2, 7).astype(np.int32)
+    for shard in range(4):
+        sl = slice(shard * lay.shard_rows, (shard + 1) * lay.shard_rows)
+        sums = {h: RowSums(np.zeros(D), 0.0, 0) for h in ("L0.mlp_in", "L0.mlp_out")}
+        s.write_shard(shard, {"L0.mlp_in": acts[sl], "L0.mlp_out": -acts[sl]}, toks[sl], Cursor(), sums)
+    s.finish(N_CTX * C)
+    return ActivationStore.open(tmp_path / "t" / "L0.mlp_in"), ActivationStore.open(tmp_path / "t" / "L0.mlp_out")
+
+
+@pytest.mark.parametrize("case", ["no special ids", "a transcoder's target"])
+def test_a_chunk_never_written_stops_the_loader(tmp_path, store, case):
+    """Where the loader reads activations without their token ids, a chunk missing from its shard's
+    index (zarr leaves a chunk of zeros out) would be served as zeros."""
+    if case == "no special ids":
+        broken, loader_of = store, lambda: ShuffledLoader(store, 48, seed=0, mask_special=False)
+    else:
+        inp, broken = _transcoder_store(tmp_path)
+        loader_of = lambda: ShuffledLoader(inp, 48, seed=0, target=broken)  # noqa: E731
+    plain = zarr.open_group(str(broken.group.store.root), mode="r+")[broken.array_name]
+    plain[128:192] = np.zeros((64, D), np.float32)  # one whole chunk of zeros: left out of its shard
+    with pytest.raises(GspError, match=rf"rows 128..191 were never written .*{broken.array_name}/c/0/0"):
+        list(itertools.islice(loader_of(), 200))

@@ -2,16 +2,19 @@
 
 import errno
 import json
+import re
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
 from conftest import tiny_harvest_args
 
 from pipeline.corpus import Cursor
+from pipeline.errors import GspError
 from pipeline.store import ActivationStore
-from pipeline.workers import ShardWriter
+from pipeline.workers import ContextReader, ReaderSpec, ShardWriter
 
 
 class GatedStore:
@@ -93,8 +96,79 @@ def test_process_workers_write_the_same_store(gsp, tiny_model, corpus, tmp_path)
     _same_store(threads, procs)
 
 
-def test_process_reader_reports_corpus_errors(gsp, tiny_model, tmp_path):
+def test_process_reader_reports_corpus_errors(tiny_model, tmp_path):
+    """(gsp harvest checks the corpus before it starts a reader: the reader is asked here directly.)"""
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": f"text {i} " * 20}) for i in range(20)))
-    r = gsp(*tiny_harvest_args(tiny_model, jsonl, tmp_path / "s", workers="processes"))
-    assert r.exit_code == 1 and "no column 'text'" in r.output and "Traceback" not in r.output
+    reader = ContextReader(ReaderSpec({"dataset": str(jsonl)}, 32, Cursor(), str(tiny_model)), process=True)
+    try:
+        with pytest.raises(GspError, match="has no column 'text'; use --text-column with one of: body"):
+            reader.take(1)
+    finally:
+        reader.stop()
+
+
+def _shown(error: BaseException) -> str:
+    """What Python prints for an error that propagates (as `gsp` lets it with GSP_DEBUG=1)."""
+    return "".join(traceback.format_exception(error))
+
+
+@pytest.mark.parametrize("process", [False, True])
+def test_a_reader_error_keeps_the_workers_traceback(tiny_model, corpus, process):
+    """The error is raised in the harvest, but it happened in the reader: its traceback goes along."""
+    bad = {"dataset": str(corpus), "start": "not a number"}  # fails inside pipeline.corpus.documents
+    reader = ContextReader(ReaderSpec(bad, 32, Cursor(), str(tiny_model)), process=process)
+    try:
+        with pytest.raises(RuntimeError, match="corpus reader failed: ValueError") as e:
+            reader.take(1)
+    finally:
+        reader.stop()
+    assert re.search(r'pipeline/corpus\.py", line \d+, in documents\n', _shown(e.value)), _shown(e.value)
+
+
+def test_a_writer_process_error_keeps_its_traceback(tmp_path):
+    from pipeline.store import Layout, StoreWriter
+    from pipeline.tiny import synthetic_meta
+
+    store = StoreWriter.create(tmp_path / "s", synthetic_meta(4, 3, Layout.plan(4, 3, 4, shard_mib=0.0001)))
+    writer = ShardWriter(store, lambda *claim: None, workers=1, process=True)
+    try:
+        writer.put(0, {"L9.elsewhere": np.zeros((8, 3), np.float32)}, np.zeros(8, np.int32), Cursor(), None)
+        with pytest.raises(RuntimeError, match="holds hook points") as e:
+            writer.close()
+    finally:
+        writer.stop()
+    assert re.search(r'pipeline/store/writer\.py", line \d+, in write_shard_data\n', _shown(e.value)), _shown(e.value)
+
+
+def test_with_gsp_debug_a_reader_error_shows_the_workers_traceback(gsp, tiny_model, corpus, tmp_path, monkeypatch):
+    """Through the CLI: GSP_DEBUG=1 lets the error propagate, and what is shown reaches into the reader."""
+    import pipeline.corpus
+
+    def broken_tokenize(tokenizer, texts):
+        raise KeyError("a bug in the reader")
+
+    monkeypatch.setattr(pipeline.corpus, "_tokenize", broken_tokenize)
+    monkeypatch.setenv("GSP_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="corpus reader failed: KeyError") as e:
+        gsp(*tiny_harvest_args(tiny_model, corpus, tmp_path / "s"))
+    assert re.search(r"line \d+, in broken_tokenize\n", _shown(e.value)), _shown(e.value)
+
+
+def test_a_reader_process_that_dies_is_an_error_not_a_wait_for_ever(tiny_model, corpus):
+    reader = ContextReader(ReaderSpec({"dataset": str(corpus)}, 32, Cursor(), str(tiny_model)), process=True)
+    raised = []
+
+    def take():
+        with pytest.raises(RuntimeError, match="corpus reader ended without finishing") as e:
+            reader.take(10**6)
+        raised.append(e)
+
+    try:
+        reader._worker.kill()  # as the system's out-of-memory killer would
+        waiting = threading.Thread(target=take, daemon=True)
+        waiting.start()
+        waiting.join(timeout=60)
+        assert raised, "take() still waits for a reader that is gone"
+    finally:
+        reader.stop()

@@ -128,6 +128,13 @@ class RankLedger:
         return rows
 
 
+def rank_claims(group: zarr.Group) -> int:
+    """Shards claimed in the progress records of torchrun processes (0 where there are none)."""
+    if "progress" not in group:
+        return 0
+    return sum(len(record.attrs.get("shards", {})) for _, record in group["progress"].groups())
+
+
 def other_worlds(writer: StoreWriter, world: int) -> list[int]:
     """World sizes of earlier, unfinished multi-process harvests of this store other than `world`."""
     from zarr.core.sync import sync

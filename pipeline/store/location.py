@@ -63,6 +63,14 @@ def path_state(path: str | Path) -> str:
     return "zarr" if (p / "zarr.json").is_file() else ("other" if any(p.iterdir()) else "empty")
 
 
+def entries(path: str | Path) -> list[str]:
+    """The names directly under a store path (files and folders)."""
+    if is_url(path):
+        fs, p = filesystem(str(path))
+        return [entry.rstrip("/").rsplit("/", 1)[-1] for entry in fs.ls(p, detail=False)]
+    return [p.name for p in Path(local(path)).iterdir()]
+
+
 def open_group(path: str | Path, mode: str) -> zarr.Group:
     """The Zarr v3 group at `path`; a missing or unreadable group is a GspError naming the path."""
     if is_url(path):

@@ -21,6 +21,7 @@ FORMAT = "gsp-activation-store"
 FORMAT_VERSION = 2  # 1: one hook point, arrays at the root; 2: hook points in their own groups
 STORED_DTYPES = ("bfloat16", "float32")
 STORAGE = {"bfloat16": "uint16 holding bfloat16 bit patterns", "float32": "float32"}
+ARRAY_DTYPES = {"bfloat16": "uint16", "float32": "float32"}  # the activations arrays' own data type
 
 
 def now() -> str:
@@ -222,6 +223,7 @@ class StoreMeta:
     shard_rows: int
     spec: dict  # every harvest option that decides the content
     packing: str = "[BOS] + C-1 tokens of doc1 EOS doc2 EOS ..."
+    chunk_crc32c: bool = True  # each chunk's crc32c recorded at its place (store/checksums.py); older stores: False
     rows_written: int = 0
     complete: bool = False
     cursor: Cursor = Cursor()
@@ -265,6 +267,7 @@ class StoreMeta:
             "tokenizer": self.tokenizer.to_json(),
             "compute": self.compute.to_json(),
             "packing": self.packing,
+            "chunk_crc32c": self.chunk_crc32c,
             "context_size": self.context_size,
             "dtype": self.dtype,
             "storage": STORAGE[self.dtype],
@@ -306,6 +309,7 @@ class StoreMeta:
                 shard_rows=_get(a, "shard_rows", int),
                 spec=_spec(_get(a, "spec", dict), version),
                 packing=_get(a, "packing", str),
+                chunk_crc32c=_get(a, "chunk_crc32c", bool, optional=True) or False,  # absent: written before it
                 rows_written=_get(a, "rows_written", int),
                 complete=_get(a, "complete", bool),
                 cursor=Cursor(*(_get(cursor, k, int, prefix="cursor.") for k in ("doc", "offset"))),

@@ -1,8 +1,11 @@
 """Reading a store: `ActivationStore.open(path)` checks it, then serves rows as float32 and token ids.
 
-Every read is checked: zarr verifies each chunk's crc32c, a failure names the shard file; a shard
-that the store claims but that is missing or empty on disk is an error at open, and token ids of
-written rows are never the fill value, so damage never reads as zeros.
+Every read goes chunk by chunk through pipeline/store/shards.py and is checked: each chunk's crc32c,
+and, in stores that record them (pipeline/store/checksums.py), that it is the chunk written at its
+place; a failure names the one shard file that holds it. A chunk of written rows that its shard index
+says was never written, a shard that the store claims but that is missing or empty, and token ids of
+written rows that read as the fill value are errors too, so damage never reads as zeros. At open,
+the arrays' data types must be the ones the attributes say.
 """
 
 import asyncio
@@ -15,8 +18,9 @@ import zarr
 from zarr.core.sync import sync
 
 from pipeline.errors import GspError
+from pipeline.store.checksums import TABLE, ChunkTable
 from pipeline.store.location import is_url, local, open_group
-from pipeline.store.meta import FORMAT, HookMeta, StoreMeta
+from pipeline.store.meta import ARRAY_DTYPES, FORMAT, HookMeta, StoreMeta
 from pipeline.store.shards import ChunkReader, Corrupt
 
 
@@ -37,9 +41,9 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def shard_key(array: str, shard: int) -> str:
-    """The file (object key) of one shard of an array (`token_ids`, `activations` or
-    `<hook>/activations`), relative to the store."""
-    return f"{array}/c/{shard}/0" if array.endswith("activations") else f"{array}/c/{shard}"
+    """The file (object key) of one shard of an array (`token_ids`, `activations`, `<hook>/activations`
+    or the checksum table), relative to the store."""
+    return f"{array}/c/{shard}/0" if array.endswith(("activations", TABLE)) else f"{array}/c/{shard}"
 
 
 def open_array(group: zarr.Group, name: str, path: str) -> zarr.Array:
@@ -65,7 +69,26 @@ class ActivationStore:
         if self.activations.shape[1:] != (hook.d_in,) or self.activations.shape[0] != self.token_ids.shape[0]:
             raise GspError(f"store {path}: its arrays' shapes {self.activations.shape}, {self.token_ids.shape} "
                            f"do not match its attributes (d_in {hook.d_in}); it is damaged")  # fmt: skip
+        self._check_dtypes()
+        per_shard = meta.shard_rows // meta.chunk_rows
+        self.table = ChunkTable(open_array(group, TABLE, path), per_shard, path) if meta.chunk_crc32c else None
         self._chunk_readers: dict[str, ChunkReader] = {}
+
+    def _check_dtypes(self) -> None:
+        """The arrays hold the data types the attributes say: a float32 array read as bfloat16 bit
+        patterns (or the reverse) would be garbage, and `gsp info` would show the wrong dtype."""
+        dtype, held = self.meta.dtype, str(self.activations.dtype)
+        said = self.activations.attrs.get("dtype", dtype)  # the array's own attributes repeat it
+        if held != ARRAY_DTYPES[dtype] or said != dtype:
+            really = {v: k for k, v in ARRAY_DTYPES.items()}.get(held, held)
+            raise GspError(
+                f"store {self.path}: {self.array_name} holds {really} values ({held}), but the store's attributes "
+                f"say dtype {dtype}{f' and the array its own say {said}' if said != dtype else ''}; the store is "
+                "damaged: harvest it again with --overwrite"
+            )
+        if str(self.token_ids.dtype) != "int32":
+            raise GspError(f"store {self.path}: token_ids holds {self.token_ids.dtype}, not int32; the store is "
+                           "damaged: harvest it again with --overwrite")  # fmt: skip
 
     @classmethod
     def open(cls, path) -> "ActivationStore":
@@ -119,7 +142,8 @@ class ActivationStore:
         n = math.ceil(self.rows_written / self.shard_rows)
         hooks = self.meta.hooks if all_hooks else (self.hook,)
         prefix = f"{self.group.path}/" if self.group.path else ""
-        for name in ["token_ids", *(self.meta.array_path(h) for h in hooks)]:
+        tables = [TABLE] if self.table is not None else []
+        for name in ["token_ids", *tables, *(self.meta.array_path(h) for h in hooks)]:
             keys = [prefix + shard_key(name, s) for s in range(n)]
             for shard, nbytes in enumerate(sync(sizes(keys))):
                 if not nbytes:
@@ -169,15 +193,12 @@ class ActivationStore:
     # ---------------------------------------------------------------- reading
     def read(self, start: int, stop: int) -> np.ndarray:
         """Activations of rows [start, stop) as float32 (B, D)."""
-        raw = self._read(self.activations, start, stop)
+        raw = self._read_rows(start, stop, tokens=False)
         return bf16_bits_to_f32(raw) if self.meta.dtype == "bfloat16" else raw
 
     def read_tokens(self, start: int, stop: int) -> np.ndarray:
         """Token ids of rows [start, stop) (int32)."""
-        ids = self._read(self.token_ids, start, stop)
-        if stop <= self.rows_written:
-            self._check_written(ids, start, stop)
-        return ids
+        return self._read_rows(start, stop, tokens=True)
 
     @property
     def stored_dtype(self) -> np.dtype:
@@ -187,64 +208,92 @@ class ActivationStore:
     def read_chunk(self, chunk: int, out: np.ndarray, *, tokens: bool = False) -> int:
         """Chunk `chunk`'s activations in the stored dtype (or, with `tokens`, its token ids) into `out`,
         a C-contiguous (chunk_rows, d_in) (or (chunk_rows,)) buffer, straight from the shard file where
-        the store is local; returns how many of its rows are written. Checked like every read."""
+        the store is local; returns how many of its rows are written. Rows the store claims are checked:
+        the chunk's crc32c, that it was written, that it is the chunk written at this place, and (with
+        `tokens`) that no token id is the fill value. Every problem is a GspError naming the shard file."""
         name = "token_ids" if tokens else self.array_name
+        start = chunk * self.chunk_rows
+        written = max(min(start + self.chunk_rows, self.rows_written) - start, 0)
+        file, where = self._file(name, chunk), f"rows {start}..{start + max(written, 1) - 1}"
+        try:
+            crc = self._chunk_reader(name).read(chunk, out)
+        except Corrupt as e:
+            raise self._corrupt(where, f"failed their crc32c checksum ({e}; shard file {file})") from None
+        except FileNotFoundError:
+            if written:
+                raise GspError(f"store {self.path}: the shard file {file} is gone; restore it or harvest again "
+                               "with --overwrite") from None  # fmt: skip
+            out[...] = (self.token_ids if tokens else self.activations).metadata.fill_value  # as zarr reads it
+            return 0
+        if not written:  # rows past the claimed ones: unwritten, or written but not claimed yet
+            return 0
+        if crc is None:
+            raise self._corrupt(where, f"were never written (the index of shard file {file} lacks their chunk), "
+                                "though the store claims them")  # fmt: skip
+        if self.table is not None and crc != self.table.expected(chunk, "token_ids" if tokens else self.hook.name):
+            raise self._corrupt(where, f"are not the rows written there (shard file {file} holds an intact chunk "
+                                "of other data: was it moved, or swapped with another?)")  # fmt: skip
+        if tokens:
+            self._check_written(out[:written], start, start + written)
+        return written
+
+    @property
+    def _per_shard(self) -> int:
+        return self.shard_rows // self.chunk_rows
+
+    def _chunk_reader(self, name: str) -> ChunkReader:
         reader = self._chunk_readers.get(name)
         if reader is None:
             folder = None if is_url(self.root) else Path(local(self.root)) / name
-            reader = self._chunk_readers[name] = ChunkReader(self.token_ids if tokens else self.activations, folder)
-        start = chunk * self.chunk_rows
-        stop = min(start + self.chunk_rows, self.rows_written)
-        try:
-            reader.read(chunk, out)
-        except Corrupt as e:
-            raise self._checksum_error(name, start, stop, f"{e}; ") from None
-        except FileNotFoundError:
-            raise GspError(f"store {self.path}: the shard file {self._files(name, start, stop)} is gone; restore it "
-                           "or harvest again with --overwrite") from None  # fmt: skip
-        if tokens:
-            self._check_written(out[: max(stop - start, 0)], start, stop)
-        return max(stop - start, 0)
+            array = self.token_ids if name == "token_ids" else self.activations
+            reader = self._chunk_readers[name] = ChunkReader(array, folder)
+        return reader
+
+    def _read_rows(self, start: int, stop: int, *, tokens: bool) -> np.ndarray:
+        """Rows [start, stop) in the stored dtype, read and checked chunk by chunk (read_chunk)."""
+        stop = min(stop, self.n_rows)
+        row_shape, dtype = ((), np.dtype(np.int32)) if tokens else ((self.d_in,), self.stored_dtype)
+        out = np.empty((max(stop - start, 0), *row_shape), dtype)
+        buffer = None
+        for chunk in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+            first, end = chunk * self.chunk_rows, (chunk + 1) * self.chunk_rows
+            if start <= first and end <= stop:  # a whole chunk: read in place
+                self.read_chunk(chunk, out[first - start : end - start], tokens=tokens)
+                continue
+            if buffer is None:
+                buffer = np.empty((self.chunk_rows, *row_shape), dtype)
+            self.read_chunk(chunk, buffer, tokens=tokens)
+            lo, hi = max(start, first), min(stop, end)
+            out[lo - start : hi - start] = buffer[lo - first : hi - first]
+        return out
 
     def _check_written(self, ids: np.ndarray, start: int, stop: int) -> None:
         """Token ids of written rows are never the fill value −1: if they are, their shard is damaged."""
         if len(ids) and ids.min() < 0:
-            raise GspError(f"corrupt data in store {self.path}: rows {start}..{stop - 1} hold no token ids "
-                           f"(shard {self._files('token_ids', start, stop)} reads as unwritten); "
-                           "restore the file or harvest again with --overwrite")  # fmt: skip
+            file = self._file("token_ids", start // self.chunk_rows)
+            raise self._corrupt(f"rows {start}..{stop - 1}", f"hold no token ids (shard {file} reads as unwritten)")
 
-    def _checksum_error(self, name: str, start: int, stop: int, detail: str = "") -> GspError:
-        return GspError(
-            f"corrupt data in store {self.path}: rows {start}..{stop - 1} failed their crc32c checksum ({detail}"
-            f"shard file {self._files(name, start, stop)}); restore the file or harvest again with --overwrite"
-        )
+    def _corrupt(self, rows: str, what: str) -> GspError:
+        return GspError(f"corrupt data in store {self.path}: {rows} {what}; restore the file or harvest again "
+                        "with --overwrite")  # fmt: skip
 
-    def _files(self, name: str, start: int, stop: int) -> str:
-        first, last = start // self.shard_rows, (stop - 1) // self.shard_rows
-        return ", ".join(f"{name}/c/{s}" for s in range(first, last + 1))
-
-    def _read(self, array: zarr.Array, start: int, stop: int) -> np.ndarray:
-        try:
-            return array[start:stop]
-        except ValueError as e:
-            if "checksum" not in str(e):
-                raise
-            name = self.array_name if array is self.activations else "token_ids"
-            raise self._checksum_error(name, start, stop) from None
+    def _file(self, name: str, chunk: int) -> str:
+        """The shard file that holds chunk `chunk` of array `name`."""
+        return shard_key(name, chunk // self._per_shard)
 
     def ordinary_rows(
-        self, limit: int, batch: int, part: tuple[int, int] = (0, 1), target: "ActivationStore | None" = None
+        self, limit: int, batch: int, share: tuple[int, int] = (0, 1), target: "ActivationStore | None" = None
     ) -> Iterator[tuple]:
         """Batches (x (B, D) float32, row indices (B,)) of the first `limit` rows that hold no special
         token, read span by span in store order; with `target` (another hook point of the same rows,
         a transcoder's), (x, y (B, O), row indices).
 
-        With `part=(rank, world)` this process reads and serves only spans rank, rank + world, ...:
+        With `share=(rank, world)` this process reads and serves only spans rank, rank + world, ...:
         every process reads the (small) token ids to know which rows count, and only its own
         share of the activations; together the processes serve each row once.
         """
         stores = [self] if target is None else [self, target]
-        for arrays, rows in ordinary_rows_of(stores, limit, batch, part):
+        for arrays, rows in ordinary_rows_of(stores, limit, batch, share):
             yield (*arrays, rows)
 
     def verify(self, advance=lambda n: None) -> None:
@@ -257,11 +306,11 @@ class ActivationStore:
 
 
 def ordinary_rows_of(
-    stores: list[ActivationStore], limit: int, batch: int, part: tuple[int, int] = (0, 1)
+    stores: list[ActivationStore], limit: int, batch: int, share: tuple[int, int] = (0, 1)
 ) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
     """([x (B, D_i) of each store], row indices (B,)) for hook points of the same rows (the first
     store's token ids decide which rows count); see ActivationStore.ordinary_rows."""
-    first, (rank, world) = stores[0], part
+    first, (rank, world) = stores[0], share
     special = np.array(first.special_ids, dtype=np.int64)
     seen, span = 0, max(batch, first.chunk_rows)
     for index, start in enumerate(range(0, first.rows_written, span)):

@@ -6,23 +6,28 @@ encoded [bytes (little endian), crc32c] and whose index sits at the end of each 
 
     chunk 0's bytes, its crc32c (4 bytes) | chunk 1's ... | index: (offset, nbytes) uint64 per chunk, its crc32c
 
-and an (offset, nbytes) of (2⁶⁴ − 1, 2⁶⁴ − 1) is a chunk never written (it reads as the fill value).
+and an (offset, nbytes) of (2⁶⁴ − 1, 2⁶⁴ − 1) is a chunk never written (zarr reads it as the fill value).
 
-For a local store so laid out, `ChunkReader.read` reads one chunk with two `pread`s (the shard's
-index, then the chunk straight into the caller's buffer: no intermediate copy, no decoding) and
-checks both checksums; a mismatch is `Corrupt`. Any other store (a URL, another codec chain, a
-big-endian machine) is read through zarr, which checks the same checksums, and copied into the buffer.
-The loader reads this way: at ~10 GB/s from the page cache, where zarr's chunk-by-chunk decoding
-reads at a few hundred MB/s.
+For an array so laid out, `ChunkReader.read` reads one chunk with two reads (the shard's index, then
+the chunk and its crc32c), checks both checksums and says whether the index holds the chunk at all.
+A local store is read with `pread`, straight into the caller's buffer (no intermediate copy, no
+decoding): ~10 GB/s from the page cache, where zarr's chunk-by-chunk decoding reads at a few hundred
+MB/s. A store at a URL is read the same way through zarr's store (byte-range requests). Any other
+array (another codec chain, a big-endian machine) is read through zarr, which checks the same
+checksums but cannot tell a chunk never written from one of fill values.
 """
 
 import os
 import sys
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import zarr
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from pipeline.store.checksums import crc32c
 
 EMPTY = 2**64 - 1  # an index entry of a chunk never written
 _INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
@@ -30,13 +35,6 @@ _INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"nam
 
 class Corrupt(Exception):
     """A chunk or shard index failed its crc32c checksum (or a shard file is shorter than its index says)."""
-
-
-def _crc(data: bytes | np.ndarray) -> bytes:
-    """The crc32c of some bytes, as Zarr's crc32c codec stores it (4 bytes, little endian)."""
-    view = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.reshape(-1).view(np.uint8)[:]
-    view.flags.writeable = False  # what google_crc32c takes
-    return np.uint32(google_crc32c.value(view)).tobytes()
 
 
 class ChunkReader:
@@ -52,7 +50,8 @@ class ChunkReader:
         self.row_shape = array.shape[1:]
         self.dtype = np.dtype(array.dtype)
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
-        self.folder = folder if folder is not None and self._plain(array) else None
+        self.plain = self._plain(array)
+        self.folder = folder if self.plain else None
 
     @staticmethod
     def _plain(array: zarr.Array) -> bool:
@@ -79,49 +78,105 @@ class ChunkReader:
     def shard_file(self, shard: int) -> Path:
         return self.folder.joinpath("c", str(shard), *("0",) * len(self.row_shape))
 
-    def read(self, chunk: int, out: np.ndarray) -> None:
+    def read(self, chunk: int, out: np.ndarray) -> int | None:
         """Chunk `chunk` (rows chunk·chunk_rows ...) into `out`, a C-contiguous (chunk_rows, *row_shape)
-        array of the stored dtype. Raises Corrupt on a checksum mismatch, OSError when a file is gone."""
+        array of the stored dtype; returns the crc32c of its bytes, or None when the shard index says
+        the chunk was never written (`out` then holds the fill value). Raises Corrupt on a checksum
+        mismatch, FileNotFoundError when the shard file is not there."""
         if out.shape != (self.chunk_rows, *self.row_shape) or out.dtype != self.dtype or not out.flags.c_contiguous:
             raise ValueError(f"a chunk buffer must be C-contiguous {self.dtype} {(self.chunk_rows, *self.row_shape)}")
-        if self.folder is None:
-            start = chunk * self.chunk_rows
-            stop = min(start + self.chunk_rows, self.array.shape[0])
-            try:
-                out[: stop - start] = self.array[start:stop]
-            except ValueError as e:
-                if "checksum" in str(e):
-                    raise Corrupt(str(e)) from None
-                raise
-            return
+        if not self.plain:
+            return self._read_through_zarr(chunk, out)
         shard, inner = divmod(chunk, self.per_shard)
-        fd = os.open(self.shard_file(shard), os.O_RDONLY)
-        try:
-            size = os.fstat(fd).st_size
+        file = _LocalShard(self.shard_file(shard)) if self.folder else _StoredShard(self.array, shard)
+        with file:
             index_bytes = 16 * self.per_shard + 4
-            if size < index_bytes:
+            index = file.tail(index_bytes)
+            if len(index) < index_bytes:
                 raise Corrupt("the shard file is shorter than its index")
-            index = os.pread(fd, index_bytes, size - index_bytes)
-            if _crc(index[:-4]) != index[-4:]:
+            if crc32c(np.frombuffer(index[:-4], np.uint8)).to_bytes(4, "little") != index[-4:]:
                 raise Corrupt("the shard index failed its checksum")
             offset, nbytes = (int(v) for v in np.frombuffer(index, "<u8", 2, 16 * inner))
             if offset == EMPTY and nbytes == EMPTY:
                 out[...] = self.array.metadata.fill_value
-                return
+                return None
             want = self.chunk_rows * self.row_bytes
-            if nbytes != want + 4 or offset + nbytes > size - index_bytes:
+            if nbytes != want + 4 or (file.size is not None and offset + nbytes > file.size - index_bytes):
                 raise Corrupt(f"the shard index gives chunk {inner} {nbytes} bytes at {offset}, not {want + 4}")
-            _pread_into(fd, memoryview(out.reshape(-1).view(np.uint8)), offset)
-            if _crc(out) != os.pread(fd, 4, offset + want):
-                raise Corrupt(f"chunk {inner} of shard {shard} failed its checksum")
-        finally:
-            os.close(fd)
+            stored = file.read_into(memoryview(out.reshape(-1).view(np.uint8)), offset)
+        crc = crc32c(out)
+        if crc.to_bytes(4, "little") != stored:
+            raise Corrupt(f"chunk {inner} of shard {shard} failed its checksum")
+        return crc
+
+    def _read_through_zarr(self, chunk: int, out: np.ndarray) -> int:
+        start = chunk * self.chunk_rows
+        stop = min(start + self.chunk_rows, self.array.shape[0])
+        try:
+            out[: stop - start] = self.array[start:stop]
+        except ValueError as e:
+            if "checksum" in str(e):
+                raise Corrupt(str(e)) from None
+            raise
+        out[stop - start :] = self.array.metadata.fill_value  # as stored past the array's end
+        return crc32c(out)
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
+class _LocalShard:
+    """A shard file on disk, read with pread."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.size = os.fstat(self.fd).st_size
+
+    def tail(self, n: int) -> bytes:
+        return os.pread(self.fd, min(n, self.size), max(self.size - n, 0))
+
+    def read_into(self, view: memoryview, offset: int) -> bytes:
+        """len(view) bytes at `offset` into `view`; returns the 4 bytes after them (the chunk's crc32c)."""
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                raise Corrupt("the shard file ends before its chunk does")
+            done += n
+        return os.pread(self.fd, 4, offset + done)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+class _StoredShard:
+    """A shard file in a zarr store (an fsspec URL), read with byte-range requests."""
+
+    size = None  # unknown without another request; a short answer is caught instead
+
+    def __init__(self, array: zarr.Array, shard: int):
+        self.store = array.store_path.store
+        coords = (shard, *(0,) * (array.ndim - 1))
+        self.key = f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}".lstrip("/")
+
+    def _get(self, byte_range) -> bytes:
+        got = sync(self.store.get(self.key, default_buffer_prototype(), byte_range))
+        if got is None:
+            raise FileNotFoundError(self.key)
+        return got.to_bytes()
+
+    def tail(self, n: int) -> bytes:
+        return self._get(SuffixByteRequest(n))
+
+    def read_into(self, view: memoryview, offset: int) -> bytes:
+        data = self._get(RangeByteRequest(offset, offset + len(view) + 4))
+        if len(data) < len(view) + 4:
             raise Corrupt("the shard file ends before its chunk does")
-        done += n
+        view[:] = data[: len(view)]
+        return data[len(view) :]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass

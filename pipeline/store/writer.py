@@ -1,9 +1,10 @@
 """Writing a store (harvest only): create it, write whole shards, claim them, mark it complete.
 
 Crash safety: the store is written one whole shard at a time. zarr writes each file to a temporary
-name and renames it, so a shard file is either complete or absent. Only after a shard's two files
-are in place are the group attributes (rows_written, the corpus cursor and the running
-statistics) rewritten, in one write of zarr.json. A killed harvest therefore leaves a store whose
+name and renames it, so a shard file is either complete or absent. Only after a shard's files (one
+per hook point, the token ids and its rows of the checksum table) are in place are the group
+attributes (rows_written, the corpus cursor and the running statistics) rewritten, in one write of
+zarr.json. A killed harvest therefore leaves a store whose
 `rows_written` rows are all valid, and resuming rewrites only what came after.
 """
 
@@ -19,8 +20,9 @@ from zarr.core.sync import sync
 from pipeline.corpus import Cursor
 from pipeline.errors import GspError
 from pipeline.faults import fault
+from pipeline.store.checksums import TABLE, create_table, table_rows
 from pipeline.store.location import filesystem, is_url, open_group, zarr_path
-from pipeline.store.meta import STORED_DTYPES, RowSums, StoreMeta, now
+from pipeline.store.meta import ARRAY_DTYPES, STORED_DTYPES, RowSums, StoreMeta, now
 from pipeline.store.reader import ActivationStore, open_array
 
 
@@ -55,8 +57,17 @@ class StoreWriter:
 
     def __init__(self, group: zarr.Group, path: str, meta: StoreMeta):
         self.group, self.path, self.meta = group, path, meta
-        self.token_ids = open_array(group, "token_ids", path)
-        self.activations = {h.name: open_array(group, meta.array_path(h), path) for h in meta.hooks}
+        self._open_arrays()
+
+    def _open_arrays(self) -> None:
+        self.token_ids = self._array("token_ids")
+        self.activations = {h.name: self._array(self.meta.array_path(h)) for h in self.meta.hooks}
+        self.table = self._array(TABLE) if self.meta.chunk_crc32c else None
+
+    def _array(self, name: str) -> zarr.Array:
+        """An array to write into. Every chunk is written, even one of fill values (zeros): a chunk
+        missing from its shard's index is then damage, which readers refuse, never rows of zeros."""
+        return open_array(self.group, name, self.path).with_config({"write_empty_chunks": True})
 
     @property
     def n_rows(self) -> int:
@@ -79,7 +90,7 @@ class StoreWriter:
             home = group if meta.format_version == 1 else group.create_group(h.name, attributes=about)
             home.create_array(
                 "activations", shape=(n_rows, h.d_in), chunks=(meta.chunk_rows, h.d_in),
-                shards=(meta.shard_rows, h.d_in), dtype="uint16" if bf16 else "float32",
+                shards=(meta.shard_rows, h.d_in), dtype=ARRAY_DTYPES[meta.dtype],
                 compressors=[Crc32cCodec()], fill_value=0,
                 attributes={"dtype": meta.dtype, "note": "bfloat16 bit patterns" if bf16 else ""},
             )  # fmt: skip
@@ -87,6 +98,9 @@ class StoreWriter:
             "token_ids", shape=(n_rows,), chunks=(meta.chunk_rows,), shards=(meta.shard_rows,), dtype="int32",
             compressors=[Crc32cCodec()], fill_value=-1,
         )  # fmt: skip
+        if meta.chunk_crc32c:
+            n_chunks = -(-n_rows // meta.chunk_rows)
+            create_table(group, [h.name for h in meta.hooks], n_chunks, meta.shard_rows // meta.chunk_rows)
         meta = meta.progressed(created_at=now())
         group.update_attributes(meta.to_attrs())
         return cls(group, str(path), meta)
@@ -98,20 +112,23 @@ class StoreWriter:
 
     # ---------------------------------------------------------------- shards
     def write_shard_data(self, shard: int, acts: dict[str, np.ndarray], tokens: np.ndarray) -> None:
-        """Write one whole shard's files, one per hook point and the token ids (in any order; nothing
-        is claimed until `commit`)."""
+        """Write one whole shard's files, one per hook point, the token ids and its rows of the checksum
+        table (in any order; nothing is claimed until `commit`)."""
         rows = slice(shard * self.meta.shard_rows, shard * self.meta.shard_rows + len(tokens))
         if set(acts) != set(self.activations):
             raise RuntimeError(f"shard {shard} holds hook points {sorted(acts)}, the store {sorted(self.activations)}")
+        writes = [(self.activations[name], rows, a) for name, a in acts.items()] + [(self.token_ids, rows, tokens)]
+        if self.table is not None:
+            first = shard * (self.meta.shard_rows // self.meta.chunk_rows)
+            crcs = table_rows(first, tokens, acts, [h.name for h in self.meta.hooks], self.meta.chunk_rows)
+            writes.append((self.table, slice(first, first + len(crcs)), crcs))
 
         async def every():
-            writes = [self.activations[name].async_array.setitem(rows, a) for name, a in acts.items()]
-            await asyncio.gather(*writes, self.token_ids.async_array.setitem(rows, tokens))
+            await asyncio.gather(*(array.async_array.setitem(where, a) for array, where, a in writes))
 
         if is_url(self.path):  # remote filesystems' clients live on zarr's own event loop
-            for name, a in acts.items():
-                self.activations[name][rows] = a
-            self.token_ids[rows] = tokens
+            for array, where, a in writes:
+                array[where] = a
         else:
             # An event loop per call, rather than zarr's one shared loop: checksumming and assembling
             # shards then runs on as many writer threads as the caller uses, not on one thread.
@@ -140,9 +157,11 @@ class StoreWriter:
         if rows < self.n_rows:
             for array in (*self.activations.values(), self.token_ids):
                 sync(array.async_array.resize((rows, *array.shape[1:]), delete_outside_chunks=False))
+            if self.table is not None:
+                n_chunks = -(-rows // self.meta.chunk_rows)
+                sync(self.table.async_array.resize((n_chunks, self.table.shape[1]), delete_outside_chunks=False))
         self._update(self.meta.progressed(complete=True))
-        self.token_ids = open_array(self.group, "token_ids", self.path)
-        self.activations = {h.name: open_array(self.group, self.meta.array_path(h), self.path) for h in self.meta.hooks}
+        self._open_arrays()
 
     def update(self, **progress) -> None:
         """Set progress fields (rows_written, cursor, hooks' stats, complete) in one atomic write."""
