@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.console import err_console
+from pipeline.console import status
 from pipeline.errors import GspError
 from pipeline.paths import cache_dir
 
@@ -87,7 +87,7 @@ def offline_model_dir() -> Path:
 
     hf_logging.disable_progress_bar()  # the status line below says what is happening
 
-    with err_console.status("dequantising the offline Gemma 3 270M (once; cached under cache/models/)"):
+    with status("dequantising the offline Gemma 3 270M (once; cached under cache/models/)"), _quiet_gguf():
         gguf = Path(assemble())
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -169,7 +169,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     source, name, rev, kwargs = _source(spec, revision, token)
     try:
-        with err_console.status(f"loading {name}"):
+        with status(f"loading {name}"):
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as e:
@@ -256,7 +256,7 @@ def download_model(repo_id: str, *, revision: str | None = None, token: str | No
     """Fetch a Hub model's weights, config and tokenizer into the Hugging Face cache; returns the folder."""
     from huggingface_hub import snapshot_download
 
-    with err_console.status(f"downloading {repo_id}"), hub_errors(repo_id, None, revision, token):
+    with status(f"downloading {repo_id}"), hub_errors(repo_id, None, revision, token):
         return Path(snapshot_download(repo_id, revision=revision, token=hf_token(token), allow_patterns=_MODEL_FILES))
 
 
@@ -295,6 +295,20 @@ def hub_errors(repo_id: str, subfolder: str | None, revision: str | None, token:
 
 
 _TEXT_MODEL_PATHS = ("model", "model.language_model", "language_model.model")  # text, multimodal Gemma 3
+
+
+@contextlib.contextmanager
+def _quiet_gguf():
+    """transformers' GGUF reader draws its own tqdm bar, which disable_progress_bar() does not reach
+    and which fills a log with carriage returns: silenced while the offline model is dequantised."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    before = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda iterable, **_: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = before
 
 
 def _text_module(model: torch.nn.Module, name: str, kind: type) -> torch.nn.Module | None:

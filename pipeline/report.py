@@ -49,7 +49,9 @@ def _finish(folder: Path, stem: str, doc: dict, plots: list[str], markdown_fn, t
     doc["files"] = {"markdown": f"{stem}.md", "json": f"{stem}.json", "plots": plots}
     atomic_write_text(folder / f"{stem}.json", json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n")
     atomic_write_text(folder / f"{stem}.md", markdown_fn(doc))
-    console.print(table_fn(doc))
+    title, t = table_fn(doc)
+    console.print(title, highlight=False, markup=False)  # a line of its own: a long path never wraps in a title
+    console.print(t)
     console.print(f"report: [bold]{folder / stem}.md[/] (+ .json, {len(plots)} plots)", highlight=False)
     return folder / f"{stem}.md"
 
@@ -132,12 +134,12 @@ def _rows(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def table(r: dict) -> Table:
-    s = r["sae"]
-    t = Table(title=f"gsp evaluate · {s['source']}", title_justify="left", show_header=False)
+def table(r: dict) -> tuple[str, Table]:
+    """(its title, the terminal's table of one SAE)."""
+    t = Table(show_header=False)
     for k, v in _rows(r):
         t.add_row(k, v)
-    return t
+    return f"gsp evaluate · {r['sae']['source']}", t
 
 
 def _transcoder_line(r: dict) -> list[str]:
@@ -301,16 +303,16 @@ def _cells(e: dict) -> list[str]:
 HEADER = ["SAE", "architecture", "width", "L0", "FVU", "dead", "dense", "delta loss", "loss recovered", "KL"]
 
 
-def table_many(doc: dict) -> Table:
-    """The terminal's narrower table: the Markdown's columns less width and KL, in short form."""
+def table_many(doc: dict) -> tuple[str, Table]:
+    """(its title, the terminal's narrower table: the Markdown's columns less width and KL, in short form)."""
     first = doc["evaluations"][0]
-    t = Table(title=f"gsp evaluate · {len(doc['evaluations'])} SAEs on {first['store']['path']}", title_justify="left")
+    t = Table()
     for h in ("SAE", "arch", "L0", "FVU", "dead", "dense", "Δ loss", "recovered"):
         t.add_column(h, overflow="fold")
     for e in doc["evaluations"]:
         label, arch, _, l0, fvu, dead, dense, delta, recovered, _ = _cells(e)
         t.add_row(label, arch, l0, fvu, dead.split(" ")[0], dense, delta.replace(" ± ", "±"), recovered)
-    return t
+    return f"gsp evaluate · {len(doc['evaluations'])} SAEs on {first['store']['path']}", t
 
 
 def markdown_many(doc: dict) -> str:

@@ -23,7 +23,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.config import opt, stage_config
-from pipeline.console import console, err_console, progress
+from pipeline.console import console, progress, status
 from pipeline.errors import GspError
 from pipeline.features import HIST_LOW, HIST_STEP, TopActivations, logit_lens
 from pipeline.models import model_to_run, resolve_device
@@ -143,7 +143,7 @@ def collect(loaded: LoadedSAE, store: ActivationStore, top: TopActivations, feat
     acts[[i for i, row in enumerate(pair_rows) if ids[row] in special]] = 0.0  # BOS/EOS/PAD are not SAE data
     lens_ids = lens_vals = None
     if lm is not None and cfg.logit_lens and feats:
-        with err_console.status("logit lens of the decoder rows"):
+        with status("logit lens of the decoder rows"):
             lens_ids, lens_vals = logit_lens(lm.model, loaded.sae.w_dec[feats].detach(), 10)
 
     freq, mean, maxes, hist = top.frequency(), top.mean(), top.max_F.cpu(), top.hist_FH.cpu()
