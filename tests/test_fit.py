@@ -699,3 +699,31 @@ def test_a_checkpoint_gives_back_the_state_it_saved(tmp_path):
             torch.testing.assert_close(sb[i][key], t, rtol=0, atol=0)
     with pytest.raises(GspError, match="trained with other parameters"):
         checkpoint.load(tmp_path, state(2), lambda saved: ["width: checkpoint has 32, asked 64"])
+
+
+def test_a_failure_inside_fit_tears_the_process_group_down(gsp, synthetic, tmp_path, monkeypatch):
+    """Under torchrun a failing fit used to leave its process group up: a real one-process gloo group
+    stands in for torchrun's, and the loader fails."""
+    import torch.distributed as tdist
+
+    from pipeline import dist
+    from pipeline.loader import ShuffledLoader
+
+    def setup_group(device):
+        tdist.init_process_group("gloo", store=tdist.HashStore(), rank=0, world_size=1)
+        return dist.Group(0, 2, torch.device("cpu"))  # as torchrun's rank 0 of two sees it
+
+    def failing_batches(self):
+        raise GspError("shard 3 of the store is damaged")
+        yield
+
+    monkeypatch.setattr(dist, "setup", setup_group)
+    monkeypatch.setattr(ShuffledLoader, "__iter__", failing_batches)
+    store, _ = synthetic
+    try:
+        r = gsp(*_fit_args(store, tmp_path / "sae"))
+        assert r.exit_code == 1 and "shard 3 of the store is damaged" in error_line(r.output)
+        assert not tdist.is_initialized()
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()

@@ -134,3 +134,37 @@ def test_a_cuda_fp32_step_matches_the_cpu_step(arch):
         params.append({k: v.detach().cpu() for k, v in sae.named_parameters()})
     for k in params[0]:
         torch.testing.assert_close(params[1][k], params[0][k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_checkpoint_restores_adams_state_where_a_cuda_optimiser_keeps_it(tmp_path, fused):
+    """Adam's step counters come back where this optimiser keeps them (on the CPU for plain Adam, on the
+    GPU for fused), through its own load_state_dict, and the next step equals the uninterrupted one."""
+    from pipeline import checkpoint
+    from pipeline.loader import LoaderState
+    from pipeline.sae import SAE, Objective
+    from pipeline.train import TrainState, train_step
+
+    dev = torch.device("cuda")
+
+    def state():
+        sae = SAE(16, 64).init_gemma_scope(torch.Generator().manual_seed(0)).to(dev)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3, betas=(0.0, 0.999), fused=fused)
+        return TrainState(sae, opt, torch.zeros(64, dtype=torch.int64, device=dev), loader=LoaderState())
+
+    x = torch.randn(256, 16, device=dev)
+    kw = dict(lam=1e-3, dead_tokens=10**6, sparse=False)
+    a = state()
+    for _ in range(3):
+        train_step(a.sae, a.opt, x, Objective(target_l0=4), since_fired_F=a.since_fired_F, **kw)
+    a.step = 3
+    checkpoint.save(tmp_path, a, {})
+    b = state()
+    checkpoint.load(tmp_path, b, lambda saved: [])
+    for i, per_param in a.opt.state_dict()["state"].items():
+        for key, t in per_param.items():
+            got = b.opt.state_dict()["state"][i][key]
+            assert (got.device, got.dtype) == (t.device, t.dtype), key
+    for s in (a, b):
+        train_step(s.sae, s.opt, x, Objective(target_l0=4), since_fired_F=s.since_fired_F, **kw)
+    torch.testing.assert_close(b.sae.w_dec, a.sae.w_dec, rtol=0, atol=0)
