@@ -209,7 +209,8 @@ def reconstructions(saes: list, store, tokens: int, batch_size: int, group=None,
     runs = [Running((target or store).d_in, sae.width, C, device) for sae in saes]
     with progress("tok", show=group.main) as bar:
         what = "reconstruction" + (f" ({len(saes)} SAEs)" if len(saes) > 1 else "")
-        task = bar.add_task(what, total=min(tokens, store.rows_written))
+        total = min(tokens, store.rows_written)  # an upper bound: special-token rows are not served
+        task = bar.add_task(what, total=total)
         for rows in store.ordinary_rows(tokens, batch_size, share=(group.rank, group.world), target=target):
             x = torch.from_numpy(rows[0]).to(device)
             truth = x if target is None else torch.from_numpy(rows[1]).to(device)
@@ -218,6 +219,7 @@ def reconstructions(saes: list, store, tokens: int, batch_size: int, group=None,
                 out = sae(x)
                 run.update(truth, out.x_hat_BD, out.f_BF, pos)
             bar.update(task, completed=runs[0].n * group.world)
+        bar.update(task, completed=total)  # every row wanted was served
     results = []
     for run in runs:
         shares = dist.gather(group, run.to("cpu"))
@@ -249,7 +251,8 @@ def clt_reconstruction(clt, inputs: list, targets: list, tokens: int, batch_size
     run = Running(L * D, clt.width, first.context_size, device)
     err_L = torch.zeros(L, dtype=torch.float64, device=device)
     with progress("tok", show=group.main) as bar:
-        task = bar.add_task("reconstruction (every layer)", total=min(tokens, first.rows_written))
+        total = min(tokens, first.rows_written)  # an upper bound: special-token rows are not served
+        task = bar.add_task("reconstruction (every layer)", total=total)
         for arrays, rows in ordinary_rows_of(inputs + targets, tokens, batch_size, (group.rank, group.world)):
             xs = [torch.from_numpy(a).to(device) for a in arrays[:L]]
             ys = [torch.from_numpy(a).to(device) for a in arrays[L:]]
@@ -258,6 +261,7 @@ def clt_reconstruction(clt, inputs: list, targets: list, tokens: int, batch_size
             run.update(torch.cat(ys, 1), torch.cat(preds, 1), torch.cat(latents, 1),
                        torch.from_numpy(rows % first.context_size).to(device))  # fmt: skip
             bar.update(task, completed=run.n * group.world)
+        bar.update(task, completed=total)  # every row wanted was served
     shares = dist.gather(group, (run.to("cpu"), err_L.cpu()))
     run, err_L = shares[0]
     for other, err in shares[1:]:
