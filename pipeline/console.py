@@ -110,7 +110,8 @@ def progress_seconds() -> float:
 class LogProgress(rich.progress.Progress):
     """rich's Progress for a file or a pipe: instead of a bar redrawn in place, which a log would show
     only when it ends, a thread prints one line for each running task every `every` seconds (its rate
-    and ETA over the time since its previous line), and a last line when the task ends: at its total,
+    and ETA over the time since its previous line, or since the start when it did nothing in between),
+    and a last line when the task ends: at its total,
     or where the loop stopped (an error, Ctrl-C, a corpus that ran out)."""
 
     def __init__(self, unit: str, fields: tuple[str, ...] = (), *, every: float):
@@ -163,6 +164,9 @@ class LogProgress(rich.progress.Progress):
         t0, c0 = self._since[task.id] if ended else self._last[task.id]
         self._last[task.id] = (now, done)
         rate = (done - c0) / (now - t0) if now > t0 else 0.0
+        if rate <= 0:  # nothing done since the last line (a slow batch): the mean rate since the start
+            t0, c0 = self._since[task.id]
+            rate = (done - c0) / (now - t0) if now > t0 else 0.0
         parts = [f"{task.description}: {done:,.0f}"]
         if task.total is not None:
             parts[0] += f"/{task.total:,.0f} {self.unit} ({_percent(done, task.total)})"

@@ -125,6 +125,19 @@ def test_progress_in_a_log_prints_steady_plain_lines_and_a_last_one(capsys, monk
     assert sum("done in" in x for x in lines) == 1  # one last line, even if the thread saw the end first
 
 
+def test_a_line_after_an_idle_interval_shows_the_mean_rate_not_a_blank(capsys, monkeypatch):
+    """A slow batch leaves an interval with nothing done: its line gives the rate since the start."""
+    monkeypatch.setenv("GSP_PROGRESS_SECONDS", "0.01")
+    lines: list[str] = []
+    with progress("tok") as bar:
+        task = bar.add_task("delta loss", total=4096)
+        bar.advance(task, 1024)
+        _lines_until(capsys, lines, lambda seen: sum("delta loss: 1,024/4,096" in x for x in seen) >= 3)
+        bar.advance(task, 3072)
+    idle = [x for x in lines if x.startswith("delta loss: 1,024/4,096") and "ETA" in x]
+    assert len(idle) >= 3 and all("- tok/s" not in x and "ETA -" not in x for x in idle), idle
+
+
 def test_progress_in_a_log_says_where_a_stopped_loop_stopped(capsys, monkeypatch):
     monkeypatch.setenv("GSP_PROGRESS_SECONDS", "3600")  # no line on the clock: only the last
     with pytest.raises(KeyboardInterrupt), progress("steps", fields=("metrics",)) as bar:
