@@ -14,6 +14,11 @@ once it has the last of them, so no later layer and no LM head run. `splice` ins
 site's activation and lets the forward pass go on (delta loss, steering).
 `hidden_states[L + 1]` is deliberately not used: for the last layer transformers has
 already applied the final norm there.
+
+`read_gains` says how strongly the rest of the model reads each dimension of a residual-stream site:
+every later reader of the residual stream is an RMSNorm, which divides by the vector's RMS and then
+multiplies dimension d by its gain (Gemma: 1 + γ_d). fit's `--weighting reads` weighs the
+reconstruction error by these gains (docs/fit.md, "Where the error goes").
 """
 
 import contextlib
@@ -23,7 +28,7 @@ from typing import Literal, get_args
 import torch
 
 from pipeline.errors import GspError
-from pipeline.models import base_model, decoder_layers
+from pipeline.models import base_model, decoder_layers, final_norm
 
 Site = Literal["resid_post", "mlp_out", "attn_out", "mlp_in"]
 SITES: tuple[str, ...] = get_args(Site)
@@ -88,6 +93,29 @@ def check_width(model: torch.nn.Module, layer: int, site: str, d_in: int, what: 
     if width != d_in:
         raise GspError(f"{what} has d_in {d_in}, but this model's layer {layer} {site} has width {width}: "
                        "use the model the SAE was trained on (--model)")  # fmt: skip
+
+
+RESIDUAL_SITES = ("resid_post", "mlp_out")  # sites in the residual stream's basis, read by later norms
+
+
+@torch.no_grad()
+def read_gains(model: torch.nn.Module, layer: int, site: str) -> tuple[float, ...] | None:
+    """Per dimension, the RMS over the norms that read the residual stream after this site (every later
+    block's input norm and pre-MLP norm, and the final norm) of their gain: a norm applied to a vector
+    of ones gives its gains exactly (up to its ε). None for a site outside the residual stream."""
+    if site not in RESIDUAL_SITES:
+        return None
+    layers = decoder_layers(model)
+    site_module(model, layer, site)  # clear errors for a wrong layer
+    readers = [final_norm(model)]
+    for block in layers[layer + 1 :]:
+        mlp_norm = getattr(block, "pre_feedforward_layernorm", None) or block.post_attention_layernorm
+        readers += [block.input_layernorm, mlp_norm]
+    d = site_width(model, layer, site)
+    param = next(model.parameters())
+    ones = torch.ones(1, d, dtype=param.dtype, device=param.device)
+    gains = torch.stack([norm(ones)[0].float() for norm in readers])
+    return tuple(gains.square().mean(0).sqrt().cpu().tolist())
 
 
 def register_at_module(module: torch.nn.Module, site: str, fn: Callable) -> torch.utils.hooks.RemovableHandle:

@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,18 @@ from pipeline.console import console, info, progress, warn
 from pipeline.corpus import Cursor, check_corpus
 from pipeline.errors import GspError
 from pipeline.files import OutputLock
-from pipeline.hooks import ORDER, SITES, Point, activations_at, forward_order, hook_point, point_name, site_width
+from pipeline.hooks import (
+    ORDER,
+    RESIDUAL_SITES,
+    SITES,
+    Point,
+    activations_at,
+    forward_order,
+    hook_point,
+    point_name,
+    read_gains,
+    site_width,
+)
 from pipeline.models import OFFLINE_DEFAULT, LoadedModel, decoder_layers, hf_token, load_model, model_name
 from pipeline.paths import cache_dir
 from pipeline.store import ActivationStore, Layout, RowSums, StoreWriter, is_url, local, path_state
@@ -164,6 +176,8 @@ def run_harvest(
         if state == "complete":
             if group.main:
                 info(f"store {path} is already complete; nothing to do")
+                _add_read_gains(path, lambda: model or load_model(cfg.model, device=str(group.device), dtype=cfg.dtype,
+                                                                  revision=cfg.revision, token=token))  # fmt: skip
             dist.teardown(group)
             return path
         # the corpus opens and has the text column before anything is written (nor a model loaded)
@@ -258,7 +272,10 @@ def _create_store(cfg: HarvestConfig, path: str, lm: LoadedModel, widths: dict, 
     tok = lm.tokenizer
     itemsize = 2 if cfg.store_dtype == "bfloat16" else 4
     layout = Layout.plan(cfg.context_size, sum(widths.values()), itemsize, shard_mib=cfg.shard_mib)
-    hooks = tuple(HookMeta(point_name(*p), p[0], p[1], hook_point(*p), d) for p, d in widths.items())
+    hooks = tuple(
+        HookMeta(point_name(*p), p[0], p[1], hook_point(*p), d, read_gains=read_gains(lm.model, *p))
+        for p, d in widths.items()
+    )
     meta = StoreMeta(
         model=ModelRef(cfg.model, lm.name, lm.revision, type(lm.model).__name__),
         hooks=hooks,
@@ -275,6 +292,20 @@ def _create_store(cfg: HarvestConfig, path: str, lm: LoadedModel, widths: dict, 
         spec=content(cfg),
     )
     StoreWriter.create(path, meta)
+
+
+def _add_read_gains(path: str, load: Callable[[], LoadedModel]) -> None:
+    """A complete store harvested before gsp recorded read gains gets them: only the model's norms are
+    read and only the store's attributes change (fit's `--weighting reads` needs them)."""
+    writer = StoreWriter.open(path)
+    missing = [h.name for h in writer.meta.hooks if h.site in RESIDUAL_SITES and h.read_gains is None]
+    if not missing:
+        return
+    lm = load()
+    hooks = [h if h.name not in missing else dataclasses.replace(h, read_gains=read_gains(lm.model, h.layer, h.site))
+             for h in writer.meta.hooks]  # fmt: skip
+    writer.update(hooks=tuple(hooks))
+    info(f"store {path}: recorded the read gains of {', '.join(missing)}")
 
 
 def _finish(writer: StoreWriter, claims, created: bool, start_rows: int, seconds: float, world: int) -> None:

@@ -2,6 +2,7 @@
 full disk, what a rerun keeps or refuses, and clear errors. The corpus, the hooks and the workers have
 their own test files."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -114,6 +115,43 @@ def test_rerun_and_parameter_mismatch(gsp, tiny_model, corpus, tmp_path):
     assert (store / "zarr.json").read_text() == before, "a refused run changes nothing"
     r = gsp(*tiny_harvest_args(tiny_model, corpus, store, layer=3), "--overwrite")
     assert r.exit_code == 0 and ActivationStore.open(store).hook.layer == 3
+
+
+def test_read_gains_are_recorded_and_added_to_a_store_from_before_them(gsp, tiny_model, corpus, tmp_path):
+    """Each residual-stream hook point records the model's read gains (pipeline.hooks.read_gains, checked
+    by hand in test_hooks); a complete store without them gets them from a rerun, its rows untouched."""
+    from pipeline.hooks import read_gains
+    from pipeline.store import StoreWriter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():  # gains other than 1, so that recording them is seen
+        for L, block in enumerate(model.model.layers):
+            block.input_layernorm.weight.fill_(0.1 * L)
+        model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "model")
+    store = tmp_path / "s"
+    args = tiny_harvest_args(tmp_path / "model", corpus, store, site="mlp_in,mlp_out,resid_post")
+    assert gsp(*args).exit_code == 0
+    hooks = {h.site: h for h in ActivationStore.open_all(store)[0].meta.hooks}
+    assert hooks["mlp_in"].read_gains is None
+    for site in ("mlp_out", "resid_post"):
+        assert hooks[site].read_gains == pytest.approx(read_gains(model, 1, site), rel=1e-6)
+        assert len(set(hooks[site].read_gains)) == 1 and hooks[site].read_gains[0] != pytest.approx(1.0)
+    writer = StoreWriter.open(store)  # as a store harvested before gsp recorded them
+    writer.update(hooks=tuple(dataclasses.replace(h, read_gains=None) for h in writer.meta.hooks))
+    rows = [_arrays_of(store, h) for h in ("L1.mlp_out", "L1.resid_post")]
+    r = gsp(*args)
+    assert r.exit_code == 0 and "recorded the read gains of L1.mlp_out, L1.resid_post" in r.output
+    again = {h.site: h for h in ActivationStore.open_all(store)[0].meta.hooks}
+    assert again == hooks
+    for before, h in zip(rows, ("L1.mlp_out", "L1.resid_post"), strict=True):
+        np.testing.assert_array_equal(_arrays_of(store, h), before)
+    r = gsp(*args)
+    assert r.exit_code == 0 and "read gains" not in r.output
+
+
+def _arrays_of(store, hook: str) -> np.ndarray:
+    return zarr.open_group(str(store), mode="r")[f"{hook}/activations"][:]
 
 
 @pytest.mark.parametrize(
@@ -479,9 +517,12 @@ def test_a_format_1_store_reads_and_resumes(gsp, tiny_model, corpus, tmp_path):
     _as_format_1(old)
     s = ActivationStore.open(old)
     np.testing.assert_array_equal(s.read(0, 1024), ActivationStore.open(ref).read(0, 1024))
-    assert s.hook == ActivationStore.open(ref).hook and s.meta.format_version == 1
+    ref_hook = ActivationStore.open(ref).hook
+    assert s.hook == dataclasses.replace(ref_hook, read_gains=None) and s.meta.format_version == 1
     r = gsp(*tiny_harvest_args(tiny_model, corpus, old))  # the same command sees the same settings
-    assert r.exit_code == 0 and "already complete" in r.output
+    assert r.exit_code == 0 and "already complete" in r.output and "recorded the read gains" in r.output
+    s = ActivationStore.open(old)  # and records the read gains, still in format 1
+    assert s.hook == ref_hook and s.meta.format_version == 1
     # killed after its second shard, then read as format 1: the rerun finishes it, in format 1
     r = gsp_subprocess(*tiny_harvest_args(tiny_model, corpus, cut), env={"GSP_FAULT": "shard-committed:2"})
     assert r.returncode == -9

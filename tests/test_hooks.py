@@ -1,6 +1,8 @@
 """pipeline.hooks: each site's activation equals an independent hook on a full forward pass, and the
 forward pass stops at the site (no later layer, no LM head), for Gemma 3, multimodal Gemma 3 and Llama."""
 
+import copy
+
 import pytest
 import torch
 from conftest import direct_site
@@ -112,3 +114,39 @@ def test_llama_blocks_serve_resid_post_and_mlp_out():
     block = seen["block"][0] if isinstance(seen["block"], tuple) else seen["block"]
     torch.testing.assert_close(activations(model, ids, 1, "mlp_out"), seen["mlp"])
     torch.testing.assert_close(activations(model, ids, 1, "resid_post"), block)
+
+
+def test_read_gains_are_the_rms_of_the_later_norms_gains(model):
+    """By hand from the weights: Gemma 3's RMSNorm multiplies by (1 + γ); the readers after layer L are every
+    later block's input and pre-MLP norms and the final norm. Llama's norms multiply by γ itself, and its
+    pre-MLP norm is post_attention_layernorm."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.hooks import read_gains
+
+    model, g = copy.deepcopy(model), torch.Generator().manual_seed(3)  # the module's model stays as it is
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g))
+    blocks, final = model.model.layers, model.model.norm.weight
+    for layer in (1, 3):
+        norms = [n for b in blocks[layer + 1 :] for n in (b.input_layernorm, b.pre_feedforward_layernorm)]
+        readers = [final] + [n.weight for n in norms]
+        expected = torch.stack([1 + w for w in readers]).square().mean(0).sqrt()
+        for site in ("resid_post", "mlp_out"):
+            torch.testing.assert_close(torch.tensor(read_gains(model, layer, site)), expected, rtol=1e-5, atol=1e-6)
+    assert read_gains(model, 1, "attn_out") is None and read_gains(model, 1, "mlp_in") is None
+    with pytest.raises(GspError, match="out of range"):
+        read_gains(model, 9, "resid_post")
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in llama.parameters():
+            if p.ndim == 1:
+                p.copy_(torch.randn(p.shape, generator=g))
+    b = llama.model.layers[2]
+    readers = [llama.model.norm.weight, b.input_layernorm.weight, b.post_attention_layernorm.weight]
+    expected = torch.stack(readers).square().mean(0).sqrt()
+    torch.testing.assert_close(torch.tensor(read_gains(llama, 1, "resid_post")), expected, rtol=1e-5, atol=1e-6)

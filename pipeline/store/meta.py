@@ -189,20 +189,28 @@ class HookMeta:
     hook_point: str  # e.g. model.layers.12.output (Gemma Scope 2's hf_hook_point_in)
     d_in: int
     stats: Stats | None = None  # statistics of its non-special rows; None: filled with Stats.empty(d_in)
+    # per dimension, how strongly later layers read it (pipeline.hooks.read_gains); None for a site
+    # outside the residual stream, or a store harvested before gsp recorded them
+    read_gains: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if self.stats is None:
             object.__setattr__(self, "stats", Stats.empty(self.d_in))
 
     def to_json(self) -> dict:
+        gains = {} if self.read_gains is None else {"read_gains": list(self.read_gains)}
         return {"name": self.name, "layer": self.layer, "site": self.site, "hook_point": self.hook_point,
-                "d_in": self.d_in, "stats": self.stats.to_json()}  # fmt: skip
+                "d_in": self.d_in, "stats": self.stats.to_json(), **gains}  # fmt: skip
 
     @staticmethod
     def from_json(d: dict, prefix: str) -> "HookMeta":
         g = lambda k, kind: _get(d, k, kind, prefix=prefix)  # noqa: E731
         stats = Stats.from_json(g("stats", dict), prefix=prefix + "stats.")
-        return HookMeta(g("name", str), g("layer", int), g("site", str), g("hook_point", str), g("d_in", int), stats)
+        gains = _get(d, "read_gains", list, optional=True, prefix=prefix)
+        if gains is not None and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in gains):
+            raise _Bad(prefix + "read_gains", "should be a list of numbers")
+        return HookMeta(g("name", str), g("layer", int), g("site", str), g("hook_point", str), g("d_in", int), stats,
+                        None if gains is None else tuple(float(v) for v in gains))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -282,8 +290,7 @@ class StoreMeta:
         }
         if self.format_version == 1:  # one hook point, its fields at the top level
             (h,) = self.hooks
-            return {**common, "layer": h.layer, "site": h.site, "hook_point": h.hook_point, "d_in": h.d_in,
-                    "stats": h.stats.to_json()}  # fmt: skip
+            return {**common, **{k: v for k, v in h.to_json().items() if k != "name"}}
         return {**common, "hooks": [h.to_json() for h in self.hooks]}
 
     @staticmethod
@@ -343,6 +350,9 @@ class StoreMeta:
             s = h.stats
             if h.d_in <= 0 or len(s.sum) != h.d_in or not math.isfinite(s.sum_sq_norm) or s.count < 0:
                 problems.append(f"the statistics of {h.name} do not fit its d_in")
+            gains = h.read_gains
+            if gains is not None and (len(gains) != h.d_in or not all(math.isfinite(v) and v >= 0 for v in gains)):
+                problems.append(f"the read gains of {h.name} are not {h.d_in} numbers ≥ 0")
         if problems:
             raise GspError(f"store {path} has inconsistent attributes ({'; '.join(problems)}); it is damaged: "
                            "harvest it again with --overwrite")  # fmt: skip
@@ -350,9 +360,7 @@ class StoreMeta:
 
 def _hooks_from_attrs(a: dict, version: int) -> tuple[HookMeta, ...]:
     if version == 1:  # one hook point, its fields at the top level
-        layer, site = _get(a, "layer", int), _get(a, "site", str)
-        return (HookMeta(f"L{layer}.{site}", layer, site, _get(a, "hook_point", str), _get(a, "d_in", int),
-                         Stats.from_json(_get(a, "stats", dict))),)  # fmt: skip
+        return (HookMeta.from_json({**a, "name": f"L{_get(a, 'layer', int)}.{_get(a, 'site', str)}"}, ""),)
     hooks = _get(a, "hooks", list)
     return tuple(HookMeta.from_json(h, f"hooks[{i}].") for i, h in enumerate(hooks))
 
