@@ -177,6 +177,7 @@ class Objective:
     freq_penalty: float = 0.0  # λ_f of the frequency penalty (0: none)
     freq_scale: float = 0.1  # ω₀ of the frequency penalty
     freq_form: str = "quadratic"  # "quadratic" (λ_f·Σ ω²/ω₀) or "hinge" (λ_f·Σ max(0, ω − ω₀)²/ω₀)
+    pre_encoder_bias: bool = False  # encode x − b_dec (b_dec held fixed there), folded into b_enc on saving
 
 
 # ------------------------------------------------------------------------------ the model
@@ -265,6 +266,13 @@ class SAE(torch.nn.Module):
         return self
 
     @torch.no_grad()
+    def fold_pre_encoder_bias(self) -> "SAE":
+        """An SAE trained to encode x − b_dec, rewritten to encode x: b_enc ← b_enc − b_dec·W_enc (the same
+        pre-activations, so the same features)."""
+        self.b_enc -= self.b_dec @ self.w_enc
+        return self
+
+    @torch.no_grad()
     def fold_input_scale(self, scale: float, out_scale: float | None = None) -> "SAE":
         """An SAE trained on x·scale (predicting y·out_scale, for a transcoder), rewritten to take raw x
         and predict raw y with the same features.
@@ -284,6 +292,28 @@ class SAE(torch.nn.Module):
             self.w_skip *= scale / t
         return self
 
+    @torch.no_grad()
+    def fold_input_weights(self, w: torch.Tensor) -> "SAE":
+        """An SAE trained on x∘w (w > 0 per dimension, the error weighed by w²), rewritten to take raw x
+        and reconstruct raw x: W_enc ← diag(w)·W_enc (the same pre-activations), W_dec ← W_dec·diag(1/w),
+        b_dec ← b_dec/w. The decoder rows are then scaled back, each latent's activation (with b_enc and θ)
+        by the same factor n: f·W_dec = (f·n)·(W_dec/n). For a JumpReLU n is each row's norm, so rows are
+        unit again; for a TopK n is one number, the rows' RMS norm, since scaling latents apart would
+        change which k are largest. A constant w is then the identity."""
+        if self.skip or self.d_in != self.d_out:
+            raise ValueError("input weights fold into SAEs only, not transcoders")
+        self.w_enc *= w[:, None]
+        self.w_dec /= w[None, :]
+        self.b_dec /= w
+        n = self.w_dec.norm(dim=1)
+        if self.arch == "topk":
+            n = n.square().mean().sqrt().expand_as(n)
+        self.w_dec /= n[:, None]
+        self.w_enc *= n[None, :]
+        self.b_enc *= n
+        self.threshold *= n
+        return self
+
     # -------------------------------------------------------------------------- training
     def loss(
         self, x_BD: torch.Tensor, objective: Objective, *, target_BO: torch.Tensor | None = None, lam: float = 0.0,
@@ -300,20 +330,22 @@ class SAE(torch.nn.Module):
         so that the averaged gradients equal one process's on the whole batch.
         """
         y_BO = x_BD if target_BO is None else target_BO
+        # the encoder's input: x, or x − b_dec (a pre-encoder bias, folded into b_enc on saving)
+        xe_BD = x_BD - self.b_dec.detach() if objective.pre_encoder_bias else x_BD
         if self.arch == "jumprelu":
-            return self._jumprelu_loss(x_BD, y_BO, objective, lam, sparse, group)
+            return self._jumprelu_loss(x_BD, xe_BD, y_BO, objective, lam, sparse, group)
         if sync_free is None:
             sync_free = x_BD.device.type != "cpu"
-        return self._topk_loss(x_BD, y_BO, objective, dead_F, group, sync_free)
+        return self._topk_loss(x_BD, xe_BD, y_BO, objective, dead_F, group, sync_free)
 
-    def _jumprelu_loss(self, x_BD, y_BO, obj: Objective, lam: float, sparse: bool, group) -> Loss:
+    def _jumprelu_loss(self, x_BD, xe_BD, y_BO, obj: Objective, lam: float, sparse: bool, group) -> Loss:
         if sparse and not obj.prefixes:  # every GEMM but the encoder's sparse (Matryoshka decodes densely)
-            x_hat, pre, active = sparse_jumprelu_sae(x_BD, self.w_enc, self.b_enc, self.threshold, self.w_dec,
+            x_hat, pre, active = sparse_jumprelu_sae(xe_BD, self.w_enc, self.b_enc, self.threshold, self.w_dec,
                                                      obj.bandwidth)  # fmt: skip
             x_hat, f = self.add_skip(x_BD, x_hat + self.b_dec), pre * active  # f for metrics: no gradient path
             recon = _mse(x_hat, y_BO)
         else:
-            pre = self.pre_activation(x_BD)
+            pre = self.pre_activation(xe_BD)
             f = jumprelu(pre, self.threshold, obj.bandwidth)
             recon, x_hat = self._reconstruction(f, x_BD, y_BO, obj.prefixes)
         penalty = self._sparsity_penalty(pre, obj, lam, group)
@@ -348,9 +380,9 @@ class SAE(torch.nn.Module):
             start = end
         return recon, x_hat
 
-    def _topk_loss(self, x_BD, y_BO, obj: Objective, dead_F, group, sync_free: bool) -> Loss:
+    def _topk_loss(self, x_BD, xe_BD, y_BO, obj: Objective, dead_F, group, sync_free: bool) -> Loss:
         # decode the k active latents only (an embedding bag), plus the auxiliary loss on dead ones
-        pre = self.pre_activation(x_BD)
+        pre = self.pre_activation(xe_BD)
         top, idx = pre.topk(self.k, dim=-1)
         values = top.relu()
         x_hat = torch.nn.functional.embedding_bag(idx, self.w_dec, per_sample_weights=values, mode="sum") + self.b_dec

@@ -8,6 +8,9 @@ schedule's lr and λ, then logs, checks the loss stayed finite, and checkpoints.
 
 Inputs are scaled by one constant s so that E‖x‖² = 1 (from the store's statistics); the saved SAE
 has s folded in (pipeline.sae.SAE.fold_input_scale) and takes raw activations, like Gemma Scope 2's.
+With `--weighting reads` an SAE trains on x∘w instead, w the store's read gains (how strongly later
+layers read each dimension) scaled so that E‖x∘w‖² = 1, so its error is weighed by what the model
+reads; w is folded in too (SAE.fold_input_weights). Why: docs/fit.md, "Where the error goes".
 The training state and its checkpoints: pipeline/train.py and pipeline/checkpoint.py; the output
 folder, which appears whole or not at all: pipeline/outputs.py. A lock file `<out>.lock` keeps two
 fits from writing one output.
@@ -90,6 +93,14 @@ class FitConfig:
     )
     theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).", sweep=True)
     b_dec_init: Literal["mean", "zero"] = opt("mean", "Decoder bias at the data mean (fewer dead latents) or 0.")
+    weighting: Literal["reads", "none"] | None = opt(
+        None, "Weigh each dimension's reconstruction error by how strongly later layers read it (the "
+        "store's read gains; training FVU is then the weighted one), or 'none' for plain MSE (default: reads "
+        "for an SAE on a store that records read gains, none otherwise).", sweep=True,
+    )  # fmt: skip
+    pre_encoder_bias: bool = opt(
+        False, "Encode x − b_dec in training (b_dec held fixed on that path), folded into b_enc when saved."
+    )
     matryoshka: str | None = opt(
         None, "Matryoshka SAE: nested prefix sizes below --width, e.g. 128,512,2048; every prefix of the "
         "dictionary is trained to reconstruct too.",
@@ -143,6 +154,10 @@ class FitConfig:
         _ = self.prefixes  # a malformed --matryoshka is an error here
         if self.freq_penalty < 0 or not math.isfinite(self.freq_penalty) or not self.freq_scale > 0:
             raise GspError("--freq-penalty must be a finite number ≥ 0 and --freq-scale above 0")
+        if self.weighting == "reads" and self.target_store:
+            raise GspError("--weighting reads is for SAEs: a transcoder's target is the MLP's output, not its input")
+        if self.pre_encoder_bias and self.target_store:
+            raise GspError("--pre-encoder-bias is for SAEs: a transcoder's b_dec is in its target's space")
         if self.skip and not self.target_store:
             raise GspError("--skip makes a skip transcoder: give --target-store, the hook point it predicts")
 
@@ -157,9 +172,18 @@ class FitConfig:
         resumed or reused fit keeps what it started with even if gsp's defaults change."""
         n, like = self.total_steps, like or {}
         defaults = {"lr": DEFAULT_LR[self.arch], "lr_warmup_steps": min(1000, n // 20), "lr_decay_steps": n // 5,
-                    "sparsity_warmup_steps": min(10_000, n // 5)}  # fmt: skip
+                    "sparsity_warmup_steps": min(10_000, n // 5), "weighting": self._default_weighting}  # fmt: skip
         given = {k: getattr(self, k) if getattr(self, k) is not None else like.get(k) for k in defaults}
-        return dataclasses.replace(self, **{k: v if v is not None else defaults[k] for k, v in given.items()})
+        return dataclasses.replace(self, **{k: v if v is not None else _value(defaults[k]) for k, v in given.items()})
+
+    def _default_weighting(self) -> str:
+        """reads for an SAE on a store that records read gains (pipeline.hooks.read_gains), none otherwise."""
+        if self.target_store or not self.store:
+            return "none"
+        try:
+            return "reads" if ActivationStore.open(self.store).hook.read_gains is not None else "none"
+        except GspError:
+            return "none"  # a store that cannot be opened is reported where it is read
 
     @property
     def schedule(self) -> Schedule:
@@ -184,7 +208,7 @@ class FitConfig:
     @property
     def objective(self) -> Objective:
         return Objective(self.bandwidth, self.target_l0, self.aux_k, self.aux_coeff, self.prefixes,
-                         self.freq_penalty, self.freq_scale, self.freq_form)  # fmt: skip
+                         self.freq_penalty, self.freq_scale, self.freq_form, self.pre_encoder_bias)  # fmt: skip
 
     @property
     def out_dir(self) -> Path:
@@ -210,11 +234,17 @@ class FitConfig:
         """How the settings `saved` (a checkpoint's or a saved SAE's record) differ from these, with the
         defaults resolved where they are used made explicit on both sides ([] when the same)."""
         names = {f.name for f in dataclasses.fields(FitConfig)}
+        saved = {"weighting": "none", **saved}  # records from before --weighting: plain MSE
         try:
             was = FitConfig(**{k: v for k, v in saved.items() if k in names}).resolved()
         except (GspError, TypeError, ValueError) as e:
             return [f"{what} records settings gsp cannot read ({e})"]
         return differences(was.record(), self.resolved(like=saved), what)
+
+
+def _value(default):
+    """A resolved default: a method is called only when its default is needed (it may read the store)."""
+    return default() if callable(default) else default
 
 
 def _store_name(path: str) -> str:
@@ -378,6 +408,7 @@ class _Fit:
     start: int  # the step it resumes from: it sits out the stream's earlier batches
     schedule: Schedule
     objective: Objective
+    weights: torch.Tensor | None  # w (D,) of --weighting reads, on the device: it trains on x∘w
     metrics: dict = dataclasses.field(default_factory=dict)  # the last log step's
     failed: str | None = None  # why it stopped early (a sweep goes on without it)
 
@@ -421,14 +452,38 @@ def _start(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales,
     sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k, d_out=out.d_in, skip=cfg.skip).init_gemma_scope(
         torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
     )
+    weights = input_weights(store, scales[0]) if cfg.weighting == "reads" else None
     if cfg.b_dec_init == "mean":
         with torch.no_grad():
-            sae.b_dec.copy_(torch.tensor(out.hook.stats.mean) * scales[1])
+            sae.b_dec.copy_(torch.tensor(out.hook.stats.mean) * scales[1] * (1 if weights is None else weights))
     state = TrainState.fresh(sae.to(device), cfg.lr)
     if resume:
         checkpoint.load(cfg.checkpoints, state, lambda saved: cfg.differences(saved, "checkpoint"))
         info(f"{cfg.out_dir.name}: resuming from step {state.step:,} of {cfg.total_steps:,}")
-    return _Fit(cfg, state, NonFinite(device), start=state.step, schedule=cfg.schedule, objective=cfg.objective)
+    return _Fit(cfg, state, NonFinite(device), start=state.step, schedule=cfg.schedule, objective=cfg.objective,
+                weights=None if weights is None else weights.to(device))  # fmt: skip
+
+
+WEIGHT_FLOOR = 0.01  # of the gains' RMS: a dimension no later layer reads still counts a little
+WEIGHT_SAMPLE = 65_536  # rows that estimate E‖x∘w‖²
+
+
+def input_weights(store: ActivationStore, scale: float) -> torch.Tensor:
+    """w (D,) float32 for --weighting reads: the store's read gains (floored at WEIGHT_FLOOR of their
+    RMS), scaled so that E‖(x·scale)∘w‖² = 1 over the store's first WEIGHT_SAMPLE ordinary rows. The
+    same on every process and every resume: the rows read are fixed."""
+    gains = store.hook.read_gains
+    if gains is None:
+        raise GspError(f"store {store.path} records no read gains (a site outside the residual stream, a "
+                       "synthetic store, or one harvested before gsp recorded them; `gsp harvest` with the "
+                       "same options adds them): fit with --weighting none")  # fmt: skip
+    g = torch.tensor(gains, dtype=torch.float64)
+    g = g.clamp(min=WEIGHT_FLOOR * g.square().mean().sqrt())
+    total, count = 0.0, 0
+    for x, _ in store.ordinary_rows(WEIGHT_SAMPLE, 8192):
+        total += (torch.from_numpy(x).double() * scale * g).square().sum().item()
+        count += len(x)
+    return (g / math.sqrt(total / count)).float()
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -477,6 +532,8 @@ def _step(f: _Fit, batch: torch.Tensor, step: int, paired: bool, group, autocast
     for pg in state.opt.param_groups:
         pg["lr"] = lr
     x, y = _split(batch, state.sae, paired)  # unit-scaled by the loader, on the device
+    if f.weights is not None:
+        x = x * f.weights
     # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
     cpu = group.device.type == "cpu"
     sparse = cfg.decoder == "sparse" or (cfg.decoder == "auto" and cpu and state.density < 0.05)
@@ -556,7 +613,12 @@ def _save(f: _Fit, store: ActivationStore, target, scales) -> None:
     transcoder), the scales folded in, into the work folder; then its checkpoints go."""
     cfg, m, record, work = f.cfg, store.meta, f.cfg.record(), outputs.work_dir(f.cfg.out_dir)
     final = f.metrics
-    sae = f.state.sae.cpu().fold_input_scale(*scales)
+    sae = f.state.sae.cpu()
+    if cfg.pre_encoder_bias:
+        sae.fold_pre_encoder_bias()
+    if f.weights is not None:
+        sae.fold_input_weights(f.weights.cpu())
+    sae = sae.fold_input_scale(*scales)
     config = SAEConfig(
         architecture=FILE_ARCH[cfg.arch],
         model_name=m.model.name,

@@ -727,3 +727,43 @@ def test_a_failure_inside_fit_tears_the_process_group_down(gsp, synthetic, tmp_p
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def _record_read_gains(path, gains) -> None:
+    from pipeline.store import StoreWriter
+
+    w = StoreWriter.open(path)
+    w.update(hooks=tuple(dataclasses.replace(h, read_gains=tuple(float(v) for v in gains)) for h in w.meta.hooks))
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_weighting_reads_is_a_plain_fit_on_the_weighted_activations(synthetic, tmp_path, arch):
+    """A fit on a store with read gains g (the default there: --weighting reads) is a plain fit on a store
+    holding x∘g, with g folded into the saved SAE: by hand, that SAE with SAE.fold_input_weights(g)."""
+    from pipeline.sae_formats import load_sae
+    from pipeline.store import ActivationStore
+
+    x = np.concatenate([rows for rows, _ in ActivationStore.open(synthetic[0]).ordinary_rows(10**9, 8192)])
+    g = np.random.default_rng(1).uniform(0.2, 3.0, x.shape[1])
+    write_synthetic_store(tmp_path / "a", x)
+    _record_read_gains(tmp_path / "a", g)
+    write_synthetic_store(tmp_path / "b", (x * g).astype(np.float32))
+    common = dict(arch=arch, width=64, steps=30, batch_size=128, target_l0=4, k=4)
+    run_fit(FitConfig(store=str(tmp_path / "a"), out=str(tmp_path / "sa"), **common))
+    run_fit(FitConfig(store=str(tmp_path / "b"), out=str(tmp_path / "sb"), **common))
+    assert json.loads((tmp_path / "sa" / "config.json").read_text())["fit_config"]["weighting"] == "reads"
+    assert json.loads((tmp_path / "sb" / "config.json").read_text())["fit_config"]["weighting"] == "none"
+    a = load_sae(str(tmp_path / "sa")).sae
+    b = load_sae(str(tmp_path / "sb")).sae.fold_input_weights(torch.tensor(g, dtype=torch.float32))
+    for name in ("w_enc", "b_enc", "w_dec", "b_dec", "threshold"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_weighting_reads_needs_an_sae_and_read_gains(gsp, synthetic, paired, tmp_path):
+    r = gsp("fit", "--store", str(synthetic[0]), "--weighting", "reads", "--steps", "5", "--out", str(tmp_path / "s"))
+    assert "records no read gains" in error_line(r.output) and r.exit_code != 0
+    assert not (tmp_path / "s").exists()
+    store, _ = paired
+    r = gsp("fit", "--store", str(store / "L0.mlp_in"), "--target-store", str(store / "L0.mlp_out"),
+            "--weighting", "reads", "--steps", "5")  # fmt: skip
+    assert "--weighting reads is for SAEs" in error_line(r.output) and r.exit_code != 0

@@ -1,4 +1,4 @@
-"""The SAE math against hand computations: straight-through gradients, TopK, init, scale folding."""
+"""The SAE math against hand computations: straight-through gradients, TopK, init, scale and weight folding."""
 
 import dataclasses
 
@@ -64,6 +64,36 @@ def test_folding_the_scale_gives_the_same_sae_on_raw_inputs():
         torch.testing.assert_close(raw.f_BF, scaled.f_BF / s, rtol=1e-4, atol=1e-4)
         assert (raw.f_BF != 0).sum() > 0
         torch.testing.assert_close(sae.w_dec.norm(dim=1), torch.ones(64))  # still unit rows
+
+
+def test_folding_input_weights_gives_the_same_sae_on_raw_inputs():
+    """An SAE trained on x∘w, folded, reconstructs raw x as x̂_w / w with the same latents firing; a
+    JumpReLU's rows are unit again (its activations scaled by each row's norm), a TopK's keep their order."""
+    for arch in ("jumprelu", "topk"):
+        g = torch.Generator().manual_seed(2)
+        sae = SAE(16, 64, arch=arch, k=8).init_gemma_scope(g)
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1, generator=g)
+            sae.b_dec.normal_(0, 0.5, generator=g)
+            sae.threshold.uniform_(0.0, 0.2, generator=g)
+        x = torch.randn(40, 16, generator=g)
+        w = torch.rand(16, generator=g) * 5 + 0.1
+        weighted = sae(x * w)
+        norms = (sae.w_dec / w).norm(dim=1)  # each row's norm in raw units, by hand
+        raw = sae.fold_input_weights(w)(x)
+        torch.testing.assert_close(raw.x_hat_BD, weighted.x_hat_BD / w, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(raw.f_BF != 0, weighted.f_BF != 0)
+        if arch == "jumprelu":
+            torch.testing.assert_close(sae.w_dec.norm(dim=1), torch.ones(64))
+            torch.testing.assert_close(raw.f_BF, weighted.f_BF * norms, rtol=1e-4, atol=1e-5)
+        else:  # one factor for every latent: the rows' RMS norm is 1
+            torch.testing.assert_close(sae.w_dec.norm(dim=1).square().mean(), torch.tensor(1.0))
+            torch.testing.assert_close(raw.f_BF, weighted.f_BF * norms.square().mean().sqrt(), rtol=1e-4, atol=1e-5)
+    same = SAE(16, 64, arch="topk", k=8).init_gemma_scope(torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in same.state_dict().items()}
+    same.fold_input_weights(torch.full((16,), 1.0))
+    for k, v in same.state_dict().items():
+        torch.testing.assert_close(v, before[k])
 
 
 def test_sparse_jumprelu_path_has_the_dense_gradients():
@@ -340,6 +370,45 @@ def test_the_frequency_penalty_is_its_formula_through_the_thresholds(form):
                                rtol=1e-4, atol=1e-6)  # fmt: skip
     for k in ("w_enc", "b_enc", "w_dec", "b_dec"):  # nothing but θ feels it
         torch.testing.assert_close(grads[1][k], grads[0][k])
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "topk"])
+def test_a_pre_encoder_bias_folds_into_b_enc(arch):
+    """Trained with --pre-encoder-bias the SAE encodes x − b_dec; folded, it encodes x to the same latents
+    and reconstruction."""
+    from pipeline.sae import Objective
+
+    g = torch.Generator().manual_seed(8)
+    sae = SAE(16, 64, arch=arch, k=8).init_gemma_scope(g)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 2.0, generator=g)
+        sae.threshold.uniform_(0.0, 0.2, generator=g)
+    x = torch.randn(40, 16, generator=g) + 1.0
+    loss = sae.loss(x, Objective(bandwidth=0.01, pre_encoder_bias=True), lam=0.0)
+    by_hand = sae(x - sae.b_dec)  # encode x − b_dec; x̂ = f·W_dec + b_dec either way
+    torch.testing.assert_close(loss.x_hat_BD.detach(), by_hand.x_hat_BD, rtol=1e-5, atol=1e-5)
+    folded = sae.fold_pre_encoder_bias()(x)
+    torch.testing.assert_close(folded.f_BF, by_hand.f_BF, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded.x_hat_BD, by_hand.x_hat_BD, rtol=1e-5, atol=1e-5)
+
+
+def test_freq_penalty_equal_to_lambda_is_deepminds_penalty():
+    """With --freq-penalty λ_f = λ and no target L0, the sparsity and frequency penalties together are
+    DeepMind's λ·Σ_i ω_i(1 + ω_i/ω₀) ("Removing High Frequency Latents from JumpReLU SAEs"), ω_i the
+    share of rows latent i fires on, counted here in numpy."""
+    from pipeline.sae import Objective
+
+    g = torch.Generator().manual_seed(7)
+    sae = SAE(16, 32).init_gemma_scope(g)
+    x = torch.randn(300, 16, generator=g)
+    with torch.no_grad():
+        sae.threshold.uniform_(0.0, 1.0, generator=g)
+    lam, w0 = 0.02, 0.1
+    loss = sae.loss(x, Objective(freq_penalty=lam, freq_scale=w0), lam=lam)
+    pre = (x @ sae.w_enc + sae.b_enc).detach().double().numpy()
+    omega = (pre > sae.threshold.detach().double().numpy()).mean(0)
+    assert 0 < omega.min() < omega.max() < 1
+    assert float(loss.penalty.detach()) == pytest.approx(lam * (omega * (1 + omega / w0)).sum(), rel=1e-5)
 
 
 @pytest.mark.parametrize("form", ["quadratic", "hinge"])
