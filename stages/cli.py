@@ -249,6 +249,9 @@ def info(
             norm = sum(v * v for v in st.mean) ** 0.5
             line = (f"  {h.hook.name}  {h.hook.hook_point}  d_in {h.d_in}  {st.count:,} non-special rows, "
                     f"mean ‖x‖² {st.mean_sq_norm:.4g}, ‖mean‖ {norm:.4g}")  # fmt: skip
+            if h.hook.read_gains is not None:
+                g = sorted(h.hook.read_gains)
+                line += f", read gains {g[0]:.3g}..{g[-1]:.3g} (median {g[len(g) // 2]:.3g})"
             console.print(line, highlight=False, soft_wrap=True)
         if verify:
             with progress("rows") as bar:

@@ -137,6 +137,8 @@ def test_read_gains_are_recorded_and_added_to_a_store_from_before_them(gsp, tiny
     for site in ("mlp_out", "resid_post"):
         assert hooks[site].read_gains == pytest.approx(read_gains(model, 1, site), rel=1e-6)
         assert len(set(hooks[site].read_gains)) == 1 and hooks[site].read_gains[0] != pytest.approx(1.0)
+    v = hooks["resid_post"].read_gains[0]
+    assert f"read gains {v:.3g}..{v:.3g} (median {v:.3g})" in gsp("info", store / "L1.resid_post").output
     writer = StoreWriter.open(store)  # as a store harvested before gsp recorded them
     writer.update(hooks=tuple(dataclasses.replace(h, read_gains=None) for h in writer.meta.hooks))
     rows = [_arrays_of(store, h) for h in ("L1.mlp_out", "L1.resid_post")]

@@ -48,14 +48,20 @@ def test_gemma_scope_init():
     assert (sae.threshold == 0.001).all() and not sae.b_enc.any() and not sae.b_dec.any()
 
 
+def _random_sae(arch: str, g: torch.Generator) -> SAE:
+    """Gemma Scope's init with random biases and thresholds: 16 → 64, k 8."""
+    sae = SAE(16, 64, arch=arch, k=8).init_gemma_scope(g)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1, generator=g)
+        sae.b_dec.normal_(0, 0.5, generator=g)
+        sae.threshold.uniform_(0.0, 0.2, generator=g)
+    return sae
+
+
 def test_folding_the_scale_gives_the_same_sae_on_raw_inputs():
     for arch in ("jumprelu", "topk"):
         g = torch.Generator().manual_seed(1)
-        sae = SAE(16, 64, arch=arch, k=8).init_gemma_scope(g)
-        with torch.no_grad():
-            sae.b_enc.normal_(0, 0.1, generator=g)
-            sae.b_dec.normal_(0, 0.5, generator=g)
-            sae.threshold.uniform_(0.0, 0.2, generator=g)
+        sae = _random_sae(arch, g)
         x = torch.randn(40, 16, generator=g) * 300.0
         s = 1 / x.norm(dim=1).pow(2).mean().sqrt().item()
         scaled = sae(x * s)
@@ -71,11 +77,7 @@ def test_folding_input_weights_gives_the_same_sae_on_raw_inputs():
     JumpReLU's rows are unit again (its activations scaled by each row's norm), a TopK's keep their order."""
     for arch in ("jumprelu", "topk"):
         g = torch.Generator().manual_seed(2)
-        sae = SAE(16, 64, arch=arch, k=8).init_gemma_scope(g)
-        with torch.no_grad():
-            sae.b_enc.normal_(0, 0.1, generator=g)
-            sae.b_dec.normal_(0, 0.5, generator=g)
-            sae.threshold.uniform_(0.0, 0.2, generator=g)
+        sae = _random_sae(arch, g)
         x = torch.randn(40, 16, generator=g)
         w = torch.rand(16, generator=g) * 5 + 0.1
         weighted = sae(x * w)
