@@ -11,7 +11,8 @@ interrupted sweep resumes, so a rerun goes on where a stop left off. Then every 
 one `gsp evaluate` on the held-out store: reconstruction over all its ordinary rows, delta loss with
 each SAE spliced into the same contexts (--delta-tokens tokens: 4,096 gives ±0.04 nats, decisions
 need 16,384). Prints one Markdown table; the evaluation report (Markdown, JSON, frontier plots) is
-written to --out/reports. Fit time is per SAE: tokens / its mean rate (a sweep's SAEs share each read).
+written to --out/reports. "sweep s" is the wall time of the sweep an SAE was fitted in (tokens over
+the rate it logged), which its SAEs share.
 """
 
 import argparse
@@ -77,7 +78,7 @@ def main() -> None:
 
     print(f"\n# {args.train} → {args.heldout} · {platform.node()} · torch {torch.__version__} · "
           f"{torch.get_num_threads()} threads · delta loss over {args.delta_tokens:,} tokens\n")  # fmt: skip
-    print("| SAE | budget | seed | weighting | L0 | FVU | dead | dense | delta loss | loss recovered | fit s |")
+    print("| SAE | budget | seed | weighting | L0 | FVU | dead | dense | delta loss | loss recovered | sweep s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for budget, seed, weighting, c in saes:
         e = found[str(c.out_dir)]
