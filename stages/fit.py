@@ -18,6 +18,7 @@ fits from writing one output.
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -421,7 +422,8 @@ def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, g
     out = target or store
     # unit-scaled inputs (and targets): E‖x·s‖² = 1, E‖y·t‖² = 1
     scales = (1.0 / math.sqrt(store.hook.stats.mean_sq_norm), 1.0 / math.sqrt(out.hook.stats.mean_sq_norm))
-    fits = [_start(cfg, store, out, scales, group.device, todo[cfg.out_dir] == "resume") for cfg in cfgs]
+    weights = functools.cache(lambda: input_weights(store, scales[0]))  # read once, for the SAEs that use it
+    fits = [_start(cfg, store, out, scales, weights, group.device, todo[cfg.out_dir] == "resume") for cfg in cfgs]
     start = min(f.start for f in fits)  # the stream starts where the furthest-behind SAE stopped
     loader = ShuffledLoader(
         store, first.batch_size, seed=first.seed, buffer_mib=first.buffer_mib, device=group.device,
@@ -445,14 +447,15 @@ def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, g
     return fits
 
 
-def _start(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales, device, resume: bool) -> _Fit:
+def _start(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales, input_w, device, resume: bool) -> _Fit:
     """A fresh SAE (Gemma Scope 2's initialisation, seeded), or the one in its checkpoint, which also
-    decides the defaults this run resolves (a resumed fit keeps the learning rate it started with)."""
+    decides the defaults this run resolves (a resumed fit keeps the learning rate it started with).
+    `input_w()` gives --weighting reads' w (input_weights), computed once for all the SAEs of the run."""
     cfg = cfg.resolved(like=checkpoint.settings(cfg.checkpoints) if resume else None)
     sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k, d_out=out.d_in, skip=cfg.skip).init_gemma_scope(
         torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
     )
-    weights = input_weights(store, scales[0]) if cfg.weighting == "reads" else None
+    weights = input_w() if cfg.weighting == "reads" else None
     if cfg.b_dec_init == "mean":
         with torch.no_grad():
             sae.b_dec.copy_(torch.tensor(out.hook.stats.mean) * scales[1] * (1 if weights is None else weights))

@@ -47,6 +47,16 @@ def _get(d: dict, key: str, kind: type | tuple, *, optional: bool = False, prefi
     return value
 
 
+def _numbers(d: dict, key: str, *, optional: bool = False, prefix: str = "") -> tuple[float, ...] | None:
+    """A list of numbers (not booleans) as floats; None for an optional key that is absent."""
+    values = _get(d, key, list, optional=optional, prefix=prefix)
+    if values is None:
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise _Bad(prefix + key, "should be a list of numbers")
+    return tuple(float(v) for v in values)
+
+
 # ------------------------------------------------------------------------------ running statistics
 @dataclass(frozen=True)
 class RowSums:
@@ -89,10 +99,8 @@ class Stats:
     @staticmethod
     def from_json(d: dict, prefix: str = "stats.") -> "Stats":
         count = _get(d, "count", int, prefix=prefix)
-        total = _get(d, "sum", list, prefix=prefix)
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in total):
-            raise _Bad(prefix + "sum", "should be a list of numbers")
-        return Stats(count, tuple(float(v) for v in total), float(_get(d, "sum_sq_norm", (int, float), prefix=prefix)))
+        total = _numbers(d, "sum", prefix=prefix)
+        return Stats(count, total, float(_get(d, "sum_sq_norm", (int, float), prefix=prefix)))
 
 
 # ------------------------------------------------------------------------------ what made the store
@@ -206,11 +214,9 @@ class HookMeta:
     def from_json(d: dict, prefix: str) -> "HookMeta":
         g = lambda k, kind: _get(d, k, kind, prefix=prefix)  # noqa: E731
         stats = Stats.from_json(g("stats", dict), prefix=prefix + "stats.")
-        gains = _get(d, "read_gains", list, optional=True, prefix=prefix)
-        if gains is not None and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in gains):
-            raise _Bad(prefix + "read_gains", "should be a list of numbers")
+        gains = _numbers(d, "read_gains", optional=True, prefix=prefix)
         return HookMeta(g("name", str), g("layer", int), g("site", str), g("hook_point", str), g("d_in", int), stats,
-                        None if gains is None else tuple(float(v) for v in gains))  # fmt: skip
+                        gains)  # fmt: skip
 
 
 @dataclass(frozen=True)
