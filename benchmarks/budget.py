@@ -2,7 +2,8 @@
 latents and delta loss of each architecture at each budget, seed, L0 and weighting.
 
     python benchmarks/budget.py --train TRAIN_STORE --heldout HELDOUT_STORE [--budgets 1,2,3,5]
-        [--seeds 0,1] [--l0 60] [--weighting reads,none] [--delta-tokens 16384] [--out cache/budget]
+        [--seeds 0,1] [--l0 60] [--archs jumprelu,topk] [--weighting reads,none] [--delta-tokens 16384]
+        [--out cache/budget]
 
 Each (budget, seed, weighting) is one sweep of 2 × len(--l0) SAEs from one read of the store: JumpReLU
 at target L0 T and TopK at k T, width 4096, batch 1024, budget × 1,474,560 tokens (the main job's
@@ -33,10 +34,9 @@ def configs(args, budget: float, seed: int, weighting: str) -> list[FitConfig]:
     tokens = int(round(budget * BASE_TOKENS / 1024)) * 1024
     common = dict(store=args.train, width=4096, batch_size=1024, tokens=tokens, seed=seed, weighting=weighting)
     out = Path(args.out) / f"{budget:g}x_seed{seed}_{weighting}"
-    return [c for t in args.l0 for c in (
-        FitConfig(arch="jumprelu", target_l0=t, out=str(out / f"jumprelu_{t:g}"), **common),
-        FitConfig(arch="topk", k=int(t), out=str(out / f"topk_{t:g}"), **common),
-    )]  # fmt: skip
+    made = {"jumprelu": lambda t: FitConfig(arch="jumprelu", target_l0=t, out=str(out / f"jumprelu_{t:g}"), **common),
+            "topk": lambda t: FitConfig(arch="topk", k=int(t), out=str(out / f"topk_{t:g}"), **common)}  # fmt: skip
+    return [made[arch](t) for t in args.l0 for arch in args.archs]
 
 
 def fit_missing(cfgs: list[FitConfig]) -> None:
@@ -58,11 +58,13 @@ def main() -> None:
     ap.add_argument("--budgets", default="1,2,3,5", help="multiples of 1,474,560 tokens")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--l0", default="60", help="JumpReLU targets and TopK k's, e.g. 20,60,120")
+    ap.add_argument("--archs", default="jumprelu,topk", help="the architectures fitted at each L0")
     ap.add_argument("--weighting", default="reads")
     ap.add_argument("--delta-tokens", type=int, default=16_384)
     ap.add_argument("--out", default="cache/budget")
     args = ap.parse_args()
     args.l0 = [float(v) for v in args.l0.split(",")]
+    args.archs = args.archs.split(",")
     runs = [(float(b), int(s), w) for w in args.weighting.split(",") for s in args.seeds.split(",")
             for b in args.budgets.split(",")]  # fmt: skip
     saes = []

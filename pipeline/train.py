@@ -40,17 +40,19 @@ class TrainState:
 def train_step(
     sae: SAE, opt: torch.optim.Optimizer, x_BD: torch.Tensor, objective: Objective, *, lam: float,
     since_fired_F: torch.Tensor, dead_tokens: int, sparse: bool, group: dist.Group = dist.Group(),
-    target_BO: torch.Tensor | None = None, autocast: torch.dtype | None = None,
+    target_BO: torch.Tensor | None = None, autocast: torch.dtype | None = None, theta_lr: float = 1.0,
 ) -> Loss:  # fmt: skip
     """One optimisation step on a unit-scaled batch (this process's share under torchrun); a
     transcoder's `target_BO` holds the rows it predicts. With `autocast` (torch.bfloat16) the loss's
-    matmuls run in that dtype; parameters, gradients and Adam stay float32.
+    matmuls run in that dtype; parameters, gradients and Adam stay float32. `theta_lr` scales JumpReLU's
+    threshold step (clamped at 0) by that share: θ's own learning rate.
 
     Under torchrun gradients are averaged across processes (one flat all-reduce) before the
     optimiser step, and latents count as fired when they fired in any process's share, so every
     process holds the same weights and dead-latent counters after every step.
     """
     dead = since_fired_F >= dead_tokens
+    theta0 = sae.threshold.detach().clone() if theta_lr != 1.0 and sae.arch == "jumprelu" else None
     with torch.autocast(x_BD.device.type, dtype=autocast, enabled=autocast is not None):
         loss = sae.loss(x_BD, objective, target_BO=target_BO, lam=lam, dead_F=dead, sparse=sparse, group=group)
     opt.zero_grad(set_to_none=True)
@@ -63,6 +65,8 @@ def train_step(
     with torch.no_grad():
         sae.w_dec /= sae.w_dec.norm(dim=-1, keepdim=True)
         sae.threshold.clamp_(min=0.0)  # a negative θ would let negative pre-activations through
+        if theta0 is not None:
+            sae.threshold.copy_((theta0 + theta_lr * (sae.threshold - theta0)).clamp_(min=0.0))
         since_fired_F += len(x_BD) * group.world
         since_fired_F.masked_fill_(dist.any_(group, (loss.f_BF != 0).any(0)), 0)  # no sync, unlike a[mask] = 0
     return loss

@@ -43,7 +43,7 @@ from pipeline.sae import FILE_ARCH, SAE, Objective, SAEConfig
 from pipeline.store import ActivationStore
 from pipeline.train import NonFinite, Schedule, TrainState, matmul_precision, precision, train_step
 
-DEFAULT_LR = {"jumprelu": 1.75e-3, "topk": 1e-3}  # tuned on the default store at the default budget (RESULTS.md)
+DEFAULT_LR = {"jumprelu": 4e-3, "topk": 1e-3}  # tuned on the default store at the default budget (RESULTS.md)
 
 
 @stage_config("fit")
@@ -69,11 +69,11 @@ class FitConfig:
         1e-3, "JumpReLU: λ of the sparsity penalty (λ·L0, or the target-L0 penalty).", sweep=True
     )
     target_l0: float | None = opt(None, "JumpReLU: aim at this L0 with λ·(2/T)·(L0 − T)² (Gemma Scope 2).", sweep=True)
-    tokens: int = opt(1_474_560, "Training tokens (special-token rows excluded).")
+    tokens: int = opt(4_423_680, "Training tokens (special-token rows excluded).")
     steps: int | None = opt(None, "Training steps; overrides --tokens.", aliases=("num_steps",))
     batch_size: int = opt(1024, "Rows per step.")
     lr: float | None = opt(
-        None, "Adam learning rate, betas (0, 0.999) (default: 1.75e-3 jumprelu, 1e-3 topk).", sweep=True
+        None, "Adam learning rate, betas (0, 0.999) (default: 4e-3 jumprelu, 1e-3 topk).", sweep=True
     )
     lr_warmup_steps: int | None = opt(None, "Linear lr warm-up (default: 5 % of the steps, at most 1,000).", sweep=True)
     lr_decay_steps: int | None = opt(
@@ -93,6 +93,10 @@ class FitConfig:
         0.001, "JumpReLU (and TopK's frequency penalty): width ε of the straight-through rectangle kernel.", sweep=True
     )
     theta_init: float = opt(0.001, "JumpReLU: initial threshold θ (on unit-scaled inputs).", sweep=True)
+    theta_lr: float = opt(
+        1.0, "JumpReLU: θ's learning rate as a share of --lr (Adam's step for θ scaled by it); 0.05 keeps "
+        "rarely firing latents alive (docs/fit.md).", sweep=True,
+    )  # fmt: skip
     b_dec_init: Literal["mean", "zero"] = opt("mean", "Decoder bias at the data mean (fewer dead latents) or 0.")
     weighting: Literal["reads", "none"] | None = opt(
         None, "Weigh each dimension's reconstruction error by how strongly later layers read it (the "
@@ -140,14 +144,14 @@ class FitConfig:
             if (getattr(self, name) or 0) < 0:
                 raise GspError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         finite = {"lr": self.lr, "bandwidth": self.bandwidth, "sparsity-coeff": self.sparsity_coeff,
-                  "buffer-mib": self.buffer_mib, "aux-coeff": self.aux_coeff}  # fmt: skip
+                  "buffer-mib": self.buffer_mib, "aux-coeff": self.aux_coeff, "theta-lr": self.theta_lr}  # fmt: skip
         for name, v in finite.items():
             if v is not None and not math.isfinite(v):
                 raise GspError(f"--{name} must be a finite number, got {v}")
         if (self.lr is not None and self.lr <= 0) or self.bandwidth <= 0 or self.sparsity_coeff < 0:
             raise GspError("--lr and --bandwidth must be positive and --sparsity-coeff not negative")
-        if self.buffer_mib <= 0 or self.aux_coeff < 0:
-            raise GspError("--buffer-mib must be positive and --aux-coeff not negative")
+        if self.buffer_mib <= 0 or self.aux_coeff < 0 or self.theta_lr <= 0:
+            raise GspError("--buffer-mib and --theta-lr must be positive and --aux-coeff not negative")
         if self.arch == "topk" and self.k > self.width:
             raise GspError(f"--k {self.k} is more than --width {self.width}")
         if self.target_l0 is not None and not 0 < self.target_l0 <= self.width:
@@ -285,7 +289,7 @@ def smoke_config(cfg: FitConfig) -> FitConfig:
 # architecture's SAEs, so `--arch jumprelu,topk --target-l0 20,60 --k 20,60` is four SAEs, not eight.
 ARCH_ONLY = {
     **dict.fromkeys(("k", "aux_k", "aux_coeff"), "topk"),
-    **dict.fromkeys(("target_l0", "sparsity_coeff", "bandwidth", "theta_init"), "jumprelu"),
+    **dict.fromkeys(("target_l0", "sparsity_coeff", "bandwidth", "theta_init", "theta_lr"), "jumprelu"),
 }
 
 
@@ -544,7 +548,7 @@ def _step(f: _Fit, batch: torch.Tensor, step: int, paired: bool, group, autocast
     objective = dataclasses.replace(f.objective, freq_penalty=freq_penalty)
     loss = train_step(state.sae, state.opt, x, objective, lam=lam, since_fired_F=state.since_fired_F,
                       dead_tokens=cfg.dead_tokens, sparse=sparse, group=group, target_BO=y,
-                      autocast=autocast)  # fmt: skip
+                      autocast=autocast, theta_lr=cfg.theta_lr)  # fmt: skip
     state.step = step + 1
     f.finite.update(step + 1, loss.total)
     f.metrics.update(lr=lr, **{"lambda": lam})

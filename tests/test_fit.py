@@ -161,7 +161,7 @@ def test_existing_output_and_mismatched_resume(gsp, synthetic, tmp_path):
     killed = _fit_args(store, tmp_path / "k")
     assert gsp_subprocess(*killed, env={"GSP_FAULT": "fit-checkpoint-saved:1"}).returncode == -9
     r = gsp(*killed, "--resume", "--lr", "1e-3")
-    assert r.exit_code == 1 and "lr: checkpoint has 0.00175, asked 0.001" in r.output
+    assert r.exit_code == 1 and "lr: checkpoint has 0.004, asked 0.001" in r.output
 
 
 def test_schedule_warmups_and_decay():
@@ -277,9 +277,20 @@ def test_default_lr_follows_the_architecture():
     jumprelu = FitConfig(store="s")
     topk = dataclasses.replace(jumprelu, arch="topk")  # lr is resolved where used, not frozen at construction
     assert jumprelu.lr is None and topk.lr is None
-    assert jumprelu.resolved().lr == 1.75e-3 and topk.resolved().lr == 1e-3
+    assert jumprelu.resolved().lr == 4e-3 and topk.resolved().lr == 1e-3
     assert dataclasses.replace(topk, steps=100).schedule.at(50)[0] == 1e-3  # past warm-up, before decay
     assert dataclasses.replace(topk, lr=5e-4).resolved().lr == 5e-4
+
+
+def test_an_sae_fitted_before_theta_lr_counts_as_theta_at_the_full_lr():
+    """A record without theta_lr (an SAE from before the option) is θ at the full lr, the default: reused
+    as it is, and never taken for an SAE asked with another --theta-lr."""
+    cfg = FitConfig(store="s", weighting="none")
+    old = {k: v for k, v in cfg.resolved().record().items() if k != "theta_lr"}
+    assert cfg.differences(old, "the SAE") == []
+    slow = dataclasses.replace(cfg, theta_lr=0.05)
+    assert [d.split(":")[0] for d in slow.differences(old, "the SAE")] == ["theta_lr"]
+    assert slow.differences(slow.resolved().record(), "the SAE") == []
 
 
 def test_importing_the_sae_installs_no_warning_filters():
@@ -657,14 +668,15 @@ def test_a_resumed_fit_keeps_the_default_lr_it_started_with(synthetic, tmp_path,
         return train_step(sae, opt, x, objective, **kw)
 
     monkeypatch.setattr(stages.fit, "train_step", recording)
+    first = stages.fit.DEFAULT_LR["jumprelu"]  # the default the killed run started with
     monkeypatch.setattr(stages.fit, "DEFAULT_LR", {"jumprelu": 9e-3, "topk": 9e-3})
     cfg = FitConfig(store=str(store), out=str(tmp_path / "sae"), arch="jumprelu", width=64, steps=60, batch_size=128,
                     checkpoint_every=20, target_l0=4)  # fmt: skip
     run_fit(cfg, resume=True)
-    started = dataclasses.replace(cfg, lr=1.75e-3).schedule
+    started = dataclasses.replace(cfg, lr=first).schedule
     assert seen == [pytest.approx(started.at(s)[0]) for s in range(20, 60)]
     saved = json.loads((tmp_path / "sae" / "config.json").read_text())["fit_config"]
-    assert saved["lr"] == 1.75e-3 and saved["lr_warmup_steps"] == 3 and saved["sparsity_warmup_steps"] == 12
+    assert saved["lr"] == first and saved["lr_warmup_steps"] == 3 and saved["sparsity_warmup_steps"] == 12
 
 
 def test_a_checkpoint_gives_back_the_state_it_saved(tmp_path):

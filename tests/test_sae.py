@@ -283,6 +283,31 @@ def test_topk_loss_without_a_device_sync_equals_the_host_path(n_dead):
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
+def test_theta_lr_scales_the_thresholds_step_and_nothing_else():
+    """--theta-lr c: after a step, θ has moved c times as far as with c = 1 (the same gradients and
+    Adam state), and every other parameter is where it would be anyway."""
+    from pipeline.sae import Objective
+    from pipeline.train import train_step
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(256, 16, generator=g)
+    moved = []
+    for c in (1.0, 0.25):
+        sae = SAE(16, 64).init_gemma_scope(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            sae.threshold.uniform_(0.2, 0.4, generator=torch.Generator().manual_seed(2))
+        before = {k: v.detach().clone() for k, v in sae.named_parameters()}
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2, betas=(0.0, 0.999))
+        train_step(sae, opt, x, Objective(bandwidth=0.2), lam=0.05, since_fired_F=torch.zeros(64, dtype=torch.int64),
+                   dead_tokens=10**6, sparse=False, theta_lr=c)  # fmt: skip
+        moved.append({k: v.detach() - before[k] for k, v in sae.named_parameters()})
+    full, scaled = moved
+    assert (full["threshold"].abs() > 1e-3).sum() > 32  # most thresholds moved (by about the lr)
+    torch.testing.assert_close(scaled["threshold"], 0.25 * full["threshold"], rtol=1e-5, atol=1e-7)
+    for k in full.keys() - {"threshold"}:
+        torch.testing.assert_close(scaled[k], full[k], rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.parametrize("arch", ["jumprelu", "topk"])
 def test_a_bf16_autocast_step_tracks_the_float32_step(arch):
     """--matmul bf16: the step's matmuls in bfloat16, parameters and Adam in float32; after a few
