@@ -5,9 +5,9 @@ latents and delta loss of each architecture at each budget, seed, L0 and weighti
         [--seeds 0,1] [--l0 60] [--archs jumprelu,topk] [--weighting reads,none] [--delta-tokens 16384]
         [--out cache/budget]
 
-Each (budget, seed, weighting) is one sweep of 2 × len(--l0) SAEs from one read of the store: JumpReLU
-at target L0 T and TopK at k T, width 4096, batch 1024, budget × 1,474,560 tokens (the main job's
-1×), every other setting gsp's default. An SAE already fitted with the same settings is kept, and an
+Each (budget, seed, weighting) is one sweep of len(--archs) × len(--l0) SAEs from one read of the store:
+JumpReLU at target L0 T and TopK at k T, width 4096, batch 1024, budget × 1,474,560 tokens (1× is the
+main job's budget before 2026-12-06; it is 3× now), every other setting gsp's default. An SAE already fitted with the same settings is kept, and an
 interrupted sweep resumes, so a rerun goes on where a stop left off. Then every SAE is measured in
 one `gsp evaluate` on the held-out store: reconstruction over all its ordinary rows, delta loss with
 each SAE spliced into the same contexts (--delta-tokens tokens: 4,096 gives ±0.04 nats, decisions

@@ -140,6 +140,8 @@ def test_fit_never_imports_the_language_model(tmp_path):
         (["--matryoshka", "a,b"], "--matryoshka takes prefix sizes like"),
         (["--arch", "topk", "--freq-penalty", "0.1", "--freq-scale", "0"], "--freq-scale above 0"),
         (["--freq-penalty", "-1"], "--freq-penalty must be a finite number"),
+        (["--theta-lr", "0"], "--theta-lr must be positive"),
+        (["--theta-lr", "nan"], "--theta-lr must be a finite number"),
     ],
 )
 def test_bad_input_is_one_clear_line(gsp, synthetic, tmp_path, args, message):
