@@ -7,8 +7,9 @@ latents and delta loss of each architecture at each budget, seed, L0 and weighti
 
 Each (budget, seed, weighting) is one sweep of len(--archs) × len(--l0) SAEs from one read of the store:
 JumpReLU at target L0 T and TopK at k T, width 4096, batch 1024, budget × 1,474,560 tokens (1× is the
-main job's budget before 2026-12-06; it is 3× now), every other setting gsp's default. An SAE already fitted with the same settings is kept, and an
-interrupted sweep resumes, so a rerun goes on where a stop left off. Then every SAE is measured in
+main job's budget before 2026-12-06; it is 3× now), every other setting gsp's default. An SAE already
+fitted with the same settings is kept, and an interrupted sweep resumes, so a rerun goes on where a
+stop left off. Then every SAE is measured in
 one `gsp evaluate` on the held-out store: reconstruction over all its ordinary rows, delta loss with
 each SAE spliced into the same contexts (--delta-tokens tokens: 4,096 gives ±0.04 nats, decisions
 need 16,384). Prints one Markdown table; the evaluation report (Markdown, JSON, frontier plots) is
@@ -65,6 +66,8 @@ def main() -> None:
     args = ap.parse_args()
     args.l0 = [float(v) for v in args.l0.split(",")]
     args.archs = args.archs.split(",")
+    if not set(args.archs) <= {"jumprelu", "topk"}:
+        ap.error(f"--archs takes jumprelu and/or topk, got {','.join(args.archs)}")
     runs = [(float(b), int(s), w) for w in args.weighting.split(",") for s in args.seeds.split(",")
             for b in args.budgets.split(",")]  # fmt: skip
     saes = []
