@@ -40,6 +40,7 @@ class CrossLayerTranscoder(torch.nn.Module):
     def __init__(self, params: list[dict[str, torch.Tensor]]):
         super().__init__()
         self.n_layers = len(params)
+        self.layers = list(range(self.n_layers))  # the model's layers it reads and writes (a set's may be fewer)
         self.d_model = params[0]["w_enc"].shape[0]
         self.widths = [p["w_enc"].shape[1] for p in params]
         self.skip = "affine_skip_connection" in params[0]
@@ -69,7 +70,7 @@ class CrossLayerTranscoder(torch.nn.Module):
     def forward(self, x_LBD: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(predictions ŷ_m for every layer, latents f_l of every layer) from every layer's MLP input."""
         f = {layer: self.encode_layer(layer, x) for layer, x in enumerate(x_LBD)}
-        return [self.predict_layer(m, f, x_LBD[m]) for m in range(self.n_layers)], [f[i] for i in range(len(f))]
+        return [self.predict_layer(m, f, x_LBD[m]) for m in self.layers], [f[i] for i in self.layers]
 
     @classmethod
     def load(cls, folder: Path) -> "CrossLayerTranscoder":
@@ -96,10 +97,11 @@ class CrossLayerTranscoder(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def replace_mlps(model: torch.nn.Module, clt: CrossLayerTranscoder, special_BS1: torch.Tensor) -> Iterator[None]:
+def replace_mlps(model: torch.nn.Module, clt, special_BS1: torch.Tensor) -> Iterator[None]:
     """Every layer's MLP output replaced by the CLT's prediction, in one forward pass: layer l's MLP
     input is encoded when the pass reaches it, and layer m's output is predicted from the latents of
-    layers ≤ m (positions where special_BS1 is True keep their own output)."""
+    layers ≤ m (positions where special_BS1 is True keep their own output). `clt` is a
+    CrossLayerTranscoder or anything with its interface (a transcoder set: its layers only)."""
     inputs: dict[int, torch.Tensor] = {}
     latents: dict[int, torch.Tensor] = {}
 
@@ -120,7 +122,7 @@ def replace_mlps(model: torch.nn.Module, clt: CrossLayerTranscoder, special_BS1:
 
     handles = []
     try:
-        for layer in range(clt.n_layers):
+        for layer in clt.layers:
             handles.append(register_at_module(site_module(model, layer, "mlp_in"), "mlp_in", read(layer)))
             handles.append(register_at_module(site_module(model, layer, "mlp_out"), "mlp_out", write(layer)))
         yield
@@ -130,13 +132,13 @@ def replace_mlps(model: torch.nn.Module, clt: CrossLayerTranscoder, special_BS1:
 
 
 @contextlib.contextmanager
-def zero_mlps(model: torch.nn.Module, n_layers: int, special_BS1: torch.Tensor) -> Iterator[None]:
-    """Every layer's MLP output zero-ablated (special-token positions keep theirs)."""
+def zero_mlps(model: torch.nn.Module, layers: list[int], special_BS1: torch.Tensor) -> Iterator[None]:
+    """The MLP outputs of `layers` zero-ablated (special-token positions keep theirs)."""
 
     def zero(acts):
         return torch.where(special_BS1, acts, torch.zeros_like(acts))
 
-    handles = [register_at_module(site_module(model, layer, "mlp_out"), "mlp_out", zero) for layer in range(n_layers)]
+    handles = [register_at_module(site_module(model, layer, "mlp_out"), "mlp_out", zero) for layer in layers]
     try:
         yield
     finally:

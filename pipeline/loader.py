@@ -36,7 +36,7 @@ until the next one is taken (copy it to keep it).
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,8 +85,11 @@ class ShuffledLoader:
     store's scale (`scales`, one per store; default 1).
 
     With `share=(rank, world)` each batch is this process's share of the global batch (its lanes' rows).
-    With `target` (a transcoder's: another hook point of the same rows) each row is the input's
-    columns followed by the target's, (B/W, D + O), shuffled together.
+    With `extra` (other hook points of the same rows: a transcoder's target, or every layer's input
+    and output for a transcoder set) each row is `store`'s columns followed by each extra store's,
+    shuffled together. The windows are sized for rows of `window_width` values (default: all the
+    columns): a set's stream is then the stream one transcoder reads alone (its pair of hook points),
+    each transcoder trains as it would alone, and the loader holds len(stores)/2 times the memory.
     """
 
     def __init__(
@@ -102,14 +105,15 @@ class ShuffledLoader:
         state: LoaderState | None = None,
         share: tuple[int, int] = (0, 1),
         lanes: int = 1,
-        target: ActivationStore | None = None,
+        extra: Sequence[ActivationStore] = (),
+        window_width: int | None = None,
         resident: bool | None = None,
     ):
-        self.store, self.batch_size, self.seed, self.target = store, batch_size, seed, target
+        self.store, self.batch_size, self.seed = store, batch_size, seed
         self.buffer_mib, self._resident = buffer_mib, resident
-        if target is not None:
-            same_rows(store, target)
-        self.stores = [store] if target is None else [store, target]
+        for other in extra:
+            same_rows(store, other)
+        self.stores = [store, *extra]
         self.scales = tuple(scales) if scales is not None else (1.0,) * len(self.stores)
         if len(self.scales) != len(self.stores):
             raise ValueError(f"{len(self.stores)} stores but {len(self.scales)} scales")
@@ -137,7 +141,7 @@ class ShuffledLoader:
         self.widths = [s.d_in for s in self.stores]
         # The window's size is part of the stream's definition: counted at 4 bytes a value (float32
         # rows, as the loader once held them), two windows of every lane in the budget.
-        chunk_bytes = self.chunk_rows * sum(self.widths) * 4
+        chunk_bytes = self.chunk_rows * (window_width or sum(self.widths)) * 4
         self.window_chunks = max(1, min(self.n_chunks, int(buffer_mib * 2**20 / 2 // chunk_bytes)))
         self.lane_window_chunks = max(1, self.window_chunks // self.lanes)
         self.special = store.special_ids if mask_special else []

@@ -272,6 +272,7 @@ def clt_reconstruction(clt, inputs: list, targets: list, tokens: int, batch_size
     result = run.result()
     var_L = run.m2_D.cpu().view(L, D).sum(1)
     result["layer_fvu"] = (err_L / var_L).tolist()
+    result["layers"] = list(clt.layers)  # the model layer of each entry of layer_fvu
     result["_frequency"] = run.frequencies()
     result["dense_threshold"] = DENSE_FREQUENCY
     return result

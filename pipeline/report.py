@@ -147,6 +147,11 @@ def _transcoder_line(r: dict) -> list[str]:
     if not s.get("transcoder"):
         return []
     skip = ", with an affine skip connection" if s["skip"] else ""
+    if s.get("set_layers"):
+        return [f"- **Transcoder set** of {len(s['set_layers'])} layers ({_layer_list(s['set_layers'])}){skip}: "
+                "each layer's transcoder reads its MLP input and predicts its MLP output; the figures pool "
+                "all layers, and the delta loss replaces every MLP's output at once (each layer's FVU, and "
+                "its delta loss replaced alone, in the table below)"]  # fmt: skip
     if s.get("clt_layers"):
         return [f"- **Cross-layer transcoder** over {s['clt_layers']} layers{skip}: reads every layer's MLP input, "
                 f"predicts every layer's MLP output; the figures pool all layers (per-layer FVU in the JSON, "
@@ -176,6 +181,7 @@ def markdown(r: dict) -> str:
         "| metric | value |",
         "|---|---|",
         *(f"| {k_} | {v} |" for k_, v in _rows(r)),
+        *_layer_table(r),
         "",
         "## Most frequent latents",
         "",
@@ -188,6 +194,26 @@ def markdown(r: dict) -> str:
         *_plots_and_definitions(r["files"]["plots"]),
     ]
     return "\n".join(lines)
+
+
+def _layer_table(r: dict) -> list[str]:
+    """Per layer, of a CLT or a transcoder set: its FVU, and (a set's) its delta loss replaced alone."""
+    rec, d = r["reconstruction"], r["delta_loss"] or {}
+    if "layer_fvu" not in rec:
+        return []
+    alone = d.get("layers", {})
+    rows = []
+    for layer, fvu in zip(rec.get("layers", range(len(rec["layer_fvu"]))), rec["layer_fvu"], strict=True):
+        a = alone.get(str(layer))
+        delta = f"{a['delta_loss']:.4f} ± {_fmt(a['delta_loss_stderr'], '.4f')}" if a else "n/a"
+        rows.append(f"| {layer} | {fvu:.4f} | {delta} |")
+    return ["", "## By layer", "", "| layer | FVU | delta loss, this layer alone |", "|---|---|---|", *rows]
+
+
+def _layer_list(layers: list[int]) -> str:
+    """0–17, or 1, 3, 9 when not contiguous."""
+    contiguous = layers == list(range(layers[0], layers[-1] + 1))
+    return f"{layers[0]}–{layers[-1]}" if contiguous else ", ".join(map(str, layers))
 
 
 def _plots_and_definitions(plots: list[str]) -> list[str]:

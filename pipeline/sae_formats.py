@@ -55,6 +55,7 @@ from pipeline.files import check_tensors, first_line, read_json, read_safetensor
 from pipeline.hooks import POINT_SUFFIX, SITES
 from pipeline.models import hf_token, hub_errors, looks_local
 from pipeline.sae import SAE
+from pipeline.transcoder_set import INDEX as SET_INDEX
 
 _HF_SITE = {suffix: site for site, suffix in POINT_SUFFIX.items()}  # "post_feedforward_layernorm.output" -> mlp_out
 _HF_HOOK = re.compile(r"(?:[\w.]*\.)?layers\.(\d+)\.(" + "|".join(map(re.escape, _HF_SITE)) + ")")
@@ -118,11 +119,11 @@ def sae_folder(spec: str, *, revision: str | None = None, token: str | None = No
 
 def sae_sources(specs: list[str]) -> list[str]:
     """The SAEs named by `specs`, a local folder of SAE folders (a sweep's --out, a release's
-    resid_post/) standing for each SAE folder in it, in name order."""
+    resid_post/) standing for each SAE folder in it, in name order; a transcoder set's folder for itself."""
     out = []
     for spec in specs:
         path = Path(spec).expanduser()
-        if path.is_dir() and not _has_sae_files(path):
+        if path.is_dir() and not _has_sae_files(path):  # (a transcoder set's folder has its index)
             inside = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.endswith(".partial")
                             and _has_sae_files(p))  # fmt: skip
             if inside:
@@ -388,6 +389,12 @@ def _refuse_clt(path: Path) -> LoadedSAE:
                    "mlp_in and mlp_out); it has no single hook point for this command")  # fmt: skip
 
 
+def _refuse_set(path: Path) -> LoadedSAE:
+    layers = sorted(p.name for p in path.glob("layer_*") if p.is_dir())
+    raise GspError(f"{path} is a transcoder set: gsp evaluate measures it whole; for this command give one "
+                   f"layer's transcoder, e.g. {path / (layers[0] if layers else 'layer_0')}")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------ the table of formats
 # fmt: off
 FORMATS = (  # the first whose files a folder holds reads it
@@ -398,6 +405,7 @@ FORMATS = (  # the first whose files a folder holds reads it
     Format("SAELens", ("cfg.json", "sae_weights.safetensors"), _read_saelens),
     Format("sparsify", ("cfg.json", "sae.safetensors"), _read_sparsify),
     Format("a cross-layer transcoder", (clt.FIRST_LAYER_FILE,), _refuse_clt, also=(clt.LAYER_FILES,)),
+    Format("a transcoder set", (SET_INDEX,), _refuse_set),
 )
 # fmt: on
 # every file an SAE of any format may need, relative to its folder: all that a Hub fetch downloads

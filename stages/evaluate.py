@@ -10,11 +10,12 @@ single report for one SAE, the comparison with the L0–FVU and L0–delta-loss 
 
 One pipeline for every case. What --sae names is measured as `SAEs` of one hook point (one SAE is
 the comparison of one; several share each read of the store and each clean and zero-ablated forward
-pass) or as one `CrossLayer` transcoder, which reads every layer's MLP input and replaces every MLP's
-output at once; both answer the same four questions (what they are, moving to a device, their
-reconstruction figures, how they splice into the model). Every input (the SAE files, the stores, the
-rerun model's spec) is checked before the work starts, and under torchrun the process group is torn
-down however the stage ends.
+pass) or as `CrossLayer` transcoders, a cross-layer transcoder or a transcoder set (one per layer,
+pipeline/transcoder_set.py), which read every layer's MLP input and replace every MLP's output at
+once (a set also one layer at a time); both answer the same five questions (what they are, moving
+to a device, their reconstruction figures, how they splice into the model, which delta losses are
+whose). Every input (the SAE files, the stores, the rerun model's spec) is checked before the work
+starts, and under torchrun the process group is torn down however the stage ends.
 """
 
 import dataclasses
@@ -38,6 +39,7 @@ from pipeline.paths import cache_dir
 from pipeline.sae_formats import LoadedSAE, check_against_store, load_sae, open_input_store, sae_folder, sae_sources
 from pipeline.store import ActivationStore
 from pipeline.store.reader import same_rows
+from pipeline.transcoder_set import TranscoderSet, is_set_folder
 
 
 @stage_config("evaluate")
@@ -111,6 +113,7 @@ def run_evaluate(cfg: EvaluateConfig, *, token: str | None = None) -> Path | Non
         if rerun_model is not None:
             t0 = time.perf_counter()
             deltas, lm_info = _delta_losses(cfg, subjects, rerun_model, token, group)
+            deltas = subjects.deltas(deltas)
             t_delta = (time.perf_counter() - t0) / len(recons)
         results = [
             _results(cfg, group, sae_info, subjects, recon, (delta, lm_info), (t_recon, t_delta))
@@ -163,6 +166,9 @@ class Subjects(Protocol):
     def splices(self, lm: LoadedModel) -> Splices:
         """How the rerun splices each SAE into the model, after checking that the model fits."""
 
+    def deltas(self, results: list[dict]) -> list[dict]:
+        """Each SAE's delta-loss result, from the rerun's (one per splice)."""
+
 
 class SAEs:
     """SAEs of one hook point (one, or several compared), the store they read and, for transcoders,
@@ -193,24 +199,31 @@ class SAEs:
                                "the --model the store was harvested from")  # fmt: skip
         return sae_splices(lm.model, [s.sae for s in self.loaded], self.reads, self.writes)
 
+    def deltas(self, results: list[dict]) -> list[dict]:
+        return results
+
 
 class CrossLayer:
-    """A cross-layer transcoder on a store of every layer's MLP input and output (one harvest): its
-    prediction of every MLP output; in the rerun every MLP's output is replaced at once."""
+    """A cross-layer transcoder or a transcoder set on a store of every layer's MLP input and output
+    (one harvest): its prediction of every MLP output; in the rerun every MLP's output (of the set's
+    layers) is replaced at once, and for a set also each layer's alone (`delta_loss.layers`)."""
 
-    reads = (0, "mlp_in")
-
-    def __init__(self, clt: CrossLayerTranscoder, spec: str, folder: Path, inputs: list, targets: list):
+    def __init__(self, clt: CrossLayerTranscoder | TranscoderSet, spec: str, folder: Path, inputs: list, targets: list):
         self.clt, self.spec, self.folder = clt, spec, folder
         self.inputs, self.targets = inputs, targets
         self.store, self.target = inputs[0], targets[0]
+        self.reads = (clt.layers[0], "mlp_in")
+        self.is_set = isinstance(clt, TranscoderSet)
 
     def infos(self) -> list[dict]:
-        c, last = self.clt, self.clt.n_layers - 1
-        return [{"source": self.spec, "format": "gemma-scope-2-clt", "path": str(self.folder), "model_name": None,
-                 "layer": 0, "site": "mlp_in", "d_in": c.d_model, "width": c.width, "architecture": "jumprelu",
-                 "k": None, "transcoder": True, "layer_out": last, "site_out": "mlp_out", "d_out": c.d_model,
-                 "skip": c.skip, "clt_layers": c.n_layers}]  # fmt: skip
+        c, (first, last) = self.clt, (self.clt.layers[0], self.clt.layers[-1])
+        arch = {m.sae.arch for m in c.members.values()} if self.is_set else {"jumprelu"}
+        kind = {"format": "gsp-transcoder-set", "set_layers": c.layers} if self.is_set else {
+            "format": "gemma-scope-2-clt", "clt_layers": c.n_layers}  # fmt: skip
+        return [{"source": self.spec, "path": str(self.folder), "model_name": self.store.meta.model.name if self.is_set
+                 else None, "layer": first, "site": "mlp_in", "d_in": c.d_model, "width": c.width,
+                 "architecture": ",".join(sorted(arch)), "k": None, "transcoder": True, "layer_out": last,
+                 "site_out": "mlp_out", "d_out": c.d_model, "skip": c.skip, **kind}]  # fmt: skip
 
     def to(self, device: torch.device) -> None:
         self.clt.to(device)
@@ -219,11 +232,24 @@ class CrossLayer:
         return [clt_reconstruction(self.clt, self.inputs, self.targets, tokens, batch_size, group)]
 
     def splices(self, lm: LoadedModel) -> Splices:
-        model, n_layers = lm.model, self.clt.n_layers
-        if len(decoder_layers(model)) != n_layers:
-            raise GspError(f"model {lm.spec} has {len(decoder_layers(model))} layers, the CLT {n_layers}")
-        return Splices([lambda special_BS1: replace_mlps(model, self.clt, special_BS1)],
-                       lambda special_BS1: zero_mlps(model, n_layers, special_BS1))  # fmt: skip
+        model, layers = lm.model, self.clt.layers
+        have = len(decoder_layers(model))
+        if (not self.is_set and have != len(layers)) or layers[-1] >= have:
+            what = f"the set layers up to {layers[-1]}" if self.is_set else f"the CLT {len(layers)}"
+            raise GspError(f"model {lm.spec} has {have} layers, {what}")
+        alone = [TranscoderSet({layer: self.clt.members[layer]}) for layer in layers] if self.is_set else []
+        return Splices([lambda special_BS1, c=c: replace_mlps(model, c, special_BS1) for c in [self.clt, *alone]],
+                       lambda special_BS1: zero_mlps(model, layers, special_BS1))  # fmt: skip
+
+    def deltas(self, results: list[dict]) -> list[dict]:
+        """A set's: every layer at once, with each layer's alone under `layers` (its loss recovered and
+        zero-ablated CE left out: the zero-ablation is of every layer of the set)."""
+        first, alone = results[0], results[1:]
+        if alone:
+            own = ("ce_zero_ablated", "loss_recovered")
+            first = {**first, "layers": {str(layer): {k: v for k, v in r.items() if k not in own}
+                                         for layer, r in zip(self.clt.layers, alone, strict=True)}}  # fmt: skip
+        return [first]
 
 
 # ------------------------------------------------------------------------------ inputs, checked before the work
@@ -231,9 +257,10 @@ def _subjects(cfg: EvaluateConfig, token) -> Subjects:
     """What --sae names, loaded, with the stores it is measured on."""
     specs = sae_sources(cfg.sae)
     folders = [sae_folder(spec, revision=cfg.sae_revision, token=token) for spec in specs]
-    clts = [spec for spec, folder in zip(specs, folders, strict=True) if is_clt_folder(folder)]
+    clts = [spec for spec, folder in zip(specs, folders, strict=True) if is_clt_folder(folder) or is_set_folder(folder)]
     if clts and len(specs) > 1:
-        raise GspError(f"{clts[0]} is a cross-layer transcoder: evaluate it on its own (--sae {clts[0]})")
+        raise GspError(f"{clts[0]} is a cross-layer transcoder or a transcoder set: evaluate it on its own "
+                       f"(--sae {clts[0]})")  # fmt: skip
     if clts:
         return _cross_layer(cfg, specs[0], folders[0])
     loaded = [load_sae(spec, revision=cfg.sae_revision, token=token) for spec in specs]
@@ -246,21 +273,22 @@ def _subjects(cfg: EvaluateConfig, token) -> Subjects:
 
 
 def _cross_layer(cfg: EvaluateConfig, spec: str, folder: Path) -> CrossLayer:
-    clt = CrossLayerTranscoder.load(folder)
-    n_layers = clt.n_layers
-    how = f"gsp harvest --layer all --site mlp_in,mlp_out (a store of all {n_layers} layers' MLP inputs and outputs)"
+    """A CLT or a transcoder set, with the store's hook points of its layers' MLP inputs and outputs."""
+    clt = TranscoderSet.load(folder) if is_set_folder(folder) else CrossLayerTranscoder.load(folder)
+    what = f"transcoder set of {clt.n_layers} layers" if is_set_folder(folder) else f"{clt.n_layers}-layer CLT"
+    how = "gsp harvest --layer all --site mlp_in,mlp_out (a store of every layer's MLP input and output)"
     if not cfg.store:
-        raise GspError(f"--store is required for a cross-layer transcoder: {how}")
+        raise GspError(f"--store is required for a {what}: {how}")
     hooks = {h.hook.name: h for h in ActivationStore.open_some(cfg.store)}
-    missing = [f"L{layer}.{site}" for site in ("mlp_in", "mlp_out") for layer in range(n_layers)]
+    missing = [f"L{layer}.{site}" for site in ("mlp_in", "mlp_out") for layer in clt.layers]
     missing = [name for name in missing if name not in hooks]
     if missing:
         raise GspError(f"store {cfg.store} lacks {', '.join(missing[:4])}{' …' if len(missing) > 4 else ''}, "
-                       f"which this {n_layers}-layer CLT reads or predicts: {how}")  # fmt: skip
-    inputs = [hooks[f"L{layer}.mlp_in"] for layer in range(n_layers)]
-    targets = [hooks[f"L{layer}.mlp_out"] for layer in range(n_layers)]
+                       f"which this {what} reads or predicts: {how}")  # fmt: skip
+    inputs = [hooks[f"L{layer}.mlp_in"] for layer in clt.layers]
+    targets = [hooks[f"L{layer}.mlp_out"] for layer in clt.layers]
     if inputs[0].d_in != clt.d_model:
-        raise GspError(f"the CLT has d_model {clt.d_model} but store {cfg.store} holds d_in {inputs[0].d_in}")
+        raise GspError(f"the {what} has d_model {clt.d_model} but store {cfg.store} holds d_in {inputs[0].d_in}")
     return CrossLayer(clt, spec, folder, inputs, targets)
 
 

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 
 from pipeline import __version__, checkpoint, dist, outputs
+from pipeline import transcoder_set as tset
 from pipeline.config import differences, opt, resolve_path, stage_config
 from pipeline.console import console, info, progress, warn
 from pipeline.errors import GspError
@@ -41,6 +42,7 @@ from pipeline.metrics import dead_fraction, fvu, l0
 from pipeline.paths import cache_dir
 from pipeline.sae import FILE_ARCH, SAE, Objective, SAEConfig
 from pipeline.store import ActivationStore
+from pipeline.store.reader import same_rows
 from pipeline.train import NonFinite, Schedule, TrainState, matmul_precision, precision, train_step
 
 DEFAULT_LR = {"jumprelu": 4e-3, "topk": 1e-3}  # tuned on the default store at the default budget (RESULTS.md)
@@ -57,6 +59,13 @@ class FitConfig:
         "with --store STORE/L12.mlp_in).", path=True,
     )  # fmt: skip
     skip: bool = opt(False, "Transcoder: add an affine skip connection from the input (a skip transcoder).")
+    transcoders: str | None = opt(
+        None, "Transcoder set: IN:OUT sites of --store, a store of several hook points (e.g. mlp_in:mlp_out): one "
+        "transcoder per layer of --layers, all from one read of the store, into one folder with an index.",
+        run_only=True,
+    )  # fmt: skip
+    layers: str = opt("all", "Transcoder set: its layers, all (every layer with both sites) or e.g. 3,6,9.",
+                      run_only=True)  # fmt: skip
     out: str | None = opt(
         None,
         "Output folder (default: cache/saes/<store>[_<hook>][_to_<target hook>[_skip]]_<arch>_<width>).",
@@ -163,8 +172,10 @@ class FitConfig:
             raise GspError("--weighting reads is for SAEs: a transcoder's target is the MLP's output, not its input")
         if self.pre_encoder_bias and self.target_store:
             raise GspError("--pre-encoder-bias is for SAEs: a transcoder's b_dec is in its target's space")
-        if self.skip and not self.target_store:
+        if self.skip and not (self.target_store or self.transcoders):
             raise GspError("--skip makes a skip transcoder: give --target-store, the hook point it predicts")
+        if self.transcoders and not re.fullmatch(r"\w+:\w+", self.transcoders):
+            raise GspError(f"--transcoders takes IN:OUT sites, e.g. mlp_in:mlp_out; got {self.transcoders!r}")
 
     @property
     def total_steps(self) -> int:
@@ -300,16 +311,20 @@ def _reads(cfg: FitConfig, key: str) -> bool:
     return owner == cfg.arch or (key == "bandwidth" and bool(cfg.freq_penalty))
 
 
-# What the SAEs of one sweep share: the stream of batches, the device and the run's bookkeeping.
-_STREAM = ("store", "target_store", "seed", "batch_size", "lanes", "buffer_mib", "device", "matmul",
-           "checkpoint_every", "wandb")  # fmt: skip
+# What the SAEs of one sweep share: the stream of batches, the device and the run's bookkeeping. They
+# may read different hook points of one store (a transcoder set: every layer's) when each would read
+# rows of the same width alone: the stream is then the one each reads alone (pipeline/loader.py).
+_STREAM = ("seed", "batch_size", "lanes", "buffer_mib", "device", "matmul", "checkpoint_every", "wandb")
 
 
 def sweep(values: dict) -> list[FitConfig]:
-    """One FitConfig per combination of the listed values (lists from pipeline.config.build_values).
+    """One FitConfig per combination of the listed values (lists from pipeline.config.build_values);
+    with --transcoders, one per layer of the set (transcoder_set).
 
     Each SAE of a sweep of several is written to `<default output>_<option>_<value>…`, or with
     --out DIR to `DIR/<arch>_<width>_<option>_<value>…`, naming the options that vary."""
+    if values.get("transcoders"):
+        return transcoder_set(values)
     lists = {k: v for k, v in values.items() if isinstance(v, list)}
     varying = [k for k, v in lists.items() if len(set(v)) > 1]
     defaults = {f.name: f.default for f in dataclasses.fields(FitConfig)}
@@ -330,6 +345,28 @@ def sweep(values: dict) -> list[FitConfig]:
             elif cfg.store:
                 cfg.out = f"{cfg.out_dir}{suffix}"
     return [cfg for cfg, _ in members.values()]
+
+
+def transcoder_set(values: dict) -> list[FitConfig]:
+    """--transcoders IN:OUT: layer L's transcoder reads STORE/L<L>.IN and predicts STORE/L<L>.OUT, and
+    is written to <set>/layer_<L> (the set's folder: --out, or cache/saes/<store>_IN_to_OUT[_skip]_
+    <arch>_<width>_set); they are one sweep, whose index run_sweep writes (pipeline/transcoder_set.py)."""
+    several = [k for k, v in values.items() if isinstance(v, list) and len(set(v)) > 1]
+    if several:
+        raise GspError(f"a transcoder set takes one value per option; --{several[0].replace('_', '-')} lists several")
+    if values.get("target_store"):
+        raise GspError("--transcoders names both hook points of each layer; leave out --target-store")
+    base = FitConfig(**{k: v[0] if isinstance(v, list) else v for k, v in values.items()})
+    if not base.store:
+        raise GspError("--store is required: a store written by gsp harvest with both sites of --transcoders")
+    site_in, site_out = base.transcoders.split(":")
+    root = base.store.rstrip("/")
+    layers = tset.layers_of(root, site_in, site_out, base.layers)
+    name = f"{_store_name(root)}_{site_in}_to_{site_out}{'_skip' * base.skip}_{base.arch}_{base.width}_set"
+    folder = Path(base.out) if base.out else cache_dir() / "saes" / name
+    tset.check_index_free(folder)
+    return [dataclasses.replace(base, store=f"{root}/L{layer}.{site_in}", target_store=f"{root}/L{layer}.{site_out}",
+                                out=str(folder / tset.member_name(layer))) for layer in layers]  # fmt: skip
 
 
 def _short(v) -> str:
@@ -371,15 +408,13 @@ def run_sweep(cfgs: list[FitConfig], *, resume: bool = False) -> list[Path]:
     first = cfgs[0]
     if not first.store:
         raise GspError("--store is required: the path of a store written by gsp harvest")
-    store = ActivationStore.open(first.store)
-    if store.hook.stats.count == 0:
-        raise GspError(f"store {first.store} has no statistics over non-special rows; is it empty?")
     for c in cfgs[1:]:
         differ = [k for k in _STREAM if getattr(c, k) != getattr(first, k)]
         if differ or c.total_steps != first.total_steps:
             raise GspError(
                 f"the SAEs of one sweep read one stream: they must agree on {', '.join(differ or ['steps'])}"
             )
+    stores = _open_stores(cfgs)
     outs = [c.out_dir for c in cfgs]
     if len(set(outs)) < len(outs):
         raise GspError("two SAEs of this sweep would be written to one folder; give each its own --out")
@@ -389,12 +424,31 @@ def run_sweep(cfgs: list[FitConfig], *, resume: bool = False) -> list[Path]:
             for out in outs:
                 locks.enter_context(OutputLock(out, "gsp fit"))
         todo = dist.on_main(group, lambda: outputs.prepare(_output_states(cfgs, resume), resume))
-        fits = _fit([c for c in cfgs if c.out_dir in todo], todo, store, group) if todo else []
-    failed = [f.failed for f in fits if f.failed]  # (a fit of one SAE raised already)
+        fits = _fit([c for c in cfgs if c.out_dir in todo], todo, stores, group) if todo else []
+        failed = [f.failed for f in fits if f.failed]  # (a fit of one SAE raised already)
+        if first.transcoders and group.main and not failed:
+            tset.write_index(outs[0].parent, [stores[c.store] for c in cfgs], [stores[c.target_store] for c in cfgs])
     if failed:
         saved = "none was saved" if len(failed) == len(cfgs) else "the others were saved"
         raise GspError(f"{len(failed)} of the sweep's {len(cfgs)} SAEs stopped early, {saved}: " + "; ".join(failed))
     return outs
+
+
+def _open_stores(cfgs: list[FitConfig]) -> dict[str, ActivationStore]:
+    """Every hook point the sweep reads, opened and checked: all of the same rows (hook points of one
+    store, or stores one harvest's settings wrote), each SAE's pair of the same width (so that the
+    stream is the one each would read alone)."""
+    stores = {p: ActivationStore.open(p) for c in cfgs for p in (c.store, c.target_store) if p}
+    first = stores[cfgs[0].store]
+    for path, store in stores.items():
+        if store.hook.stats.count == 0:
+            raise GspError(f"store {path} has no statistics over non-special rows; is it empty?")
+        same_rows(first, store)
+    widths = {c.out_dir.name: sum(stores[p].d_in for p in (c.store, c.target_store) if p) for c in cfgs}
+    if len(set(widths.values())) > 1:
+        raise GspError("the SAEs of one sweep read rows of one width (input, and target for a transcoder); "
+                       f"these differ: {', '.join(f'{k} {v}' for k, v in widths.items())}")  # fmt: skip
+    return stores
 
 
 def _output_states(cfgs: list[FitConfig], resume: bool) -> dict[Path, str]:
@@ -414,24 +468,31 @@ class _Fit:
     schedule: Schedule
     objective: Objective
     weights: torch.Tensor | None  # w (D,) of --weighting reads, on the device: it trains on x∘w
+    stores: tuple  # (its input's store, its target's or None)
+    scales: tuple[float, float]  # the unit scales of its input and of its target (its input's for an SAE)
+    columns: tuple[slice, slice | None]  # its input's and its target's columns of a batch
     metrics: dict = dataclasses.field(default_factory=dict)  # the last log step's
     failed: str | None = None  # why it stopped early (a sweep goes on without it)
 
 
-def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, group: dist.Group) -> list[_Fit]:
+def _fit(cfgs: list[FitConfig], todo: dict[Path, str], stores: dict, group: dist.Group) -> list[_Fit]:
     """Start (or resume) each SAE, open one stream for all of them, train, and save each SAE into its
     work folder and publish it."""
     first = cfgs[0]
-    target = ActivationStore.open(first.target_store) if first.target_store else None  # a transcoder's
-    out = target or store
+    read = list(dict.fromkeys(p for c in cfgs for p in (c.store, c.target_store) if p))  # the batch's hook points
     # unit-scaled inputs (and targets): E‖x·s‖² = 1, E‖y·t‖² = 1
-    scales = (1.0 / math.sqrt(store.hook.stats.mean_sq_norm), 1.0 / math.sqrt(out.hook.stats.mean_sq_norm))
-    weights = functools.cache(lambda: input_weights(store, scales[0]))  # read once, for the SAEs that use it
-    fits = [_start(cfg, store, out, scales, weights, group.device, todo[cfg.out_dir] == "resume") for cfg in cfgs]
+    scale = {p: 1.0 / math.sqrt(stores[p].hook.stats.mean_sq_norm) for p in read}
+    edges = list(itertools.accumulate((stores[p].d_in for p in read), initial=0))
+    columns = {p: slice(edges[i], edges[i + 1]) for i, p in enumerate(read)}
+    weights = functools.cache(lambda p: input_weights(stores[p], scale[p]))  # read once, for the SAEs that use it
+    read_by = {"stores": stores, "scale": scale, "columns": columns}
+    fits = [_start(cfg, read_by, weights, group.device, todo[cfg.out_dir] == "resume") for cfg in cfgs]
     start = min(f.start for f in fits)  # the stream starts where the furthest-behind SAE stopped
+    pair = stores[first.store].d_in + (stores[first.target_store].d_in if first.target_store else 0)
     loader = ShuffledLoader(
-        store, first.batch_size, seed=first.seed, buffer_mib=first.buffer_mib, device=group.device,
-        scales=scales if target else scales[:1], share=(group.rank, group.world), lanes=first.lanes, target=target,
+        stores[read[0]], first.batch_size, seed=first.seed, buffer_mib=first.buffer_mib, device=group.device,
+        scales=[scale[p] for p in read], share=(group.rank, group.world), lanes=first.lanes,
+        extra=[stores[p] for p in read[1:]], window_width=pair,
         state=next(f.state.loader for f in fits if f.start == start),
     )  # fmt: skip
     if group.world > 1 and group.main:
@@ -439,27 +500,32 @@ def _fit(cfgs: list[FitConfig], todo: dict[Path, str], store: ActivationStore, g
              f"{first.batch_size:,}-row batch, each reading {loader.lanes // group.world} of the store's "
              f"{loader.lanes} loader lanes")  # fmt: skip
     if len(fits) > 1 and group.main:
-        info(f"{len(fits)} SAEs from one read of {first.store}, each batch through each")
+        info(f"{len(fits)} SAEs from one read of {stores[first.store].root}, each batch through each")
     logger = _wandb([f.cfg for f in fits]) if first.wandb and group.main else None
     _train(fits, loader, start, group, logger)
     if group.main:
         kept = [f for f in fits if not f.failed]
         for f in kept:
-            _save(f, store, target, scales)
+            _save(f)
         for f in kept:  # each SAE whole in its work folder first: a kill now loses no training
             outputs.publish(f.cfg.out_dir)
     return fits
 
 
-def _start(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales, input_w, device, resume: bool) -> _Fit:
+def _start(cfg: FitConfig, read_by: dict, input_w, device, resume: bool) -> _Fit:
     """A fresh SAE (Gemma Scope 2's initialisation, seeded), or the one in its checkpoint, which also
     decides the defaults this run resolves (a resumed fit keeps the learning rate it started with).
-    `input_w()` gives --weighting reads' w (input_weights), computed once for all the SAEs of the run."""
+    `read_by` holds, by hook point, the opened stores, their unit scales and their columns of a batch;
+    `input_w(path)` gives --weighting reads' w (input_weights), computed once per store for the run."""
     cfg = cfg.resolved(like=checkpoint.settings(cfg.checkpoints) if resume else None)
+    store, target = read_by["stores"][cfg.store], read_by["stores"].get(cfg.target_store)
+    out = target or store
+    scales = tuple(read_by["scale"][p] for p in (cfg.store, cfg.target_store or cfg.store))
+    columns = (read_by["columns"][cfg.store], read_by["columns"].get(cfg.target_store))
     sae = SAE(store.d_in, cfg.width, arch=cfg.arch, k=cfg.k, d_out=out.d_in, skip=cfg.skip).init_gemma_scope(
         torch.Generator().manual_seed(cfg.seed), theta=cfg.theta_init
     )
-    weights = input_w() if cfg.weighting == "reads" else None
+    weights = input_w(cfg.store) if cfg.weighting == "reads" else None
     if cfg.b_dec_init == "mean":
         with torch.no_grad():
             sae.b_dec.copy_(torch.tensor(out.hook.stats.mean) * scales[1] * (1 if weights is None else weights))
@@ -468,7 +534,8 @@ def _start(cfg: FitConfig, store: ActivationStore, out: ActivationStore, scales,
         checkpoint.load(cfg.checkpoints, state, lambda saved: cfg.differences(saved, "checkpoint"))
         info(f"{cfg.out_dir.name}: resuming from step {state.step:,} of {cfg.total_steps:,}")
     return _Fit(cfg, state, NonFinite(device), start=state.step, schedule=cfg.schedule, objective=cfg.objective,
-                weights=None if weights is None else weights.to(device))  # fmt: skip
+                weights=None if weights is None else weights.to(device), stores=(store, target), scales=scales,
+                columns=columns)  # fmt: skip
 
 
 WEIGHT_FLOOR = 0.01  # of the gains' RMS: a dimension no later layer reads still counts a little
@@ -497,7 +564,6 @@ def input_weights(store: ActivationStore, scale: float) -> torch.Tensor:
 def _train(fits: list[_Fit], loader, start: int, group, logger) -> None:
     """Each batch of the stream through each SAE that is at that step; logs, checks, checkpoints."""
     first = fits[0].cfg
-    paired = loader.target is not None  # a transcoder's batches: input columns, then the target's
     n, every = first.total_steps, first.checkpoint_every
     t0 = time.perf_counter()
     batches = iter(loader)
@@ -509,7 +575,7 @@ def _train(fits: list[_Fit], loader, start: int, group, logger) -> None:
             done = step + 1
             active = [f for f in fits if f.start <= step and not f.failed]
             for f in active:
-                loss, truth = _step(f, batch, step, paired, group, ac)
+                loss, truth = _step(f, batch, step, group, ac)
                 if done % f.cfg.log_every == 0 or done == n:
                     _log(f, loss, truth, done, group, (time.perf_counter() - t0, (done - start) * first.batch_size))
                     live.update(tasks[fits.index(f)], completed=done, metrics=_line(f.metrics))
@@ -532,13 +598,13 @@ def _train(fits: list[_Fit], loader, start: int, group, logger) -> None:
             _check_finite(f, fits, group)
 
 
-def _step(f: _Fit, batch: torch.Tensor, step: int, paired: bool, group, autocast):
+def _step(f: _Fit, batch: torch.Tensor, step: int, group, autocast):
     """One training step of one SAE on the shared batch (read, never written); (its loss, the rows it reconstructs)."""
     cfg, state = f.cfg, f.state
     lr, lam, freq_penalty = f.schedule.at(step)
     for pg in state.opt.param_groups:
         pg["lr"] = lr
-    x, y = _split(batch, state.sae, paired)  # unit-scaled by the loader, on the device
+    x, y = (None if c is None else batch[:, c] for c in f.columns)  # unit-scaled by the loader, on the device
     if f.weights is not None:
         x = x * f.weights
     # sparse decoder work pays off once few latents are active (early JumpReLU steps are dense)
@@ -553,14 +619,6 @@ def _step(f: _Fit, batch: torch.Tensor, step: int, paired: bool, group, autocast
     f.finite.update(step + 1, loss.total)
     f.metrics.update(lr=lr, **{"lambda": lam})
     return loss, (x if y is None else y)
-
-
-def _split(batch: torch.Tensor, sae: SAE, paired: bool):
-    """(x (B, D), y (B, O) or None), this process's share: an SAE's batch is its input; a
-    transcoder's (`paired`, whatever its widths) holds the input's columns, then the target's."""
-    if not paired:
-        return batch, None
-    return batch[:, : sae.d_in], batch[:, sae.d_in :]
 
 
 def _log(f: _Fit, loss, truth: torch.Tensor, done: int, group, elapsed: tuple[float, int]) -> None:
@@ -615,9 +673,10 @@ def _wandb(cfgs: list[FitConfig]):
 
 
 # ------------------------------------------------------------------------------ the saved SAE
-def _save(f: _Fit, store: ActivationStore, target, scales) -> None:
+def _save(f: _Fit) -> None:
     """params.safetensors + config.json in Gemma Scope 2's format (its transcoder layout for a
     transcoder), the scales folded in, into the work folder; then its checkpoints go."""
+    (store, target), scales = f.stores, f.scales
     cfg, m, record, work = f.cfg, store.meta, f.cfg.record(), outputs.work_dir(f.cfg.out_dir)
     final = f.metrics
     sae = f.state.sae.cpu()

@@ -101,6 +101,18 @@ def transcoder(tiny_model, corpus, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def every_mlp(tiny_model, corpus, tmp_path_factory):
+    """A folder with `store`: every layer's MLP input and output of the tiny Gemma 3 (one harvest)."""
+    from stages.cli import app
+
+    root = tmp_path_factory.mktemp("every_mlp")
+    args = tiny_harvest_args(tiny_model, corpus, root / "store", layer="all", site="mlp_in,mlp_out")
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return root
+
+
 def error_line(output: str, *words: str) -> str:
     """The one `error:` line of a failed command, which holds `words`, with no traceback anywhere."""
     assert "Traceback" not in output, output

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from conftest import one_line_error, tiny_harvest_args
+from conftest import one_line_error
 
 from pipeline.clt import CrossLayerTranscoder
 from pipeline.store import ActivationStore
@@ -58,20 +58,6 @@ def test_a_clt_runs_as_its_files_define(tmp_path, skip):
         np.testing.assert_allclose(got_f[layer].numpy(), want_f[layer], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(got_y[layer].numpy(), want_y[layer], rtol=1e-4, atol=1e-5)
     assert any((f > 0).any() for f in want_f)
-
-
-@pytest.fixture(scope="module")
-def every_mlp(tiny_model, corpus, tmp_path_factory):
-    """A store of every layer's MLP input and output of the tiny Gemma 3 (one harvest)."""
-    from typer.testing import CliRunner
-
-    from stages.cli import app
-
-    root = tmp_path_factory.mktemp("clt")
-    args = tiny_harvest_args(tiny_model, corpus, root / "store", layer="all", site="mlp_in,mlp_out")
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output
-    return root
 
 
 def test_a_clt_is_evaluated_on_every_layer_at_once(gsp, every_mlp, tiny_model, tmp_path):

@@ -229,14 +229,35 @@ def test_the_loader_scales_each_store_and_a_transcoders_batch_is_both(tmp_path):
     write_synthetic_store(tmp_path / "a", x)
     write_synthetic_store(tmp_path / "b", x[:, :6] * 3)
     a, b = ActivationStore.open(tmp_path / "a"), ActivationStore.open(tmp_path / "b")
-    plain = _copies(itertools.islice(ShuffledLoader(a, 64, seed=1, target=b), 5))
-    scaled = _copies(itertools.islice(ShuffledLoader(a, 64, seed=1, target=b, scales=(0.5, 0.25)), 5))
+    plain = _copies(itertools.islice(ShuffledLoader(a, 64, seed=1, extra=[b]), 5))
+    scaled = _copies(itertools.islice(ShuffledLoader(a, 64, seed=1, extra=[b], scales=(0.5, 0.25)), 5))
     for p, s in zip(plain, scaled, strict=True):
         assert s.shape == (64, 14) and s.dtype == np.float32
         np.testing.assert_array_equal(s[:, :8], p[:, :8] * np.float32(0.5))
         np.testing.assert_array_equal(s[:, 8:], p[:, 8:] * np.float32(0.25))
         # the target's columns are the input's rows, as stored in bfloat16
         np.testing.assert_allclose(p[:, 8:], p[:, :6] * 3, rtol=2e-2)
+
+
+def test_more_stores_in_windows_sized_for_fewer_serve_the_same_stream(tmp_path):
+    """A transcoder set's stream: every hook point's columns, in windows sized as for one pair (here:
+    for `a` alone), so each store's columns are the rows a loader of fewer stores serves."""
+    from pipeline.tiny import write_synthetic_store
+
+    x = np.random.default_rng(3).standard_normal((4096, 8)).astype(np.float32)
+    for name, cols in (("a", x), ("b", x[:, :5] * 2), ("c", -x[:, 2:])):
+        write_synthetic_store(tmp_path / name, cols)
+    a, b, c = (ActivationStore.open(tmp_path / n) for n in "abc")
+    kw = dict(seed=4, buffer_mib=2 * a.chunk_rows * 8 * 4 * 2 / 2**20, lanes=1)  # windows of 2 chunks of `a`
+    alone = _copies(itertools.islice(ShuffledLoader(a, 64, **kw), 40))
+    all3 = _copies(itertools.islice(ShuffledLoader(a, 64, extra=[b, c], window_width=8, **kw), 40))
+    wide = _copies(itertools.islice(ShuffledLoader(a, 64, extra=[b, c], **kw), 40))  # windows for all 19 columns
+    assert all3[0].shape == (64, 19)
+    for one, three in zip(alone, all3, strict=True):
+        np.testing.assert_array_equal(three[:, :8], one)
+        np.testing.assert_allclose(three[:, 8:13], one[:, :5] * 2, rtol=2e-2)
+        np.testing.assert_allclose(three[:, 13:], -one[:, 2:], rtol=2e-2)
+    assert not all(np.array_equal(w[:, :8], one) for w, one in zip(wide, alone, strict=True))
 
 
 @pytest.mark.parametrize("resident", [True, False])
@@ -304,7 +325,7 @@ def test_a_chunk_never_written_stops_the_loader(tmp_path, store, case):
         broken, loader_of = store, lambda: ShuffledLoader(store, 48, seed=0, mask_special=False)
     else:
         inp, broken = _transcoder_store(tmp_path)
-        loader_of = lambda: ShuffledLoader(inp, 48, seed=0, target=broken)  # noqa: E731
+        loader_of = lambda: ShuffledLoader(inp, 48, seed=0, extra=[broken])  # noqa: E731
     plain = zarr.open_group(str(broken.group.store.root), mode="r+")[broken.array_name]
     plain[128:192] = np.zeros((64, D), np.float32)  # one whole chunk of zeros: left out of its shard
     with pytest.raises(GspError, match=rf"rows 128..191 were never written .*{broken.array_name}/c/0/0"):

@@ -1,0 +1,180 @@
+"""Transcoder sets: one transcoder per layer, the unit that circuit tracing replaces the MLPs with.
+
+A set is one folder: a subfolder per layer holding that layer's transcoder in Gemma Scope 2's
+transcoder layout (params.safetensors + config.json, as `gsp fit` writes any transcoder), and an
+index, `transcoder_set.json`:
+
+    {"format": "gsp transcoder set", "version": 1,
+     "model": "<the store's model>", "model_revision": "<its revision or null>",
+     "input_site": "mlp_in", "output_site": "mlp_out",
+     "layers": {"0": {"folder": "layer_0", "hook_point_in": "...", "hook_point_out": "..."}, ...}}
+
+`gsp fit --store STORE --transcoders mlp_in:mlp_out --layers all` fits every layer's from one read
+of the store (stages/fit.py: a sweep whose members read different hook points) and writes the index
+once all of them are saved, so a set with an index is whole.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import GspError
+from pipeline.files import atomic_write_text, read_json
+from pipeline.store.location import open_group
+from pipeline.store.meta import StoreMeta
+
+INDEX = "transcoder_set.json"
+FORMAT = "gsp transcoder set"
+
+
+def member_name(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+def layers_of(root: str, site_in: str, site_out: str, spec: str) -> list[int]:
+    """The layers `spec` names (`all`: every layer of the store holding both sites; or `3,6,9`), each
+    checked to hold both sites."""
+    try:
+        meta = StoreMeta.from_attrs(dict(open_group(root, "r").attrs), root)
+    except GspError as e:
+        raise GspError(f"--transcoders needs a store of several hook points as --store: {e}") from None
+    sites: dict[int, set[str]] = {}
+    for h in meta.hooks:
+        sites.setdefault(h.layer, set()).add(h.site)
+    both = sorted(layer for layer, s in sites.items() if {site_in, site_out} <= s)
+    if spec.strip() == "all":
+        if not both:
+            held = ", ".join(sorted({h.site for h in meta.hooks}))
+            raise GspError(f"store {root} has no layer holding both {site_in} and {site_out} (its sites: {held}); "
+                           f"harvest them with --layer all --site {site_in},{site_out}")  # fmt: skip
+        return both
+    try:
+        layers = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise GspError(f"--layers takes all or layer numbers like 3,6,9; got {spec!r}") from None
+    missing = [layer for layer in layers if layer not in both]
+    if missing or len(set(layers)) < len(layers):
+        why = f"layer {missing[0]} is not one of them" if missing else "a layer is listed twice"
+        raise GspError(f"--layers {spec}: store {root} holds both {site_in} and {site_out} at layers "
+                       f"{_spans(both) or 'none'}; {why}")  # fmt: skip
+    return sorted(layers)
+
+
+def check_index_free(folder: Path) -> Path:
+    """The index's path in `folder`; an error if a file there is not a set's index (gsp never replaces it)."""
+    file = Path(folder) / INDEX
+    if file.exists():
+        try:
+            ours = json.loads(file.read_text()).get("format") == FORMAT
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise GspError(f"{file} exists and is not a transcoder set's index; choose another --out")
+    return file
+
+
+def write_index(folder: Path, inputs: list, targets: list) -> Path:
+    """The set's index, from each layer's input and target hook points (opened stores), in `folder`
+    beside the layer folders; an index already there is replaced only if it is a set's index."""
+    file = check_index_free(folder)
+    meta = inputs[0].meta
+    index = {
+        "format": FORMAT,
+        "version": 1,
+        "model": meta.model.name,
+        "model_revision": meta.model.revision,
+        "input_site": inputs[0].hook.site,
+        "output_site": targets[0].hook.site,
+        "layers": {
+            str(x.hook.layer): {
+                "folder": member_name(x.hook.layer),
+                "hook_point_in": x.hook.hook_point,
+                "hook_point_out": y.hook.hook_point,
+            }  # fmt: skip
+            for x, y in zip(inputs, targets, strict=True)
+        },
+    }
+    atomic_write_text(file, json.dumps(index, indent=2) + "\n")
+    return file
+
+
+def read_index(folder: Path) -> dict[int, Path]:
+    """A gsp set's layers and their transcoder folders, each checked to be there."""
+    file = Path(folder) / INDEX
+    if not file.is_file():
+        raise GspError(f"{folder} is not a transcoder set (no {INDEX}); fit one with gsp fit --transcoders "
+                       "mlp_in:mlp_out, or finish an interrupted one with --resume")  # fmt: skip
+    index = read_json(file)
+    if index.get("format") != FORMAT or not isinstance(index.get("layers"), dict):
+        raise GspError(f"{file} is not a transcoder set's index (format {index.get('format')!r})")
+    out = {}
+    for layer, entry in index["layers"].items():
+        member = Path(folder) / str(entry.get("folder", ""))
+        if not (member / "params.safetensors").is_file():
+            raise GspError(f"{file} names {member} for layer {layer}, which holds no transcoder")
+        out[int(layer)] = member
+    return dict(sorted(out.items()))
+
+
+def _spans(layers: list[int]) -> str:
+    """3, 4, 5, 9 as 3–5, 9."""
+    spans, start = [], None
+    for i, v in enumerate(layers):
+        start = v if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != v + 1:
+            spans.append(f"{start}–{v}" if v > start else str(v))
+            start = None
+    return ", ".join(spans)
+
+
+def is_set_folder(folder: Path) -> bool:
+    return (Path(folder) / INDEX).is_file()
+
+
+class TranscoderSet(torch.nn.Module):
+    """A set's transcoders run as one, with pipeline.clt.CrossLayerTranscoder's interface (`layers`,
+    `encode_layer`, `predict_layer`, `forward`), so that gsp evaluate measures a set as it measures a
+    CLT (every layer's MLP output replaced at once): each layer's latents decode into its own layer only."""
+
+    def __init__(self, members: dict[int, "LoadedSAE"]):  # noqa: F821  (pipeline.sae_formats.LoadedSAE)
+        super().__init__()
+        self.members = members
+        self.layers = list(members)
+        self.n_layers = len(self.layers)
+        self.saes = torch.nn.ModuleDict({str(layer): m.sae for layer, m in members.items()})
+        self.d_model = next(iter(members.values())).sae.d_in
+        self.widths = [m.sae.width for m in members.values()]
+        self.skip = any(m.sae.skip for m in members.values())
+        self.requires_grad_(False).eval()
+
+    @property
+    def width(self) -> int:
+        return sum(self.widths)
+
+    def encode_layer(self, layer: int, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.saes[str(layer)].encode(x_BD)[0]
+
+    def predict_layer(self, layer: int, f_by_layer: dict[int, torch.Tensor], x_BD: torch.Tensor) -> torch.Tensor:
+        return self.saes[str(layer)].decode(f_by_layer[layer], x_BD)
+
+    def forward(self, x_LBD: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        f = {layer: self.encode_layer(layer, x) for layer, x in zip(self.layers, x_LBD, strict=True)}
+        return [self.predict_layer(m, f, x) for m, x in zip(self.layers, x_LBD, strict=True)], list(f.values())
+
+    @classmethod
+    def load(cls, folder: Path) -> "TranscoderSet":
+        """Every layer of a set's index, each checked to be a transcoder of that layer's MLP."""
+        from pipeline.sae_formats import load_sae
+
+        members = {}
+        for layer, member in read_index(folder).items():
+            loaded = load_sae(str(member))
+            if not loaded.is_transcoder or (loaded.layer, loaded.layer_out) != (layer, layer):
+                raise GspError(f"{member} is not a transcoder of layer {layer}'s MLP (it reads layer {loaded.layer} "
+                               f"{loaded.site}, predicts layer {loaded.layer_out} {loaded.site_out})")  # fmt: skip
+            members[layer] = loaded
+        widths = {(m.sae.d_in, m.sae.d_out) for m in members.values()}
+        if len(widths) > 1 or len(set(next(iter(widths)))) > 1:
+            raise GspError(f"the transcoders of set {folder} differ in width (d_in, d_out): {sorted(widths)}")
+        return cls(members)
