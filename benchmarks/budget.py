@@ -79,7 +79,8 @@ def main() -> None:
     evaluate = EvaluateConfig(sae=[str(c.out_dir) for *_, c in saes], store=args.heldout,
                               delta_tokens=args.delta_tokens, reports=reports)  # fmt: skip
     report = run_evaluate(evaluate)
-    found = {e["sae"]["source"]: e for e in json.loads(report.with_suffix(".json").read_text())["evaluations"]}
+    doc = json.loads(report.with_suffix(".json").read_text())
+    found = {e["sae"]["source"]: e for e in doc.get("evaluations", [doc])}  # (one SAE's report is itself)
 
     print(f"\n# {args.train} → {args.heldout} · {platform.node()} · torch {torch.__version__} · "
           f"{torch.get_num_threads()} threads · delta loss over {args.delta_tokens:,} tokens\n")  # fmt: skip
