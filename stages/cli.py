@@ -25,6 +25,7 @@ from stages.fit import FitConfig, run_sweep
 from stages.harvest import HarvestConfig, run_harvest
 from stages.run import RunConfig, run_all
 from stages.steer import SteerConfig, run_steer
+from stages.trace import TraceConfig, run_trace
 
 
 class _Commands(TyperGroup):
@@ -152,6 +153,17 @@ def steer(cfg: SteerConfig, *, token: str | None) -> None:
 
 
 command_from_config(app, SteerConfig, steer, name="steer", extra=[TOKEN])
+
+
+def trace(cfg: TraceConfig, *, token: str | None) -> None:
+    """Trace a prompt through a transcoder set: its attribution graph as JSON and a static HTML page.
+
+    Example: gsp trace --transcoders cache/saes/SET --prompt "The capital of the state containing Dallas is"
+    """
+    run_trace(cfg, token=token)
+
+
+command_from_config(app, TraceConfig, trace, name="trace", extra=[TOKEN])
 
 
 @app.command("run")

@@ -1,0 +1,346 @@
+"""Attribution graphs (pipeline/attribution.py) against a frozen Gemma 3 written out here by hand: the
+residual stream rebuilt layer by layer from the model's weights, with the norm scales, attention
+patterns and MLP outputs of a clean pass held, and the transcoders applied from their files in numpy.
+Adding δ·(its written vector) to any one source must move every target by δ × its adjacency entry."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import gsp_subprocess
+from safetensors.torch import load_file
+
+from pipeline.attribution import attribute, influence, logit_weights, normalized, prune, scores
+from pipeline.transcoder_set import TranscoderSet
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "skip"])
+def traced(request, every_mlp, tiny_model, tmp_path_factory):
+    """(model, the set's files by layer, prompt ids, graph) for a set fitted on the tiny Gemma 3."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("set") / "set"
+    args = ["fit", "--store", every_mlp / "store", "--transcoders", "mlp_in:mlp_out", "--out", out, "--width", 48,
+            "--steps", 30, "--batch-size", 128, "--target-l0", 6, *(["--skip"] if request.param else [])]  # fmt: skip
+    assert gsp_subprocess(*args).returncode == 0
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = torch.tensor(
+        [tok.bos_token_id, *tok("the king of the north river is", add_special_tokens=False)["input_ids"]]
+    )
+    tset = TranscoderSet.load(out)
+    graph = attribute(lm, tset, ids, [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id], batch=16)
+    params = {layer: {k: v.double() for k, v in load_file(out / f"layer_{layer}" / "params.safetensors").items()}
+              for layer in range(4)}  # fmt: skip
+    _SETS[id(graph)] = tset
+    return lm, params, ids, graph
+
+
+_SETS: dict = {}
+
+
+def graph_set(traced) -> TranscoderSet:
+    return _SETS[id(traced[-1])]
+
+
+class Frozen:
+    """The tiny Gemma 3 with every norm scale, attention pattern and MLP output held at a clean pass's
+    values (float64), run from given embeddings and additions to the MLP outputs."""
+
+    def __init__(self, lm, params, ids):
+        self.lm, self.params, self.S = lm, params, len(ids)
+        self.scale, self.mlp_in, self.mlp_out, handles = {}, {}, {}, []
+        norms = {"final": lm.model.norm}
+        for layer, block in enumerate(lm.model.layers):
+            for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm"):
+                norms[(layer, name)] = getattr(block, name)
+            handles.append(
+                block.pre_feedforward_layernorm.register_forward_hook(
+                    lambda m, a, o, i=layer: self.mlp_in.update({i: o[0].double()})
+                )
+            )
+            handles.append(block.post_feedforward_layernorm.register_forward_hook(
+                lambda m, a, o, i=layer: self.mlp_out.update({i: o[0].double()})))  # fmt: skip
+        for key, norm in norms.items():
+            handles.append(norm.register_forward_hook(lambda m, a, o, k=key: self.scale.update({k: (
+                a[0][0].double(), torch.rsqrt(a[0][0].double().pow(2).mean(-1, keepdim=True) + m.eps))})))  # fmt: skip
+        with torch.no_grad():
+            out = lm(input_ids=ids[None], output_attentions=True)
+        for h in handles:
+            h.remove()
+        self.patterns = [a[0].double() for a in out.attentions]  # (H, S, S) each
+        self.logits = out.logits[0].double()
+        self.embed = lm.model.embed_tokens(ids[None])[0].double()
+        special = ids == 2
+        self.latents, self.errors = {}, {}
+        for layer, p in params.items():  # the transcoders, from their files
+            x = self.mlp_in[layer]
+            pre = x @ p["w_enc"] + p["b_enc"]
+            f = pre.relu() * (pre > p["threshold"])
+            f[special] = 0
+            y_hat = (
+                f @ p["w_dec"] + p["b_dec"] + (x @ p["affine_skip_connection"] if "affine_skip_connection" in p else 0)
+            )
+            self.latents[layer] = f
+            self.errors[layer] = torch.where(special[:, None], 0.0, self.mlp_out[layer] - y_hat)
+
+    def norm(self, key, x, module):
+        return x * self.scale[key][1] * (1 + module.weight.double())
+
+    def run(self, embed, add):
+        """(each layer's MLP input, the final normed residual) with add[layer] (S, D) added to its MLP output."""
+        cfg = self.lm.config
+        h, ins = embed, {}
+        for layer, block in enumerate(self.lm.model.layers):
+            att = block.self_attn
+            x = self.norm((layer, "input_layernorm"), h, block.input_layernorm)
+            v = (x @ att.v_proj.weight.double().T).view(self.S, cfg.num_key_value_heads, cfg.head_dim)
+            v = v.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, dim=1)
+            mixed = torch.einsum("hqk,khd->qhd", self.patterns[layer], v).reshape(self.S, -1)
+            h = h + self.norm((layer, "post_attention_layernorm"), mixed @ att.o_proj.weight.double().T,
+                              block.post_attention_layernorm)  # fmt: skip
+            ins[layer] = self.norm((layer, "pre_feedforward_layernorm"), h, block.pre_feedforward_layernorm)
+            y = self.mlp_out[layer] + add.get(layer, 0)
+            if "affine_skip_connection" in self.params[layer]:  # the skip path stays live
+                y = y + (ins[layer] - self.mlp_in[layer]) @ self.params[layer]["affine_skip_connection"]
+            h = h + y
+        return ins, self.norm("final", h, self.lm.model.norm)
+
+    def targets(self, graph, ins, final):
+        """Every target's value: latents' pre-activations less b_enc, then the logits' de-meaned values."""
+        w_u = self.lm.lm_head.weight.double()
+        lat = [ins[ly][p] @ self.params[ly]["w_enc"][:, i] for ly, p, i in graph.latents.tolist()]
+        logit = [final[-1] @ (w_u[t] - w_u.mean(0)) for t in graph.logit_ids.tolist()]
+        return torch.stack(lat + logit)
+
+
+def _sources(frozen: Frozen, graph):
+    """Each source node's (kind, where, written vector), in the graph's column order."""
+    out = []
+    for (layer, pos, latent), a in zip(graph.latents.tolist(), graph.activations.tolist(), strict=True):
+        out.append(("mlp", layer, pos, a * frozen.params[layer]["w_dec"][latent]))
+    out += [("mlp", layer, pos, frozen.errors[layer][pos]) for layer in range(4) for pos in range(frozen.S)]
+    out += [("embed", None, pos, frozen.embed[pos]) for pos in range(frozen.S)]
+    return out
+
+
+def test_the_frozen_model_here_is_the_model(traced):
+    lm, params, ids, graph = traced
+    frozen = Frozen(lm, params, ids)
+    _, final = frozen.run(frozen.embed, {})
+    torch.testing.assert_close(final @ lm.lm_head.weight.double().T, frozen.logits, rtol=1e-4, atol=1e-4)
+    # and the transcoders with their error nodes are the MLPs (BOS keeps its own output: no node there)
+    for layer in range(4):
+        f, p = frozen.latents[layer], params[layer]
+        y = f @ p["w_dec"] + p["b_dec"] + frozen.errors[layer]
+        if "affine_skip_connection" in p:
+            y = y + frozen.mlp_in[layer] @ p["affine_skip_connection"]
+        torch.testing.assert_close(y[1:], frozen.mlp_out[layer][1:])
+
+
+def test_every_source_moves_every_target_by_its_edge(traced):
+    lm, params, ids, graph = traced
+    frozen = Frozen(lm, params, ids)
+    assert graph.n_latents == graph.active == sum(int((f != 0).sum()) for f in frozen.latents.values()) > 20
+    want_latents = [[ly, p, i] for ly in range(4) for p, i in (frozen.latents[ly] != 0).nonzero().tolist()]
+    assert graph.latents.tolist() == want_latents  # by layer, position, latent
+    want = torch.stack([frozen.latents[ly][p, i] for ly, p, i in want_latents])
+    torch.testing.assert_close(graph.activations.double(), want, rtol=1e-5, atol=1e-6)
+    base = frozen.targets(graph, *frozen.run(frozen.embed, {}))
+    rows = torch.cat([torch.arange(graph.n_latents), torch.arange(len(graph.logit_ids)) + len(graph.adjacency) - len(
+        graph.logit_ids)])  # fmt: skip
+    adjacency = graph.adjacency.double()
+    delta = 0.5
+    for col, (kind, layer, pos, vec) in enumerate(_sources(frozen, graph)):
+        embed, add = frozen.embed.clone(), {}
+        if kind == "embed":
+            embed[pos] += delta * vec
+        else:
+            add[layer] = torch.zeros_like(frozen.embed)
+            add[layer][pos] = delta * vec
+        moved = frozen.targets(graph, *frozen.run(embed, add)) - base
+        want = delta * adjacency[rows, col]
+        torch.testing.assert_close(moved, want, rtol=1e-3, atol=1e-4 * (1 + base.abs().max().item()))
+    # rows of errors and tokens, and columns of logits, are empty
+    sl = graph.slices()
+    assert not graph.adjacency[sl["error"].start : sl["logit"].start].any()
+    assert not graph.adjacency[:, sl["logit"]].any()
+
+
+def test_a_latents_pre_activation_is_its_row_plus_the_biases(traced):
+    """Completeness: pre-activation = Σ incoming edges + b_enc + what the frozen model makes of the
+    sources no node carries (every b_dec, the MLP outputs at BOS) — the run with every node zeroed."""
+    lm, params, ids, graph = traced
+    frozen = Frozen(lm, params, ids)
+    everything = frozen.targets(graph, *frozen.run(frozen.embed, {}))
+    remove = {}
+    for kind, layer, pos, vec in _sources(frozen, graph):
+        if kind == "mlp":
+            remove.setdefault(layer, torch.zeros_like(frozen.embed))[pos] -= vec
+    nothing = frozen.targets(graph, *frozen.run(torch.zeros_like(frozen.embed), remove))
+    n, k = graph.n_latents, len(graph.logit_ids)
+    row_sums = graph.adjacency.double().sum(1)
+    torch.testing.assert_close(everything[:n], row_sums[:n] + nothing[:n], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(everything[n:], row_sums[-k:] + nothing[n:], rtol=1e-4, atol=1e-4)
+    # and each latent's true pre-activation, from the MLP input of the clean pass
+    where = graph.latents.tolist()
+    pre = torch.stack([frozen.mlp_in[ly][p] @ params[ly]["w_enc"][:, i] + params[ly]["b_enc"][i] for ly, p, i in where])
+    b_enc = torch.stack([params[ly]["b_enc"][i] for ly, _, i in where])
+    torch.testing.assert_close(pre, row_sums[:n] + nothing[:n] + b_enc, rtol=1e-4, atol=1e-4)
+
+
+def test_logit_targets_are_the_likeliest_tokens(traced):
+    lm, params, ids, graph = traced
+    probs = Frozen(lm, params, ids).logits[-1].softmax(-1)
+    top = probs.topk(10)
+    k = len(graph.logit_ids)
+    assert graph.logit_ids.tolist() == top.indices[:k].tolist()
+    torch.testing.assert_close(graph.logit_probs.double(), top.values[:k], rtol=1e-4, atol=1e-6)
+    cumulative = top.values.cumsum(0)
+    assert k == 10 or (cumulative[k - 1] >= 0.95 and (k == 1 or cumulative[k - 2] < 0.95))
+
+
+def test_a_capped_graph_keeps_the_most_influential_latents(traced):
+    """With a cap below the active latents, the rows and columns kept are those latents' (the others'
+    edges dropped), the same entries as in the full graph, and they reach the logits more than most."""
+    lm, params, ids, graph = traced
+    cap = graph.n_latents // 3
+    small = attribute(lm, graph_set(traced), ids, [2], max_latents=cap, batch=8)
+    assert small.n_latents == cap and small.active == graph.n_latents
+    index = {tuple(x): j for j, x in enumerate(graph.latents.tolist())}
+    kept = torch.tensor([index[tuple(x)] for x in small.latents.tolist()])
+    assert kept.tolist() == sorted(kept.tolist())  # still in index order
+    sl, ssl = graph.slices(), small.slices()
+    cols = torch.cat([kept, torch.arange(sl["error"].start, sl["logit"].start)])
+    src = slice(0, ssl["logit"].start)
+    torch.testing.assert_close(small.adjacency[:cap, src], graph.adjacency[kept][:, cols])
+    torch.testing.assert_close(small.adjacency[ssl["logit"], src], graph.adjacency[sl["logit"]][:, cols])
+    infl = influence(normalized(graph.adjacency), logit_weights(graph))[: graph.n_latents]
+    assert infl[kept].mean() > 1.5 * infl.mean()
+
+
+def _influence_by_inverse(a: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """w·(A + A² + …) = w·((I − A)⁻¹ − I), in float64."""
+    n = np.abs(a) / np.maximum(np.abs(a).sum(1, keepdims=True), 1e-10)
+    return w @ (np.linalg.inv(np.eye(len(n)) - n) - np.eye(len(n))), n
+
+
+def test_pruning_and_scores_by_hand(traced):
+    *_, graph = traced
+    a, sl = graph.adjacency.double().numpy(), graph.slices()
+    w = logit_weights(graph).double().numpy()
+    infl, n = _influence_by_inverse(a, w)
+    p = prune(graph, 0.8, 0.98)
+    nodes = p.nodes.numpy()
+    assert nodes[sl["token"].start :].all()  # tokens and logits always kept
+    ranked = np.sort(infl)[::-1]
+    threshold = ranked[np.searchsorted(np.cumsum(ranked) / ranked.sum(), 0.8)]
+    inner = slice(0, sl["token"].start)
+    assert (infl[inner][nodes[inner]] >= threshold * (1 - 1e-5)).all()  # only influential latents and errors
+    assert 0 < nodes[: graph.n_latents].sum() < graph.n_latents
+    edges = p.edges.numpy()
+    assert not edges[~nodes].any() and not edges[:, ~nodes].any()
+    for i in np.flatnonzero(nodes[inner]):  # every kept latent and error feeds a kept node
+        assert edges[:, i].any()
+    for i in np.flatnonzero(nodes[: graph.n_latents]):  # every kept latent is fed by one
+        assert edges[i].any()
+    s = scores(graph)
+    tokens, errors = infl[sl["token"]].sum(), infl[sl["error"]].sum()
+    assert s["replacement"] == pytest.approx(tokens / (tokens + errors), rel=1e-4)
+    weight = infl + w
+    completeness = ((1 - n[:, sl["error"]].sum(1)) * weight).sum() / weight.sum()
+    assert s["completeness"] == pytest.approx(completeness, rel=1e-4)
+    assert 0 < s["replacement"] < 1 and 0 < s["completeness"] < 1
+
+
+# ------------------------------------------------------------------------------ gsp trace: the JSON and the page
+@pytest.fixture(scope="module")
+def trace_files(traced, tmp_path_factory):
+    """gsp trace through the fixture's set (as a subprocess: the CLI end to end), its JSON and page."""
+    import json
+
+    out = tmp_path_factory.mktemp("trace")
+    folder = graph_set(traced).members[0].path.parent
+    r = gsp_subprocess("trace", "--transcoders", folder, "--prompt", "the king of the north river is", "--out", out,
+                       "--batch-size", 16, "--slug", "g")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads((out / "g.json").read_text()), out / "g.html"
+
+
+def test_the_trace_json_is_the_graph_in_neuronpedias_schema(traced, trace_files):
+    lm, params, ids, graph = traced
+    doc, _ = trace_files
+    assert list(doc)[:4] == ["metadata", "qParams", "nodes", "links"]
+    assert doc["metadata"]["schema_version"] == 1 and len(doc["metadata"]["prompt_tokens"]) == len(ids)
+    nodes = {n["node_id"]: n for n in doc["nodes"]}
+    assert len(nodes) == len(doc["nodes"])  # ids are unique
+    assert {n["feature_type"] for n in doc["nodes"]} <= {"cross layer transcoder", "mlp reconstruction error",
+                                                          "embedding", "logit"}  # fmt: skip
+    assert sum(n["feature_type"] == "embedding" for n in doc["nodes"]) == len(ids)  # every token, always
+    logits = [n for n in doc["nodes"] if n["feature_type"] == "logit"]
+    assert [n["feature"] for n in logits] == graph.logit_ids.tolist() and logits[0]["is_target_logit"]
+    # every link is an entry of the adjacency matrix the library computes, between nodes of the JSON
+    sl = graph.slices()
+    index = {f"{ly}_{i}_{p}": j for j, (ly, p, i) in enumerate(graph.latents.tolist())}
+    index |= {f"err_{ly}_{p}": sl["error"].start + ly * graph.n_pos + p for ly in range(4) for p in range(graph.n_pos)}
+    index |= {f"E_{t}_{p}": sl["token"].start + p for p, t in enumerate(ids.tolist())}
+    index |= {f"5_{t}_{graph.n_pos - 1}": sl["logit"].start + k for k, t in enumerate(graph.logit_ids.tolist())}
+    assert doc["links"] and all(x["source"] in nodes and x["target"] in nodes for x in doc["links"])
+    for x in doc["links"]:
+        want = graph.adjacency[index[x["target"]], index[x["source"]]].item()
+        assert x["weight"] == pytest.approx(want, rel=1e-3, abs=1e-6)  # (the CLI ran sdpa attention, the fixture eager)
+    latent = next(n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder")
+    ly, f, p = map(int, latent["node_id"].split("_"))
+    assert latent["activation"] == pytest.approx(graph.activations[index[latent["node_id"]]].item(), rel=1e-5)
+    assert latent["feature"] == (ly + f) * (ly + f + 1) // 2 + f and latent["ctx_idx"] == p
+    assert 0 < doc["gsp"]["replacement_score"] <= 1 and 0 < doc["gsp"]["completeness_score"] <= 1
+
+
+def test_the_trace_page_in_a_headless_browser(trace_files, tmp_path):
+    import os
+    import re
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("GSP_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required here (GSP_REQUIRE_BROWSER is set) but not installed")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    doc, page = trace_files
+    latent = max((n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"),
+                 key=lambda n: sum(x["target"] == n["node_id"] for x in doc["links"]))  # fmt: skip
+    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,900",
+            "--virtual-time-budget=5000"]  # fmt: skip
+    url = f"file://{page}#n={latent['node_id']}"
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    shot = tmp_path / "trace.png"
+    subprocess.run([*args, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    assert 'data-ready="1"' in dom and '<div id="errors"></div>' in dom  # ran to its end, no error caught
+    dom = dom.split("<script")[0]
+    drawn = re.findall(r'<circle class="node[^"]*"[^>]*data-id="([^"]+)"', dom)
+    assert sorted(drawn) == sorted(n["node_id"] for n in doc["nodes"])  # every node of the JSON, once
+    assert dom.count('<path class="edge') == len(doc["links"])
+    incoming = sum(x["target"] == latent["node_id"] for x in doc["links"])
+    assert f"<h2>Incoming ({incoming})</h2>" in dom  # #n=<id> opened the node, with its edges
+    assert 'id="promoted"' in dom and 'id="contexts"' in dom
+    assert shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_traces_are_one_line_errors(gsp, traced, every_mlp, tmp_path):
+    from conftest import one_line_error
+
+    folder = graph_set(traced).members[0].path.parent
+
+    def trace(*args):
+        return gsp("trace", "--out", tmp_path / "t", *args)
+
+    one_line_error(trace("--prompt", "the"), "--transcoders is required")
+    one_line_error(trace("--transcoders", folder), "--prompt is required")
+    one_line_error(trace("--transcoders", every_mlp / "store", "--prompt", "the"), "is not a transcoder set")
+    one_line_error(trace("--transcoders", folder, "--prompt", "the", "--node-threshold", "0"), "--node-threshold")
+    one_line_error(trace("--transcoders", folder, "--prompt", "the", "--max-nodes", "0"), "--max-nodes")
+    r = gsp("fit", "--store", every_mlp / "store", "--transcoders", "mlp_in:mlp_out", "--layers", "1,2", "--out",
+            tmp_path / "partial", "--width", 32, "--steps", 5, "--batch-size", 64)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    one_line_error(trace("--transcoders", tmp_path / "partial", "--prompt", "the"), "needs a transcoder for each")
+    assert not (tmp_path / "t").exists()
