@@ -118,7 +118,7 @@ def _sources(frozen: Frozen, graph):
     out = []
     for (layer, pos, latent), a in zip(graph.latents.tolist(), graph.activations.tolist(), strict=True):
         out.append(("mlp", layer, pos, a * frozen.params[layer]["w_dec"][latent]))
-    out += [("mlp", layer, pos, frozen.errors[layer][pos]) for layer in range(4) for pos in range(frozen.S)]
+    out += [("mlp", layer, pos, frozen.errors[layer][pos]) for layer in frozen.params for pos in range(frozen.S)]
     out += [("embed", None, pos, frozen.embed[pos]) for pos in range(frozen.S)]
     return out
 
@@ -344,3 +344,49 @@ def test_bad_traces_are_one_line_errors(gsp, traced, every_mlp, tmp_path):
     assert r.exit_code == 0, r.output
     one_line_error(trace("--transcoders", tmp_path / "partial", "--prompt", "the"), "needs a transcoder for each")
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.slow
+def test_a_sample_of_edges_on_the_real_gemma(gsp, tmp_path):
+    """The real Gemma 3 270M with an 18-layer set fitted briefly on its activations: the replacement
+    is the model, and 30 sources drawn at random move every target by δ × their edges."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.models import offline_model_dir
+
+    store, out = tmp_path / "store", tmp_path / "set"
+    r = gsp("harvest", "--layer", "all", "--site", "mlp_in,mlp_out", "--tokens", 1024, "--context-size", 64,
+            "--batch-size", 4, "--store", store, "--store-dtype", "float32", "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = gsp("fit", "--store", store, "--transcoders", "mlp_in:mlp_out", "--out", out, "--width", 256, "--steps", 10,
+            "--batch-size", 128, "--target-l0", 8, "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    folder = offline_model_dir()
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(
+        [2, *tok("The capital of the state containing Dallas is", add_special_tokens=False)["input_ids"]]
+    )
+    graph = attribute(lm, TranscoderSet.load(out), ids, [0, 1, 2], batch=64)
+    params = {layer: {k: v.double() for k, v in load_file(out / f"layer_{layer}" / "params.safetensors").items()}
+              for layer in range(18)}  # fmt: skip
+    frozen = Frozen(lm, params, ids)
+    _, final = frozen.run(frozen.embed, {})
+    torch.testing.assert_close(final @ lm.lm_head.weight.double().T, frozen.logits, rtol=1e-3, atol=1e-3)
+    assert graph.n_latents == sum(int((f != 0).sum()) for f in frozen.latents.values()) > 100
+    base = frozen.targets(graph, *frozen.run(frozen.embed, {}))
+    k = len(graph.logit_ids)
+    rows = torch.cat([torch.arange(graph.n_latents), torch.arange(k) + len(graph.adjacency) - k])
+    sources = _sources(frozen, graph)
+    for col in np.random.default_rng(0).choice(len(sources), 30, replace=False).tolist():
+        kind, layer, pos, vec = sources[col]
+        embed, add = frozen.embed.clone(), {}
+        if kind == "embed":
+            embed[pos] += 0.5 * vec
+        else:
+            add[layer] = torch.zeros_like(frozen.embed)
+            add[layer][pos] = 0.5 * vec
+        moved = frozen.targets(graph, *frozen.run(embed, add)) - base
+        want = 0.5 * graph.adjacency.double()[rows, col]
+        scale = want.abs().max().item() + 1e-6
+        assert (moved - want).abs().max().item() <= 2e-3 * scale, (kind, layer, pos)
