@@ -19,11 +19,23 @@ of ReLU(pre),  x̂ = f @ W_dec + b_dec.  Each layout is written so that its libr
   site `resid_post`, `mlp_out`, `attn_out` or `transcoder` (`_affine` for a skip transcoder), width
   16k / 65k / 262k / 1m (4096 → 4k), l0 label small (L0 ≤ 30), medium (≤ 90) or big, from the SAE's L0.
 
+- **circuit-tracer** (a transcoder set, pipeline/transcoder_set.py; circuit-tracer 0.5.0,
+  `ReplacementModel.from_pretrained(MODEL, "/ABSOLUTE/DIR", backend="nnsight")`, which loads a local folder
+  only by its absolute path): `DIR/config.yaml` (`model_kind: transcoder_set`, `feature_input_hook:
+  mlp.hook_in`, `feature_output_hook: hook_mlp_out` — its names of Gemma 3's pre_feedforward_layernorm and
+  post_feedforward_layernorm outputs, gsp's mlp_in and mlp_out —, `scan`: the set's absolute path, and
+  `model_name`: the set's model) and `DIR/layer_L.safetensors` for L = 0 … n−1 with W_enc (F, D) = W_encᵀ,
+  W_dec (F, D), b_enc, b_dec, `activation_function.threshold` and, for skip transcoders, W_skip (D, D) =
+  W_skipᵀ (utils/caching.py, transcoder/single_layer_transcoder.py: it loads the keys strictly and
+  computes pre = x @ W_encᵀ + b_enc, f = pre · 1[pre > θ], ŷ = f @ W_dec + b_dec + x @ W_skipᵀ). Its
+  JumpReLU has no ReLU, so θ is written as max(θ, 0): the same f for every θ.
+
 A TopK SAE is never written with a `threshold`: a JumpReLU reader would apply it (and SAELens' strict
 loading refuses an unexpected tensor), and no threshold makes JumpReLU compute TopK, whose cut
-depends on each row. So saelens and sparsify get TopK as TopK, and gemma-scope-2 (a JumpReLU-only
-format) refuses it. Transcoders go to gemma-scope-2 only. Every file is written into a new folder
-that is renamed into place whole; an existing folder is never written over.
+depends on each row. So saelens and sparsify get TopK as TopK, and gemma-scope-2 and circuit-tracer
+(JumpReLU-only formats) refuse it. Single transcoders go to gemma-scope-2 only, sets to circuit-tracer
+only. Every file is written into a new folder that is renamed into place whole; an existing folder is
+never written over.
 """
 
 import json
@@ -31,11 +43,15 @@ import os
 import shutil
 from pathlib import Path
 
+import yaml
+
 from pipeline.errors import GspError
 from pipeline.files import atomic_write_text, save_tensors
 from pipeline.sae import FILE_ARCH, FILE_KEYS, SAE
 
 FORMATS = ("saelens", "sparsify", "gemma-scope-2")
+SET_FORMATS = ("circuit-tracer",)  # formats of a whole transcoder set
+CIRCUIT_TRACER_HOOKS = ("mlp.hook_in", "hook_mlp_out")  # its names of gsp's mlp_in and mlp_out on Gemma 3
 SAELENS_VERSION = "6.0.0"  # the SAELens config layout written (cfg.json with nested metadata)
 SPARSIFY_HOOK = {"resid_post": "layers.{}", "mlp_out": "layers.{}.mlp", "attn_out": "layers.{}.self_attn"}
 
@@ -84,6 +100,35 @@ def export(sae: SAE, fmt: str, out: Path, *, layer: int | None, site: str | None
     return _write(folder, {"config.json": config, "params.safetensors": {FILE_KEYS.get(k, k): v for k, v in p.items()}})
 
 
+def export_set(saes: dict[int, SAE], out: Path, *, sites: tuple[str, str], model_name: str | None,
+               scan: str) -> Path:  # fmt: skip
+    """Write a transcoder set (`saes` by layer, each reading mlp_in and predicting mlp_out per `sites`) in
+    circuit-tracer's layout under `out`; returns `out`."""
+    if sites != ("mlp_in", "mlp_out"):
+        raise GspError(f"circuit-tracer's transcoder sets read mlp_in and predict mlp_out; this set maps "
+                       f"{sites[0]} to {sites[1]}")  # fmt: skip
+    if list(saes) != list(range(len(saes))):
+        raise GspError(f"circuit-tracer needs a transcoder for every layer 0 … L−1; this set has layers "
+                       f"{', '.join(map(str, saes))}")  # fmt: skip
+    if any(sae.arch != "jumprelu" for sae in saes.values()):
+        raise GspError("circuit-tracer's transcoders are JumpReLU or ReLU, and no threshold makes JumpReLU compute "
+                       "TopK: a TopK set has no circuit-tracer layout")  # fmt: skip
+    config = {"model_kind": "transcoder_set", "feature_input_hook": CIRCUIT_TRACER_HOOKS[0],
+              "feature_output_hook": CIRCUIT_TRACER_HOOKS[1], "scan": scan, "model_name": model_name}  # fmt: skip
+    return _write(out, {"config.yaml": config} | {f"layer_{layer}.safetensors": _circuit_tracer(sae)
+                                                  for layer, sae in saes.items()})  # fmt: skip
+
+
+def _circuit_tracer(sae: SAE) -> dict:
+    p = {k: getattr(sae, k).detach().float().cpu() for k in sae.params}
+    # θ⁺ = max(θ, 0), as pre·1[pre > θ⁺] = ReLU(pre)·1[pre > θ]
+    tensors = {"W_enc": p["w_enc"].T, "W_dec": p["w_dec"], "b_enc": p["b_enc"], "b_dec": p["b_dec"],
+               "activation_function.threshold": p["threshold"].clamp(min=0)}  # fmt: skip
+    if sae.skip:
+        tensors["W_skip"] = p["w_skip"].T  # circuit-tracer adds x @ W_skipᵀ
+    return tensors
+
+
 def _saelens(sae: SAE, p: dict, model_name: str | None, hook: str | None) -> dict:
     config = {
         "architecture": sae.arch, "d_in": sae.d_in, "d_sae": sae.width, "dtype": "float32", "device": "cpu",
@@ -117,6 +162,7 @@ def _write(folder: Path, files: dict) -> Path:
     work = folder.with_name(folder.name + ".partial")
     if work.exists():
         ours = {"cfg.json", "config.json", "sae_weights.safetensors", "sae.safetensors", "params.safetensors"}
+        ours |= set(files)
         if not work.is_dir() or any(f.name.removesuffix(".partial") not in ours for f in work.iterdir()):
             raise GspError(f"{work} is in the way and holds files gsp did not write; move it away")
         shutil.rmtree(work)  # an interrupted export's own files
@@ -125,6 +171,8 @@ def _write(folder: Path, files: dict) -> Path:
         for name, content in files.items():
             if name.endswith(".json"):
                 atomic_write_text(work / name, json.dumps(content, indent=2))
+            elif name.endswith(".yaml"):
+                atomic_write_text(work / name, yaml.safe_dump(content, sort_keys=False))
             else:
                 save_tensors({k: v.contiguous() for k, v in content.items()}, work / name)
         if folder.is_dir():

@@ -276,8 +276,17 @@ def info(
 
 @app.command()
 def export(
-    sae: Annotated[str, typer.Argument(help="An SAE folder (gsp's, or any format gsp reads) or a Hub path.")],
-    to: Annotated[str, typer.Option("--to", help="saelens, sparsify (TopK only) or gemma-scope-2 (JumpReLU only).")],
+    sae: Annotated[
+        str, typer.Argument(help="An SAE folder (gsp's, or any format gsp reads), a Hub path, or a transcoder set.")
+    ],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="saelens, sparsify (TopK only) or gemma-scope-2 (JumpReLU only); circuit-tracer for a "
+            "transcoder set (JumpReLU).",
+        ),
+    ],
     out: Annotated[str, typer.Option("--out", help="Folder to write into (gsp never writes over a folder).")],
     l0: Annotated[
         float | None,
@@ -289,7 +298,8 @@ def export(
     ] = None,
     token: Annotated[str | None, TOKEN.annotation.__metadata__[0]] = None,
 ) -> None:
-    """Write an SAE in the on-disk layout SAELens, EleutherAI sparsify or Gemma Scope 2 reads.
+    """Write an SAE in the on-disk layout SAELens, EleutherAI sparsify or Gemma Scope 2 reads, or a
+    transcoder set in the layout circuit-tracer reads.
 
     Example: gsp export cache/saes/SAE --to saelens --out exported/saelens
     """

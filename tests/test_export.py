@@ -1,16 +1,20 @@
-"""gsp export: the layouts SAELens, sparsify and Gemma Scope 2 read, checked against each library's own
-encoding written out here in numpy (from their documented code), and read back through gsp's loader."""
+"""gsp export: the layouts SAELens, sparsify, Gemma Scope 2 and circuit-tracer read, checked against each
+library's own encoding written out here in numpy (from their documented code), and read back through gsp's loader."""
 
 import json
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from conftest import one_line_error
 from safetensors.numpy import load_file
+from typer.testing import CliRunner
 
 from pipeline.hooks import hook_point
 from pipeline.sae import SAE, SAEConfig
 from pipeline.sae_formats import load_sae
+from pipeline.transcoder_set import TranscoderSet
 
 D, F, LAYER = 24, 4096, 12
 
@@ -194,3 +198,68 @@ def test_the_peer_library_itself_loads_the_export(gsp, tmp_path, lib, arch):
         peer = SparseCoder.load_from_disk(tmp_path / "out" / f"layers.{LAYER}", device="cpu")
         y = peer(x).sae_out
     torch.testing.assert_close(y.float(), sae(x).x_hat_BD, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fitted_sets(every_mlp, tmp_path_factory) -> dict:
+    """JumpReLU transcoder sets fitted on the tiny Gemma 3's every MLP, without and with skip connections."""
+    from stages.cli import app
+
+    sets = {}
+    for name, skip in (("plain", []), ("skip", ["--skip"])):
+        sets[name] = tmp_path_factory.mktemp("set") / name
+        r = CliRunner().invoke(app, ["fit", "--store", str(every_mlp / "store"), "--transcoders", "mlp_in:mlp_out",
+                                     "--out", str(sets[name]), "--width", "48", "--steps", "20", "--batch-size", "128",
+                                     "--target-l0", "6", *skip])  # fmt: skip
+        assert r.exit_code == 0, r.output
+    return sets
+
+
+@pytest.mark.parametrize("kind", ["plain", "skip"])
+def test_circuit_tracer_layout_computes_what_the_set_computes(gsp, fitted_sets, tmp_path, kind):
+    folder, out = fitted_sets[kind], tmp_path / "ct"
+    r = gsp("export", folder, "--to", "circuit-tracer", "--out", out)
+    assert r.exit_code == 0, r.output
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg == {"model_kind": "transcoder_set", "feature_input_hook": "mlp.hook_in",
+                   "feature_output_hook": "hook_mlp_out", "scan": str(folder.resolve()),
+                   "model_name": json.loads((folder / "transcoder_set.json").read_text())["model"]}  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", *(f"layer_{i}.safetensors" for i in range(4))]
+    # circuit-tracer's encode and decode (transcoder/single_layer_transcoder.py, activation_functions.py), written
+    # out here: pre = x @ W_encᵀ + b_enc, f = pre·1[pre > θ], ŷ = f @ W_dec + b_dec + x @ W_skipᵀ
+    for layer, sae in TranscoderSet.load(folder).saes.items():
+        assert sae.skip == (kind == "skip")
+        t = {k: v.astype(np.float64) for k, v in load_file(out / f"layer_{layer}.safetensors").items()}
+        F_, D_ = sae.width, sae.d_in
+        want = {"W_enc": (F_, D_), "W_dec": (F_, D_), "b_enc": (F_,), "b_dec": (D_,),
+                "activation_function.threshold": (F_,)} | ({"W_skip": (D_, D_)} if sae.skip else {})  # fmt: skip
+        assert {k: v.shape for k, v in t.items()} == want
+        x = np.random.default_rng(int(layer)).standard_normal((200, D_)) * 3
+        pre = x @ t["W_enc"].T + t["b_enc"]
+        f = pre * (pre > t["activation_function.threshold"])
+        y = f @ t["W_dec"] + t["b_dec"] + (x @ t["W_skip"].T if sae.skip else 0)
+        with torch.no_grad():
+            ours = sae(torch.from_numpy(x).float())
+        assert ours.f_BF.count_nonzero() > 0
+        np.testing.assert_allclose(pre, ours.pre_BF.double().numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(f, ours.f_BF.double().numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(y, ours.x_hat_BD.double().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_what_circuit_tracer_cannot_hold_is_one_clear_line(gsp, fitted_sets, every_mlp, tmp_path):
+    """A TopK set, a single SAE, another format for a set, and an existing folder are one line each; nothing
+    is written."""
+    fitted_set = fitted_sets["plain"]
+    topk = tmp_path / "topk"
+    r = gsp("fit", "--store", every_mlp / "store", "--transcoders", "mlp_in:mlp_out", "--out", topk, "--width", 48,
+            "--steps", 5, "--batch-size", 64, "--arch", "topk", "--k", 4)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    one_line_error(gsp("export", topk, "--to", "circuit-tracer", "--out", out), "TopK set has no circuit-tracer")
+    one_line_error(gsp("export", fitted_set / "layer_0", "--to", "circuit-tracer", "--out", out), "is not one")
+    one_line_error(gsp("export", fitted_set, "--to", "saelens", "--out", out), "--to gemma-scope-2")
+    assert not out.exists()
+    out.mkdir()
+    (out / "config.yaml").write_text("mine")
+    one_line_error(gsp("export", fitted_set, "--to", "circuit-tracer", "--out", out), "already exists")
+    assert [p.name for p in out.iterdir()] == ["config.yaml"] and (out / "config.yaml").read_text() == "mine"
