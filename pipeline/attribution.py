@@ -3,14 +3,16 @@ the top logits of one prompt (Ameisen et al. 2025, "Circuit Tracing"; the facts 
 and circuit-tracer 0.5.0's source, the code gsp's own).
 
 The replacement model. Every MLP of a Gemma 3 model is replaced by its layer's transcoder (a
-transcoder set, pipeline/transcoder_set.py) plus an error node, the true MLP output minus the
-transcoder's, so the replacement reproduces the model exactly: the forward pass here computes the
-model's own values. Only gradients are rerouted (`frozen`): every RMSNorm's scale 1/rms(x) is held at
-its value on the prompt, the attention patterns are held (queries and keys detached), and an MLP
-output passes gradient only through its transcoder's skip connection W_skip, if it has one. The
-residual stream is then a linear function of the sources:
+transcoder set, pipeline/transcoder_set.py; or a cross-layer transcoder, pipeline/clt.py, whose
+latents also write into every later layer's MLP output) plus an error node, the true MLP output
+minus the transcoders' prediction, so the replacement reproduces the model exactly: the forward pass
+here computes the model's own values. Only gradients are rerouted (`frozen`): every RMSNorm's scale
+1/rms(x) is held at its value on the prompt, the attention patterns are held (queries and keys
+detached), and an MLP output passes gradient only through its transcoder's skip connection W_skip,
+if it has one. The residual stream is then a linear function of the sources:
 
-    sources  latent (layer l, position p, latent i)   writes a·W_dec[i] into layer l's MLP output
+    sources  latent (layer l, position p, latent i)   writes a·W_dec[i] into layer l's MLP output (a
+                                                      CLT's: a·W_dec[i, m] into each layer m ≥ l's)
              error (l, p)                             writes the MLP output minus the transcoder's
              token (p)                                writes its embedding (× √d_model, as Gemma does)
     targets  latent (l, p, i)                         reads W_enc[:, i] at layer l's MLP input (its
@@ -125,13 +127,13 @@ def frozen(model: torch.nn.Module, tset, outputs: torch.Tensor | None = None) ->
         return hook
 
     def mlp_out(layer):
-        sae = tset.saes[str(layer)]
+        w_skip = tset.skip_matrix(layer)
 
         def hook(module, args, output):
             if outputs is not None:
                 output = outputs[layer].to(output.dtype).expand_as(output)
             x = cap.mlp_in[layer]
-            skip = x @ sae.w_skip if sae.skip else None
+            skip = x @ w_skip if w_skip is not None else None
             # held at its value but for the skip path; a leaf, so the gradient at the output is read there
             cap.mlp_out[layer] = output.detach()
             cap.held[layer] = (output if skip is None else output - skip).detach().requires_grad_(True)
@@ -185,7 +187,7 @@ class Setup:
 
     latents: torch.Tensor  # (n, 3) long (layer, pos, latent), sorted
     activations: torch.Tensor  # (n,)
-    writes: dict  # layer -> [(position, first, last + 1 index into `latents`, written vectors a·W_dec)]
+    writes: dict  # layer m -> [(position, first, last + 1 index into `latents`, vectors a·W_dec written into m)]
     mlp_out: torch.Tensor  # (L, S, D) the true MLP outputs
     errors: torch.Tensor  # (L, S, D)
     tokens: torch.Tensor  # (S, D) the embeddings as they enter the residual stream
@@ -202,22 +204,29 @@ def setup(model, tset, ids: torch.Tensor, special: torch.Tensor, max_logits: int
     sums to `logit_probability`)."""
     with frozen(model, tset) as cap:
         hidden = model.model(input_ids=ids[None]).last_hidden_state[0]
-    rows, acts, writes, errors, n = [], [], {}, [], 0
+    x = {layer: cap.mlp_in[layer][0].float() for layer in tset.layers}
+    # the transcoders' predictions, from the active latents' decoder rows only (a wide decoder is
+    # never read whole), plus each layer's bias and skip path
+    y = {m: tset.decoder_bias(m) + (x[m] @ w if (w := tset.skip_matrix(m)) is not None else torch.zeros_like(x[m]))
+         for m in tset.layers}  # fmt: skip
+    rows, acts, n = [], [], 0
+    writes: dict[int, list] = {m: [] for m in tset.layers}  # by the MLP output written into
     for layer in tset.layers:
-        sae = tset.saes[str(layer)]
-        x, y = cap.mlp_in[layer][0].float(), cap.mlp_out[layer][0].float()
-        f = sae.encode(x)[0]
+        f = tset.encode_layer(layer, x[layer])
         f[special] = 0
-        errors.append(torch.where(special[:, None], 0.0, y - sae.decode(f, x)))
         pos, idx = f.nonzero(as_tuple=True)  # row-major: by position, then latent
         a = f[pos, idx]
         rows.append(torch.stack([torch.full_like(pos, layer), pos, idx], 1))
         acts.append(a)
-        vecs, counts = a[:, None] * sae.w_dec[idx], torch.bincount(pos, minlength=len(ids)).tolist()
+        counts = torch.bincount(pos, minlength=len(ids)).tolist()
         starts = [0, *itertools.accumulate(counts)]
-        writes[layer] = [(p, n + starts[p], n + starts[p + 1], vecs[starts[p] : starts[p + 1]])
-                         for p in range(len(ids)) if counts[p]]  # fmt: skip
+        for m, w_dec in tset.decoders(layer, idx).items():  # a CLT's latents write into every later layer
+            vecs = a[:, None] * w_dec
+            y[m] = y[m].index_add(0, pos, vecs)
+            writes[m] += [(p, n + starts[p], n + starts[p + 1], vecs[starts[p] : starts[p + 1]])
+                          for p in range(len(ids)) if counts[p]]  # fmt: skip
         n += len(pos)
+    errors = [torch.where(special[:, None], 0.0, cap.mlp_out[m][0].float() - y[m]) for m in tset.layers]
     logits = model.lm_head(hidden[-1:]).float()[0]
     probs = logits.softmax(-1)
     top_p, top_i = probs.topk(max_logits)
@@ -275,7 +284,7 @@ def attribute(
     cols = torch.cat([chosen, torch.arange(n_active, n_src)])
     n = len(chosen)
     adjacency = torch.zeros(n + L * S + S + K, n + L * S + S + K)
-    adjacency[:n, : n + L * S + S] = latent_rows[where][:, cols]
+    adjacency[:n, : n + L * S + S] = latent_rows[where[:, None], cols]  # (one gather: no full-width copy)
     adjacency[-K:, : n + L * S + S] = logit_rows[:, cols]
     return Graph(ids, L, s.latents[chosen], s.activations[chosen], s.logit_ids, s.logit_probs, adjacency, n_active)
 
@@ -299,7 +308,7 @@ class _Rows:
                 layer, pos, latent = s.latents[j].tolist()
                 if layer not in injected:
                     injected[layer] = torch.zeros_like(cap.mlp_in[layer])
-                injected[layer][b, pos] = self.tset.saes[str(layer)].w_enc[:, latent]
+                injected[layer][b, pos] = self.tset.encoder(layer)[:, latent]
         outputs = [self.hidden if k == "logit" else cap.mlp_in[k] for k in injected]
         top = self.L if "logit" in injected else max(injected)  # sources below the highest target only
         below = [layer for layer in self.tset.layers if layer < top]
@@ -311,7 +320,7 @@ class _Rows:
         for layer, g in g_out.items():
             g = g[:B]
             for pos, first, end, vecs in s.writes[layer]:  # the latents written at one position
-                row[:, first:end] = g[:, pos] @ vecs.T
+                row[:, first:end] += g[:, pos] @ vecs.T
             row[:, n + layer * S : n + (layer + 1) * S] = (g * s.errors[layer]).sum(-1)
         row[:, n + L * S :] = (g_embed[:B] * s.tokens).sum(-1)
         return row
@@ -321,7 +330,8 @@ def _partial_influence(logit_rows, latent_rows, done: list[int], logit_probs, n_
     """Each active latent's influence on the logits through the rows computed so far (circuit-tracer's
     ranking): with |rows| scaled to sum 1, the logits' probabilities flowed back along every path.
     `latent_rows[i]` is the row of latent `done[i]`."""
-    rows = normalized(torch.cat([logit_rows, latent_rows]))  # targets: the logits, the visited latents
+    rows = torch.cat([logit_rows, latent_rows]).abs_()  # targets: the logits, the visited latents
+    rows /= rows.sum(1, keepdim=True).clamp(min=1e-8)  # (in place: these are the graph's largest arrays)
     n_src = rows.shape[1]
     row_nodes = torch.cat([torch.arange(len(logit_rows)) + n_src, torch.tensor(done, dtype=torch.long)])
     weight = torch.zeros(n_src + len(logit_rows))

@@ -67,6 +67,28 @@ class CrossLayerTranscoder(torch.nn.Module):
             out += f @ self.w_dec[l_in][:, layer, :]
         return out + x_BD @ self.w_skip[layer] if self.skip else out
 
+    # what circuit tracing reads (pipeline/attribution.py), as a transcoder set answers it too
+    def encoder(self, layer: int) -> torch.Tensor:
+        """(D, F_l): latent i of `layer` reads column i of its MLP input."""
+        return self.w_enc[layer]
+
+    def decoders(self, layer: int, idx: torch.Tensor) -> dict[int, torch.Tensor]:
+        """What latents `idx` of `layer` write per unit activation: {layer m ≥ it: (n, D) into m's MLP output}."""
+        return {m: self.w_dec[layer][idx, m] for m in self.layers if m >= layer}
+
+    def skip_matrix(self, layer: int) -> torch.Tensor | None:
+        """(D, D) of `layer`'s affine skip connection (x @ it), or None."""
+        return self.w_skip[layer] if self.skip else None
+
+    def decoder_bias(self, layer: int) -> torch.Tensor:
+        """(D,) added to `layer`'s MLP output prediction."""
+        return self.b_dec[layer]
+
+    def encode_some(self, layer: int, x_BD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The latents `idx` of `layer` only (JumpReLU needs no others)."""
+        pre = x_BD @ self.w_enc[layer][:, idx] + self.b_enc[layer][idx]
+        return jumprelu_inference(pre, self.threshold[layer][idx])
+
     def forward(self, x_LBD: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(predictions ŷ_m for every layer, latents f_l of every layer) from every layer's MLP input."""
         f = {layer: self.encode_layer(layer, x) for layer, x in enumerate(x_LBD)}

@@ -15,12 +15,14 @@ once all of them are saved, so a set with an index is whole.
 """
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import GspError
 from pipeline.files import atomic_write_text, read_json
+from pipeline.sae import jumprelu_inference
 from pipeline.store.location import open_group
 from pipeline.store.meta import StoreMeta
 
@@ -134,8 +136,9 @@ def is_set_folder(folder: Path) -> bool:
 
 class TranscoderSet(torch.nn.Module):
     """A set's transcoders run as one, with pipeline.clt.CrossLayerTranscoder's interface (`layers`,
-    `encode_layer`, `predict_layer`, `forward`), so that gsp evaluate measures a set as it measures a
-    CLT (every layer's MLP output replaced at once): each layer's latents decode into its own layer only."""
+    `encode_layer`, `predict_layer`, `forward`, and what tracing reads: `encoder`, `decoders`,
+    `skip_matrix`, `decoder_bias`, `encode_some`), so that gsp evaluate and gsp trace take a set as
+    they take a CLT: each layer's latents decode into its own layer only."""
 
     def __init__(self, members: dict[int, "LoadedSAE"]):  # noqa: F821  (pipeline.sae_formats.LoadedSAE)
         super().__init__()
@@ -158,6 +161,26 @@ class TranscoderSet(torch.nn.Module):
     def predict_layer(self, layer: int, f_by_layer: dict[int, torch.Tensor], x_BD: torch.Tensor) -> torch.Tensor:
         return self.saes[str(layer)].decode(f_by_layer[layer], x_BD)
 
+    def encoder(self, layer: int) -> torch.Tensor:
+        return self.saes[str(layer)].w_enc
+
+    def decoders(self, layer: int, idx: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {layer: self.saes[str(layer)].w_dec[idx]}
+
+    def skip_matrix(self, layer: int) -> torch.Tensor | None:
+        sae = self.saes[str(layer)]
+        return sae.w_skip if sae.skip else None
+
+    def decoder_bias(self, layer: int) -> torch.Tensor:
+        return self.saes[str(layer)].b_dec
+
+    def encode_some(self, layer: int, x_BD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The latents `idx` of `layer`: JumpReLU's from their own columns; TopK's need every latent."""
+        sae = self.saes[str(layer)]
+        if sae.arch == "topk":
+            return sae.encode(x_BD)[0][:, idx]
+        return jumprelu_inference(x_BD @ sae.w_enc[:, idx] + sae.b_enc[idx], sae.threshold[idx])
+
     def forward(self, x_LBD: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         f = {layer: self.encode_layer(layer, x) for layer, x in zip(self.layers, x_LBD, strict=True)}
         return [self.predict_layer(m, f, x) for m, x in zip(self.layers, x_LBD, strict=True)], list(f.values())
@@ -165,10 +188,16 @@ class TranscoderSet(torch.nn.Module):
     @classmethod
     def load(cls, folder: Path) -> "TranscoderSet":
         """Every layer of a set's index, each checked to be a transcoder of that layer's MLP."""
+        return cls.of(read_index(folder), str(folder))
+
+    @classmethod
+    def of(cls, folders: dict[int, Path], what: str) -> "TranscoderSet":
+        """The transcoders in `folders` (layer -> a transcoder folder gsp reads), each checked to read that
+        layer's MLP input and predict its output, all of one width."""
         from pipeline.sae_formats import load_sae
 
         members = {}
-        for layer, member in read_index(folder).items():
+        for layer, member in sorted(folders.items()):
             loaded = load_sae(str(member))
             if not loaded.is_transcoder or (loaded.layer, loaded.layer_out) != (layer, layer):
                 raise GspError(f"{member} is not a transcoder of layer {layer}'s MLP (it reads layer {loaded.layer} "
@@ -176,5 +205,38 @@ class TranscoderSet(torch.nn.Module):
             members[layer] = loaded
         widths = {(m.sae.d_in, m.sae.d_out) for m in members.values()}
         if len(widths) > 1 or len(set(next(iter(widths)))) > 1:
-            raise GspError(f"the transcoders of set {folder} differ in width (d_in, d_out): {sorted(widths)}")
+            raise GspError(f"the transcoders of {what} differ in width (d_in, d_out): {sorted(widths)}")
         return cls(members)
+
+
+GEMMA_SCOPE_2_MEMBER = re.compile(r"layer_(\d+)_(width_\w+)")  # layer_12_width_16k_l0_small[_affine]
+
+
+def load_transcoders(folder: Path, variant: str | None = None):
+    """What circuit tracing replaces the MLPs with, from a folder: a gsp transcoder set; a Gemma Scope 2
+    cross-layer transcoder (pipeline/clt.py); or a folder of Gemma Scope 2 per-layer transcoders (its
+    `transcoder_all/`, subfolders layer_<L>_width_<W>_l0_<X>[_affine]), `variant` naming which
+    (`width_16k_l0_small_affine`) when it holds several."""
+    from pipeline.clt import CrossLayerTranscoder, is_clt_folder
+
+    folder = Path(folder)
+    if is_set_folder(folder):
+        return TranscoderSet.load(folder)
+    if is_clt_folder(folder):
+        return CrossLayerTranscoder.load(folder)
+    variants: dict[str, dict[int, Path]] = {}
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = GEMMA_SCOPE_2_MEMBER.fullmatch(sub.name)
+        if m and (sub / "params.safetensors").is_file():
+            variants.setdefault(m.group(2), {})[int(m.group(1))] = sub
+    if not variants:
+        raise GspError(f"{folder} is not a transcoder set (no {INDEX}), a cross-layer transcoder (no "
+                       "params_layer_0.safetensors) or a folder of Gemma Scope 2 transcoders (layer_<L>_width_"
+                       "<W>_l0_<X>/): fit a set with gsp fit --transcoders mlp_in:mlp_out")  # fmt: skip
+    if variant is None and len(variants) > 1:
+        raise GspError(f"{folder} holds several transcoder variants ({', '.join(sorted(variants))}): choose one "
+                       "with --variant")  # fmt: skip
+    variant = variant or next(iter(variants))
+    if variant not in variants:
+        raise GspError(f"{folder} has no variant {variant}; it holds {', '.join(sorted(variants))}")
+    return TranscoderSet.of(variants[variant], f"{folder} ({variant})")

@@ -23,15 +23,18 @@ from pipeline.errors import GspError
 from pipeline.features import logit_lens
 from pipeline.files import atomic_write_text
 from pipeline.models import load_model, model_to_run
-from pipeline.sae import jumprelu_inference
 from pipeline.store import ActivationStore
-from pipeline.transcoder_set import TranscoderSet, is_set_folder
+from pipeline.transcoder_set import load_transcoders
 
 
 @stage_config("trace")
 @dataclass
 class TraceConfig:
-    transcoders: str | None = opt(None, "A transcoder set: the folder gsp fit --transcoders wrote.", path=True)
+    transcoders: str | None = opt(
+        None, "A transcoder for every layer: a set gsp fit --transcoders wrote, a Gemma Scope 2 cross-layer "
+        "transcoder folder, or a folder of Gemma Scope 2 per-layer transcoders (transcoder_all/).", path=True,
+    )  # fmt: skip
+    variant: str | None = opt(None, "Of Gemma Scope 2 per-layer transcoders: which, e.g. width_16k_l0_small_affine.")
     prompt: str | None = opt(None, "The text whose next-token prediction is traced (BOS is added).")
     max_nodes: int = opt(7500, "Latent nodes at most: the most influential on the logits when more are active.")
     batch_size: int = opt(64, "Targets per backward pass (the prompt runs as this many copies).")
@@ -69,12 +72,12 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
     if not cfg.prompt or not cfg.prompt.strip():
         raise GspError("--prompt is required: the text whose next token is traced")
     folder = Path(cfg.transcoders)
-    if not folder.is_dir() or not is_set_folder(folder):
-        raise GspError(f"{folder} is not a transcoder set (no transcoder_set.json): fit one with gsp fit "
-                       "--transcoders mlp_in:mlp_out --layers all")  # fmt: skip
-    tset = TranscoderSet.load(folder)
-    first = next(iter(tset.members.values()))
-    spec, revision = model_to_run(cfg.model, cfg.revision, store_path=first.training_store, named=first.model_name)
+    if not folder.is_dir():
+        raise GspError(f"--transcoders {folder} is not a folder: give a transcoder set (gsp fit --transcoders)")
+    tset = load_transcoders(folder, cfg.variant)
+    first = next(iter(getattr(tset, "members", {}).values()), None)  # a CLT's files name no model or store
+    spec, revision = model_to_run(cfg.model, cfg.revision, store_path=first and first.training_store,
+                                  named=first and first.model_name)  # fmt: skip
     store_paths = _stores(cfg, tset)
     lm = load_model(spec, device=cfg.device, dtype="float32", revision=revision, token=token)
     tset.to(lm.device)
@@ -127,26 +130,29 @@ def _slug(prompt: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "graph"
 
 
-def _stores(cfg: TraceConfig, tset: TranscoderSet) -> dict[int, str]:
+def _stores(cfg: TraceConfig, tset) -> dict[int, str]:
     """Each layer's MLP-input store for the contexts: --store's hook points, or each transcoder's
     training store; checked now (a missing store fails before the model loads)."""
     if cfg.context_tokens == 0:
         return {}
     paths = {}
-    for layer, m in tset.members.items():
-        path = f"{str(cfg.store).rstrip('/')}/L{layer}.mlp_in" if cfg.store else m.training_store
+    members = getattr(tset, "members", {})
+    for layer in tset.layers:
+        trained_on = members[layer].training_store if layer in members else None
+        path = f"{str(cfg.store).rstrip('/')}/L{layer}.mlp_in" if cfg.store else trained_on
         if path:
             ActivationStore.open(path)
             paths[layer] = path
     if cfg.store is None and not paths:
-        info("the set's transcoders name no training store: the page shows no contexts (give --store)")
+        info("the transcoders name no training store: the page shows no latents' contexts (give --store)")
     return paths
 
 
 @torch.no_grad()
-def _latent_details(lm, tset: TranscoderSet, latents: list, stores: dict[int, str], tokens: int, k: int = 5) -> dict:
-    """For each (layer, latent) of the kept nodes: the tokens its decoder row promotes (through the final
-    norm and the unembedding), and its top-k contexts among the first `tokens` rows of its layer's store."""
+def _latent_details(lm, tset, latents: list, stores: dict[int, str], tokens: int, k: int = 5) -> dict:
+    """For each (layer, latent) of the kept nodes: the tokens its decoder promotes (what it writes into
+    every layer's MLP output, summed, through the final norm and the unembedding), and its top-k
+    contexts among the first `tokens` rows of its layer's store."""
     from stages.features import token_strings
 
     by_layer: dict[int, list[int]] = {}
@@ -156,9 +162,9 @@ def _latent_details(lm, tset: TranscoderSet, latents: list, stores: dict[int, st
             by_layer[layer].append(latent)
     out, used = {}, set()
     for layer, feats in by_layer.items():
-        sae = tset.saes[str(layer)]
-        lens_ids, lens_vals = logit_lens(lm.model, sae.w_dec[feats].detach(), 8)
-        contexts = _contexts(sae, stores.get(layer), feats, tokens, k)
+        written = sum(tset.decoders(layer, torch.tensor(feats)).values())
+        lens_ids, lens_vals = logit_lens(lm.model, written.detach(), 8)
+        contexts = _contexts(tset, layer, stores.get(layer), feats, tokens, k)
         for j, f in enumerate(feats):
             promoted = [[int(i), round(float(v), 3)] for i, v in zip(lens_ids[j], lens_vals[j], strict=True)]
             out[f"{layer}_{f}"] = {"logits": promoted, "contexts": contexts.get(f, [])}
@@ -168,9 +174,10 @@ def _latent_details(lm, tset: TranscoderSet, latents: list, stores: dict[int, st
     return {"latents": out, "vocab": {str(i): s for i, s in token_strings(lm.tokenizer, sorted(used)).items()}}
 
 
-def _contexts(sae, path: str | None, feats: list[int], tokens: int, k: int, before: int = 12, after: int = 2):
-    """Top-k activations of `feats` over the first `tokens` ordinary rows of the store at `path`, each
-    with its window of token ids (the activation's position marked)."""
+def _contexts(tset, layer: int, path: str | None, feats: list[int], tokens: int, k: int, before: int = 12,
+              after: int = 2) -> dict:  # fmt: skip
+    """Top-k activations of latents `feats` of `layer` over the first `tokens` ordinary rows of the store
+    at `path`, each with its window of token ids (the activation's position marked)."""
     if path is None or tokens == 0:
         return {}
     store = ActivationStore.open(path)
@@ -178,7 +185,8 @@ def _contexts(sae, path: str | None, feats: list[int], tokens: int, k: int, befo
     best_v = torch.zeros(k, len(feats))
     best_r = torch.full((k, len(feats)), -1, dtype=torch.long)
     for x, rows in store.ordinary_rows(tokens, 4096):
-        f = _encode_some(sae, torch.from_numpy(x).to(sae.w_enc.device), idx.to(sae.w_enc.device)).float().cpu()
+        device = tset.encoder(layer).device
+        f = tset.encode_some(layer, torch.from_numpy(x).to(device), idx.to(device)).float().cpu()
         vals = torch.cat([best_v, f])
         where = torch.cat([best_r, torch.from_numpy(rows).long()[:, None].expand(-1, len(feats))])
         best_v, order = vals.topk(min(k, len(vals)), dim=0)
@@ -194,10 +202,3 @@ def _contexts(sae, path: str | None, feats: list[int], tokens: int, k: int, befo
             items.append({"act": round(v, 4), "at": r - start, "tokens": ids})
         out[f] = items
     return out
-
-
-def _encode_some(sae, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """The latents `idx` of x's rows: JumpReLU's from their own columns; TopK's need every latent."""
-    if sae.arch == "topk":
-        return sae.encode(x)[0][:, idx]
-    return jumprelu_inference(x @ sae.w_enc[:, idx] + sae.b_enc[idx], sae.threshold[idx])

@@ -6,45 +6,64 @@ Adding δ·(its written vector) to any one source must move every target by δ �
 import numpy as np
 import pytest
 import torch
-from conftest import gsp_subprocess
+from conftest import gsp_subprocess, headless_chromium
 from safetensors.torch import load_file
 
 from pipeline.attribution import attribute, influence, logit_weights, normalized, prune, scores
 from pipeline.transcoder_set import TranscoderSet
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["plain", "skip"])
+@pytest.fixture(scope="module", params=["plain", "skip", "clt", "clt-skip"])
 def traced(request, every_mlp, tiny_model, tmp_path_factory):
-    """(model, the set's files by layer, prompt ids, graph) for a set fitted on the tiny Gemma 3."""
+    """(model, the transcoders' files by layer, prompt ids, graph) for a set fitted on the tiny Gemma 3
+    (plain or skip transcoders), or a random cross-layer transcoder in Gemma Scope 2's files."""
+    from test_clt import write_clt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.transcoder_set import load_transcoders
+
     out = tmp_path_factory.mktemp("set") / "set"
-    args = ["fit", "--store", every_mlp / "store", "--transcoders", "mlp_in:mlp_out", "--out", out, "--width", 48,
-            "--steps", 30, "--batch-size", 128, "--target-l0", 6, *(["--skip"] if request.param else [])]  # fmt: skip
-    assert gsp_subprocess(*args).returncode == 0
+    if request.param.startswith("clt"):
+        write_clt(out, skip=request.param == "clt-skip")
+        files = [out / f"params_layer_{layer}.safetensors" for layer in range(4)]
+    else:
+        args = ["fit", "--store", every_mlp / "store", "--transcoders", "mlp_in:mlp_out", "--out", out, "--width",
+                48, "--steps", 30, "--batch-size", 128, "--target-l0", 6, *(["--skip"] if "skip" in request.param
+                else [])]  # fmt: skip
+        assert gsp_subprocess(*args).returncode == 0
+        files = [out / f"layer_{layer}" / "params.safetensors" for layer in range(4)]
     lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = torch.tensor(
         [tok.bos_token_id, *tok("the king of the north river is", add_special_tokens=False)["input_ids"]]
     )
-    tset = TranscoderSet.load(out)
+    tset = load_transcoders(out)
     graph = attribute(lm, tset, ids, [tok.bos_token_id, tok.pad_token_id, tok.eos_token_id], batch=16)
-    params = {layer: {k: v.double() for k, v in load_file(out / f"layer_{layer}" / "params.safetensors").items()}
-              for layer in range(4)}  # fmt: skip
-    _SETS[id(graph)] = tset
+    params = {layer: {k: v.double() for k, v in load_file(file).items()} for layer, file in enumerate(files)}
+    _SETS[id(graph)] = (tset, out)
     return lm, params, ids, graph
 
 
 _SETS: dict = {}
 
 
-def graph_set(traced) -> TranscoderSet:
-    return _SETS[id(traced[-1])]
+def graph_set(traced):
+    """The fixture's transcoders (a TranscoderSet or a CrossLayerTranscoder)."""
+    return _SETS[id(traced[-1])][0]
+
+
+def _writes(p: dict, layer: int, latent: int, n_layers: int) -> dict:
+    """What one latent writes per unit activation, by the MLP output it writes into: its layer's (a
+    transcoder, w_dec (F, D)), or every later layer's (a cross-layer transcoder, w_dec (F, L, D))."""
+    if p["w_dec"].ndim == 3:
+        return {m: p["w_dec"][latent, m] for m in range(layer, n_layers)}
+    return {layer: p["w_dec"][latent]}
 
 
 class Frozen:
-    """The tiny Gemma 3 with every norm scale, attention pattern and MLP output held at a clean pass's
-    values (float64), run from given embeddings and additions to the MLP outputs."""
+    """A Gemma 3 with every norm scale, attention pattern and MLP output held at a clean pass's
+    values (float64), run from given embeddings and additions to the MLP outputs. `params` are the
+    transcoders' files by layer: a set's (w_dec (F, D)) or a CLT's (w_dec (F, L, D))."""
 
     def __init__(self, lm, params, ids):
         self.lm, self.params, self.S = lm, params, len(ids)
@@ -73,15 +92,21 @@ class Frozen:
         special = ids == 2
         self.latents, self.errors = {}, {}
         for layer, p in params.items():  # the transcoders, from their files
-            x = self.mlp_in[layer]
-            pre = x @ p["w_enc"] + p["b_enc"]
-            f = pre.relu() * (pre > p["threshold"])
-            f[special] = 0
-            y_hat = (
-                f @ p["w_dec"] + p["b_dec"] + (x @ p["affine_skip_connection"] if "affine_skip_connection" in p else 0)
-            )
-            self.latents[layer] = f
-            self.errors[layer] = torch.where(special[:, None], 0.0, self.mlp_out[layer] - y_hat)
+            pre = self.mlp_in[layer] @ p["w_enc"] + p["b_enc"]
+            self.latents[layer] = pre.relu() * (pre > p["threshold"])
+            self.latents[layer][special] = 0
+        for m in params:
+            self.errors[m] = torch.where(special[:, None], 0.0, self.mlp_out[m] - self.predict(m))
+
+    def predict(self, m: int) -> torch.Tensor:
+        """The transcoders' prediction of layer m's MLP output on the clean pass (no error node)."""
+        p = self.params[m]
+        y = p["b_dec"] + sum(
+            self.latents[layer] @ (q["w_dec"][:, m] if q["w_dec"].ndim == 3 else q["w_dec"])
+            for layer, q in self.params.items()
+            if layer == m or (q["w_dec"].ndim == 3 and layer < m)
+        )
+        return y + self.mlp_in[m] @ p["affine_skip_connection"] if "affine_skip_connection" in p else y
 
     def norm(self, key, x, module):
         return x * self.scale[key][1] * (1 + module.weight.double())
@@ -114,13 +139,28 @@ class Frozen:
 
 
 def _sources(frozen: Frozen, graph):
-    """Each source node's (kind, where, written vector), in the graph's column order."""
-    out = []
+    """Each source node's (kind, position, what it writes: {MLP output layer: vector}, or the embedding),
+    in the graph's column order."""
+    out, n_layers = [], len(frozen.params)
     for (layer, pos, latent), a in zip(graph.latents.tolist(), graph.activations.tolist(), strict=True):
-        out.append(("mlp", layer, pos, a * frozen.params[layer]["w_dec"][latent]))
-    out += [("mlp", layer, pos, frozen.errors[layer][pos]) for layer in frozen.params for pos in range(frozen.S)]
-    out += [("embed", None, pos, frozen.embed[pos]) for pos in range(frozen.S)]
+        writes = _writes(frozen.params[layer], layer, latent, n_layers)
+        out.append(("mlp", pos, {m: a * v for m, v in writes.items()}))
+    out += [("mlp", pos, {layer: frozen.errors[layer][pos]}) for layer in frozen.params for pos in range(frozen.S)]
+    out += [("embed", pos, frozen.embed[pos]) for pos in range(frozen.S)]
     return out
+
+
+def _perturbed(frozen: Frozen, source, delta: float):
+    """(embeddings, additions to the MLP outputs) with δ times one source's written vectors added."""
+    kind, pos, what = source
+    embed, add = frozen.embed.clone(), {}
+    if kind == "embed":
+        embed[pos] += delta * what
+    else:
+        for m, vec in what.items():
+            add[m] = torch.zeros_like(frozen.embed)
+            add[m][pos] = delta * vec
+    return embed, add
 
 
 def test_the_frozen_model_here_is_the_model(traced):
@@ -130,11 +170,7 @@ def test_the_frozen_model_here_is_the_model(traced):
     torch.testing.assert_close(final @ lm.lm_head.weight.double().T, frozen.logits, rtol=1e-4, atol=1e-4)
     # and the transcoders with their error nodes are the MLPs (BOS keeps its own output: no node there)
     for layer in range(4):
-        f, p = frozen.latents[layer], params[layer]
-        y = f @ p["w_dec"] + p["b_dec"] + frozen.errors[layer]
-        if "affine_skip_connection" in p:
-            y = y + frozen.mlp_in[layer] @ p["affine_skip_connection"]
-        torch.testing.assert_close(y[1:], frozen.mlp_out[layer][1:])
+        torch.testing.assert_close((frozen.predict(layer) + frozen.errors[layer])[1:], frozen.mlp_out[layer][1:])
 
 
 def test_every_source_moves_every_target_by_its_edge(traced):
@@ -150,14 +186,8 @@ def test_every_source_moves_every_target_by_its_edge(traced):
         graph.logit_ids)])  # fmt: skip
     adjacency = graph.adjacency.double()
     delta = 0.5
-    for col, (kind, layer, pos, vec) in enumerate(_sources(frozen, graph)):
-        embed, add = frozen.embed.clone(), {}
-        if kind == "embed":
-            embed[pos] += delta * vec
-        else:
-            add[layer] = torch.zeros_like(frozen.embed)
-            add[layer][pos] = delta * vec
-        moved = frozen.targets(graph, *frozen.run(embed, add)) - base
+    for col, source in enumerate(_sources(frozen, graph)):
+        moved = frozen.targets(graph, *frozen.run(*_perturbed(frozen, source, delta))) - base
         want = delta * adjacency[rows, col]
         torch.testing.assert_close(moved, want, rtol=1e-3, atol=1e-4 * (1 + base.abs().max().item()))
     # rows of errors and tokens, and columns of logits, are empty
@@ -173,9 +203,10 @@ def test_a_latents_pre_activation_is_its_row_plus_the_biases(traced):
     frozen = Frozen(lm, params, ids)
     everything = frozen.targets(graph, *frozen.run(frozen.embed, {}))
     remove = {}
-    for kind, layer, pos, vec in _sources(frozen, graph):
+    for kind, pos, what in _sources(frozen, graph):
         if kind == "mlp":
-            remove.setdefault(layer, torch.zeros_like(frozen.embed))[pos] -= vec
+            for m, vec in what.items():
+                remove.setdefault(m, torch.zeros_like(frozen.embed))[pos] -= vec
     nothing = frozen.targets(graph, *frozen.run(torch.zeros_like(frozen.embed), remove))
     n, k = graph.n_latents, len(graph.logit_ids)
     row_sums = graph.adjacency.double().sum(1)
@@ -259,9 +290,10 @@ def trace_files(traced, tmp_path_factory):
     import json
 
     out = tmp_path_factory.mktemp("trace")
-    folder = graph_set(traced).members[0].path.parent
+    folder = _SETS[id(traced[-1])][1]
+    model = ["--model", traced[0].config.name_or_path]  # a CLT's files name no model
     r = gsp_subprocess("trace", "--transcoders", folder, "--prompt", "the king of the north river is", "--out", out,
-                       "--batch-size", 16, "--slug", "g")  # fmt: skip
+                       "--batch-size", 16, "--slug", "g", *model)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return json.loads((out / "g.json").read_text()), out / "g.html"
 
@@ -296,21 +328,13 @@ def test_the_trace_json_is_the_graph_in_neuronpedias_schema(traced, trace_files)
 
 
 def test_the_trace_page_in_a_headless_browser(trace_files, tmp_path):
-    import os
     import re
-    import shutil
     import subprocess
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("GSP_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (GSP_REQUIRE_BROWSER is set) but not installed")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    args = headless_chromium()
     doc, page = trace_files
     latent = max((n for n in doc["nodes"] if n["feature_type"] == "cross layer transcoder"),
                  key=lambda n: sum(x["target"] == n["node_id"] for x in doc["links"]))  # fmt: skip
-    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,900",
-            "--virtual-time-budget=5000"]  # fmt: skip
     url = f"file://{page}#n={latent['node_id']}"
     dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     shot = tmp_path / "trace.png"
@@ -329,7 +353,7 @@ def test_the_trace_page_in_a_headless_browser(trace_files, tmp_path):
 def test_bad_traces_are_one_line_errors(gsp, traced, every_mlp, tmp_path):
     from conftest import one_line_error
 
-    folder = graph_set(traced).members[0].path.parent
+    folder = _SETS[id(traced[-1])][1]
 
     def trace(*args):
         return gsp("trace", "--out", tmp_path / "t", *args)
@@ -379,14 +403,37 @@ def test_a_sample_of_edges_on_the_real_gemma(gsp, tmp_path):
     rows = torch.cat([torch.arange(graph.n_latents), torch.arange(k) + len(graph.adjacency) - k])
     sources = _sources(frozen, graph)
     for col in np.random.default_rng(0).choice(len(sources), 30, replace=False).tolist():
-        kind, layer, pos, vec = sources[col]
-        embed, add = frozen.embed.clone(), {}
-        if kind == "embed":
-            embed[pos] += 0.5 * vec
-        else:
-            add[layer] = torch.zeros_like(frozen.embed)
-            add[layer][pos] = 0.5 * vec
-        moved = frozen.targets(graph, *frozen.run(embed, add)) - base
+        moved = frozen.targets(graph, *frozen.run(*_perturbed(frozen, sources[col], 0.5))) - base
         want = 0.5 * graph.adjacency.double()[rows, col]
         scale = want.abs().max().item() + 1e-6
-        assert (moved - want).abs().max().item() <= 2e-3 * scale, (kind, layer, pos)
+        assert (moved - want).abs().max().item() <= 2e-3 * scale, sources[col][:2]
+
+
+def test_gemma_scope_2_per_layer_transcoders_trace_as_the_set(traced, gsp, tmp_path):
+    """A folder of Gemma Scope 2 per-layer transcoders (its transcoder_all/ layout, here the fixture's set
+    exported layer by layer) is read as a set: the same graph."""
+    from pipeline.errors import GspError
+    from pipeline.transcoder_set import load_transcoders
+
+    lm, _, ids, graph = traced
+    tset = graph_set(traced)
+    if not isinstance(tset, TranscoderSet):
+        pytest.skip("a cross-layer transcoder has no per-layer folders")
+    for layer, member in tset.members.items():
+        r = gsp("export", member.path, "--to", "gemma-scope-2", "--out", tmp_path / f"x{layer}")
+        assert r.exit_code == 0, r.output
+        (sub,) = (tmp_path / f"x{layer}").glob("*/layer_*")
+        (tmp_path / "transcoder_all").mkdir(exist_ok=True)
+        sub.rename(tmp_path / "transcoder_all" / sub.name)
+    folders = sorted(p.name for p in (tmp_path / "transcoder_all").iterdir())
+    assert len(folders) == 4 and all(f.startswith(f"layer_{i}_width_") for i, f in enumerate(folders))
+    again = attribute(lm, load_transcoders(tmp_path / "transcoder_all"), ids, [0, 1, 2], batch=16)
+    torch.testing.assert_close(again.adjacency, graph.adjacency, rtol=1e-5, atol=1e-6)
+    assert again.latents.tolist() == graph.latents.tolist()
+    # a folder holding two variants needs --variant
+    other = tmp_path / "transcoder_all" / folders[0].replace("_width_", "_width_9")  # layer 0 of another variant
+    (tmp_path / "transcoder_all" / folders[0]).rename(other)
+    with pytest.raises(GspError, match="several transcoder variants"):
+        load_transcoders(tmp_path / "transcoder_all")
+    with pytest.raises(GspError, match="has no variant width_nope"):
+        load_transcoders(tmp_path / "transcoder_all", "width_nope")
