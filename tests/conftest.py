@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Gemma 3 saved like a Hub model, a synthetic corpus, a CLI runner."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,40 @@ def small_disk(tmp_path):
     yield make
     for path in mounted:
         subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def headless_chromium() -> list[str]:
+    """The command line of a headless Chromium for the page tests; skips without one (fails instead
+    where GSP_REQUIRE_BROWSER is set, as in CI)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("GSP_REQUIRE_BROWSER"):
+            pytest.fail("chromium is required here (GSP_REQUIRE_BROWSER is set) but not installed")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,900",
+            "--virtual-time-budget=5000"]  # fmt: skip
+
+
+def ce_with_mlps_replaced(lm, ids: torch.Tensor, special: torch.Tensor, layers, predict) -> float:
+    """The model's mean cross-entropy over the predictions between ordinary tokens of `ids` (B, S), run
+    with the MLP outputs of `layers` replaced by `predict(layer, seen)` (seen: the MLP inputs met so
+    far in the pass, by layer; special (B, S, 1) positions keep their own output): an independent
+    delta-loss rerun, with hooks written here."""
+    seen, handles = {}, []
+    for layer, block in enumerate(lm.model.layers):
+        handles.append(block.mlp.register_forward_pre_hook(lambda m, a, i=layer: seen.update({i: a[0]})))
+        if layer in layers:
+
+            def replace(m, a, out, i=layer):
+                return torch.where(special, out, predict(i, seen).to(out.dtype).view(out.shape))
+
+            handles.append(block.post_feedforward_layernorm.register_forward_hook(replace))
+    try:
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[:, :-1]
+    finally:
+        for h in handles:
+            h.remove()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    counted = ~special[:, :-1, 0] & ~special[:, 1:, 0]
+    return ce[counted].double().mean().item()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from conftest import one_line_error
+from conftest import ce_with_mlps_replaced, one_line_error
 
 from pipeline.clt import CrossLayerTranscoder
 from pipeline.store import ActivationStore
@@ -92,31 +92,17 @@ def test_a_clt_is_evaluated_on_every_layer_at_once(gsp, every_mlp, tiny_model, t
     special = torch.isin(ids, torch.tensor(ins[0].special_ids))[..., None]
     lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     w = [{k: torch.from_numpy(v) for k, v in p.items()} for p in params]
-    seen, handles = {}, []
-    for layer, block in enumerate(lm.model.layers):
-        handles.append(block.mlp.register_forward_pre_hook(lambda m, a, i=layer: seen.update({i: a[0]})))
 
-        def replace(m, a, out, m_=layer):
-            fs_ = {}
-            for i in range(m_ + 1):
-                pre = seen[i] @ w[i]["w_enc"] + w[i]["b_enc"]
-                fs_[i] = pre.relu() * (pre > w[i]["threshold"])
-            y_ = (
-                sum(fs_[i] @ w[i]["w_dec"][:, m_] for i in fs_)
-                + w[m_]["b_dec"]
-                + seen[m_] @ w[m_]["affine_skip_connection"]
-            )
-            return torch.where(special, out, y_)
+    def predict(m, seen):
+        fs = {}
+        for i in range(m + 1):
+            pre = seen[i] @ w[i]["w_enc"] + w[i]["b_enc"]
+            fs[i] = pre.relu() * (pre > w[i]["threshold"])
+        return sum(fs[i] @ w[i]["w_dec"][:, m] for i in fs) + w[m]["b_dec"] + seen[m] @ w[m]["affine_skip_connection"]
 
-        handles.append(block.post_feedforward_layernorm.register_forward_hook(replace))
-    with torch.no_grad():
-        logits = lm(input_ids=ids).logits[:, :-1]
-    for h in handles:
-        h.remove()
-    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    counted = ~special[:, :-1, 0] & ~special[:, 1:, 0]
+    spliced = ce_with_mlps_replaced(lm, ids, special, range(L), predict)
     d = result["delta_loss"]
-    assert d["ce_spliced"] == pytest.approx(ce[counted].double().mean().item(), rel=1e-4)
+    assert d["ce_spliced"] == pytest.approx(spliced, rel=1e-4)
     assert d["contexts"] == 4 and "Cross-layer transcoder" in (tmp_path / "r" / result["files"]["markdown"]).read_text()
 
 

@@ -2,7 +2,6 @@
 unembedding), the HTML page in a real headless browser, and the per-prompt view."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -10,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import headless_chromium, one_line_error
 from safetensors.torch import load_file
 
 from pipeline.features import HIST_BINS, HIST_LOW, HIST_STEP, TopActivations
@@ -101,15 +100,9 @@ def test_features_json_matches_numpy_and_the_models_unembedding(browser_json, ti
 
 
 def test_features_page_in_a_headless_browser(browser_json, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        if os.environ.get("GSP_REQUIRE_BROWSER"):
-            pytest.fail("chromium is required here (GSP_REQUIRE_BROWSER is set) but not installed")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    args = headless_chromium()
     page, data = browser_json
     feat = data["features"][1]
-    args = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1300,900",
-            "--virtual-time-budget=5000"]  # fmt: skip
     url = f"file://{page}#f={feat['id']}"
     dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     shot = tmp_path / "features.png"

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import gsp_subprocess, one_line_error
+from conftest import ce_with_mlps_replaced, gsp_subprocess, one_line_error
 from safetensors.torch import load_file
 
 from pipeline.store import ActivationStore
@@ -151,25 +151,13 @@ def test_a_set_is_evaluated_at_once_and_layer_by_layer(gsp, every_mlp, tiny_mode
     ids = torch.from_numpy(first.read_tokens(0, 128).astype(np.int64)).view(4, 32)
     special = torch.isin(ids, torch.tensor(first.special_ids))[..., None]
     lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    counted = ~special[:, :-1, 0] & ~special[:, 1:, 0]
 
     def ce_with(replaced: list[int]) -> float:
-        seen, handles = {}, []
-        for layer in replaced:
-            block = lm.model.layers[layer]
-            handles.append(block.mlp.register_forward_pre_hook(lambda m, a, i=layer: seen.update({i: a[0]})))
+        def predict(i, seen):
+            x = seen[i].double().numpy().reshape(-1, seen[i].shape[-1])
+            return torch.from_numpy(_numpy_transcoder(params[i], x))
 
-            def replace(m, a, out, i=layer):
-                y = _numpy_transcoder(params[i], seen[i].double().numpy().reshape(-1, seen[i].shape[-1]))
-                return torch.where(special, out, torch.from_numpy(y).float().view(out.shape))
-
-            handles.append(block.post_feedforward_layernorm.register_forward_hook(replace))
-        with torch.no_grad():
-            logits = lm(input_ids=ids).logits[:, :-1]
-        for h in handles:
-            h.remove()
-        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        return ce[counted].double().mean().item()
+        return ce_with_mlps_replaced(lm, ids, special, replaced, predict)
 
     d = result["delta_loss"]
     clean = ce_with([])
