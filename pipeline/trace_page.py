@@ -127,7 +127,9 @@ const DATA = __DATA__;
 const G = DATA.graph, D = DATA.details, GSP = G.gsp || {};
 const NS = "http://www.w3.org/2000/svg";
 const tokens = G.metadata.prompt_tokens, S = tokens.length;
-const L = Math.max(0, ...G.nodes.filter(n => n.feature_type === "logit").map(n => +n.layer)) - 1;  // layers
+// maxima by reduce, never Math.max(...xs): a graph's hundreds of thousands of edges overflow the call stack
+const most = (xs, f, floor) => xs.reduce((m, x) => Math.max(m, f(x)), floor);
+const L = most(G.nodes.filter(n => n.feature_type === "logit"), n => +n.layer, 0) - 1;  // layers
 const byId = {};
 G.nodes.forEach(n => byId[n.node_id] = n);
 function row(n) { return n.layer === "E" ? 0 : (n.feature_type === "logit" ? L + 1 : +n.layer + 1); }
@@ -135,7 +137,7 @@ const colW = Math.max(70, Math.min(150, 1100 / S)), rowH = 44, left = 60, top = 
 const W = left + colW * S + 20, H = top + rowH * (L + 2) + 40;
 const cells = {};
 G.nodes.forEach(n => { const k = row(n) + "_" + n.ctx_idx; (cells[k] = cells[k] || []).push(n); });
-const maxInfl = Math.max(1e-12, ...Object.values(GSP.influence || {}));
+const maxInfl = most(Object.values(GSP.influence || {}), v => v, 1e-12);
 Object.values(cells).forEach(list => list.forEach((n, i) => {
   const spread = Math.min(10, (colW - 16) / Math.max(1, list.length));
   n.x = left + colW * (n.ctx_idx + 0.5) + (i - (list.length - 1) / 2) * spread;
@@ -160,7 +162,7 @@ tokens.forEach((t, p) => {
   const tx = el("text", {x: left + colW * (p + 0.5), y: H - 12, "text-anchor": "middle"}, svg);
   tx.textContent = JSON.stringify(t).slice(1, -1);
 });
-const maxW = Math.max(1e-12, ...G.links.map(l => Math.abs(l.weight)));
+const maxW = most(G.links, l => Math.abs(l.weight), 1e-12);
 const edges = G.links.map(l => {
   const a = byId[l.source], b = byId[l.target];
   const mid = (a.y + b.y) / 2;

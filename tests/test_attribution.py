@@ -437,3 +437,44 @@ def test_gemma_scope_2_per_layer_transcoders_trace_as_the_set(traced, gsp, tmp_p
         load_transcoders(tmp_path / "transcoder_all")
     with pytest.raises(GspError, match="has no variant width_nope"):
         load_transcoders(tmp_path / "transcoder_all", "width_nope")
+
+
+def test_a_page_of_hundreds_of_thousands_of_edges_renders(tmp_path):
+    """A real 18-layer graph kept 289,330 edges; the page once took their maximum with Math.max(...xs),
+    which overflows the browser's call stack beyond ~125k arguments. 140,000 edges here."""
+    import re
+    import subprocess
+
+    from pipeline import trace_page
+
+    args = headless_chromium()
+    nodes = [
+        {
+            "node_id": f"E_{t}_{p}",
+            "feature": p,
+            "layer": "E",
+            "ctx_idx": p,
+            "feature_type": "embedding",
+            "token_prob": 0.0,
+            "influence": 0.5,
+            "activation": None,
+            "clerp": "",
+        }
+        for p, t in enumerate((2, 7, 9))
+    ]
+    nodes += [{"node_id": f"0_{i}_{p}", "feature": i, "layer": "0", "ctx_idx": p, "feature_type": "cross layer "
+               "transcoder", "token_prob": 0.0, "influence": 0.1, "activation": 1.0, "clerp": ""}
+              for i in range(20) for p in range(3)]  # fmt: skip
+    logit = {"node_id": "2_5_2", "feature": 5, "layer": "2", "ctx_idx": 2, "feature_type": "logit",
+             "token_prob": 0.9, "influence": None, "activation": None, "clerp": 'Output "x" (p=0.900)'}  # fmt: skip
+    nodes.append(logit)
+    rng = np.random.default_rng(0)
+    links = [{"source": nodes[int(a)]["node_id"], "target": "2_5_2", "weight": float(w)}
+             for a, w in zip(rng.integers(0, 63, 140_000), rng.standard_normal(140_000), strict=True)]  # fmt: skip
+    doc = {"metadata": {"prompt_tokens": ["<bos>", "a", "b"], "prompt": "<bos>ab"}, "qParams": {}, "nodes": nodes,
+           "links": links, "gsp": {"influence": {n["node_id"]: 0.1 for n in nodes}}}  # fmt: skip
+    page = tmp_path / "big.html"
+    page.write_text(trace_page.page(doc, {"latents": {}, "vocab": {}}))
+    dom = subprocess.run([*args, "--dump-dom", f"file://{page}"], capture_output=True, text=True, timeout=300).stdout
+    assert 'data-ready="1"' in dom and '<div id="errors"></div>' in dom
+    assert len(re.findall(r'<path class="edge', dom.split("<script")[0])) == 140_000
