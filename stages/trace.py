@@ -71,6 +71,10 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
         raise GspError("--transcoders is required: a transcoder set (gsp fit --transcoders mlp_in:mlp_out)")
     if not cfg.prompt or not cfg.prompt.strip():
         raise GspError("--prompt is required: the text whose next token is traced")
+    slug = cfg.slug or _slug(cfg.prompt)
+    json_path, page_path = Path(cfg.out) / f"{slug}.json", Path(cfg.out) / f"{slug}.html"
+    for path in (json_path, page_path):
+        _check_ours(path)
     folder = Path(cfg.transcoders)
     if not folder.is_dir():
         raise GspError(f"--transcoders {folder} is not a folder: give a transcoder set (gsp fit --transcoders)")
@@ -92,7 +96,6 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
     seconds = time.perf_counter() - t0
     pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold)
     graph_scores = scores(graph)
-    slug = cfg.slug or _slug(cfg.prompt)
     kept = graph.latents[pruned.nodes[: graph.n_latents]].tolist()
     details = _latent_details(lm, tset, kept, store_paths, cfg.context_tokens)
     doc = trace_page.graph_json(graph, pruned, lm.tokenizer, slug=slug, scan=str(folder.resolve()),
@@ -103,9 +106,7 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
                   "replacement_score": graph_scores["replacement"],
                   "completeness_score": graph_scores["completeness"], "seconds": seconds,
                   "kept_nodes": int(pruned.nodes.sum()), "kept_edges": int(pruned.edges.sum())}  # fmt: skip
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, page_path = out / f"{slug}.json", out / f"{slug}.html"
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, trace_page.dumps(doc))
     atomic_write_text(page_path, trace_page.page(doc, details))
     g = doc["gsp"]
@@ -124,6 +125,19 @@ def _tokens(tokenizer, prompt: str) -> torch.Tensor:
     if not ids or ids[0] not in tokenizer.all_special_ids:
         ids = [tokenizer.bos_token_id, *ids]
     return torch.tensor(ids)
+
+
+def _check_ours(path: Path) -> None:
+    """A graph's file may replace only an earlier graph's (gsp never writes over what it did not write)."""
+    if not path.exists():
+        return
+    mark = '"gsp":{"influence":' if path.suffix == ".json" else "<title>gsp trace · "
+    try:
+        ours = path.is_file() and mark in path.read_text(errors="replace")
+    except OSError:
+        ours = False
+    if not ours:
+        raise GspError(f"{path} exists and was not written by gsp trace; choose another --slug or --out")
 
 
 def _slug(prompt: str) -> str:

@@ -367,6 +367,17 @@ def test_bad_traces_are_one_line_errors(gsp, traced, every_mlp, tmp_path):
             tmp_path / "partial", "--width", 32, "--steps", 5, "--batch-size", 64)  # fmt: skip
     assert r.exit_code == 0, r.output
     one_line_error(trace("--transcoders", tmp_path / "partial", "--prompt", "the"), "needs a transcoder for each")
+    # a file of the graph's name that gsp did not write is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "g.json").write_text('{"my": "notes"}')
+    r = gsp("trace", "--transcoders", folder, "--prompt", "the", "--out", tmp_path / "mine", "--slug", "g")
+    one_line_error(r, "was not written by gsp trace")
+    assert (tmp_path / "mine" / "g.json").read_text() == '{"my": "notes"}'
+    assert not (tmp_path / "mine" / "g.html").exists()
+    for _ in range(2):  # its own graph, though, is replaced by a new run
+        r = gsp("trace", "--transcoders", folder, "--prompt", "the", "--out", tmp_path / "again", "--slug", "g",
+                "--context-tokens", 0, "--model", traced[0].config.name_or_path)  # fmt: skip
+        assert r.exit_code == 0, r.output
     assert not (tmp_path / "t").exists()
 
 
