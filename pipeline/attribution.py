@@ -70,10 +70,6 @@ class Graph:
     def n_latents(self) -> int:
         return len(self.latents)
 
-    def node_kinds(self) -> list[str]:
-        n, e, s, k = self.n_latents, self.layers * self.n_pos, self.n_pos, len(self.logit_ids)
-        return ["latent"] * n + ["error"] * e + ["token"] * s + ["logit"] * k
-
     def slices(self) -> dict[str, slice]:
         n, e, s = self.n_latents, self.layers * self.n_pos, self.n_pos
         return {"latent": slice(0, n), "error": slice(n, n + e), "token": slice(n + e, n + e + s),
@@ -417,14 +413,16 @@ def prune(g: Graph, node_share: float = 0.8, edge_share: float = 0.98) -> Pruned
     return Pruned(nodes, edges, cumulative, infl)
 
 
-def scores(g: Graph) -> dict[str, float]:
+def scores(g: Graph, infl: torch.Tensor | None = None) -> dict[str, float]:
     """The unpruned graph's replacement score (the share of the logits' influence that reaches the
     tokens rather than error nodes) and completeness score (the share of every node's input, weighted
-    by its influence, that does not come from error nodes)."""
-    a, w, sl = normalized(g.adjacency), logit_weights(g), g.slices()
-    infl = influence(a, w)
+    by its influence, that does not come from error nodes). `infl`: the graph's influence when it is
+    already computed (prune's `Pruned.influence`), so that the largest sum is not done twice."""
+    a, w, sl = g.adjacency.abs(), logit_weights(g), g.slices()
+    row = a.sum(1).clamp(min=1e-10)
+    infl = influence(a / row[:, None], w) if infl is None else infl
     tokens, errors = infl[sl["token"]].sum(), infl[sl["error"]].sum()
     weight = infl + w
-    completeness = ((1 - a[:, sl["error"]].sum(1)) * weight).sum() / weight.sum()
+    completeness = ((1 - a[:, sl["error"]].sum(1) / row) * weight).sum() / weight.sum()
     return {"replacement": (tokens / (tokens + errors)).item() if tokens + errors > 0 else math.nan,
             "completeness": completeness.item()}  # fmt: skip

@@ -64,7 +64,7 @@ def graph_json(graph, pruned, tokenizer, *, slug: str, scan: str, node_threshold
             links.append({"source": nodes[source]["node_id"], "target": nodes[target]["node_id"],
                           "weight": graph.adjacency[target, source].item()})  # fmt: skip
     linked = {x for link in links for x in (link["source"], link["target"])}
-    kept = [n for n in nodes.values() if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")]
+    kept = {i: n for i, n in nodes.items() if n["node_id"] in linked or n["feature_type"] in ("embedding", "logit")}
     return {
         "metadata": {
             "slug": slug,
@@ -76,9 +76,9 @@ def graph_json(graph, pruned, tokenizer, *, slug: str, scan: str, node_threshold
             "schema_version": 1,
         },  # fmt: skip
         "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""},
-        "nodes": kept,
+        "nodes": list(kept.values()),
         "links": links,
-        "gsp": {"influence": {n["node_id"]: pruned.influence[i].item() for i, n in nodes.items() if n in kept}},
+        "gsp": {"influence": {n["node_id"]: pruned.influence[i].item() for i, n in kept.items()}},
     }
 
 

@@ -281,6 +281,8 @@ def test_pruning_and_scores_by_hand(traced):
     completeness = ((1 - n[:, sl["error"]].sum(1)) * weight).sum() / weight.sum()
     assert s["completeness"] == pytest.approx(completeness, rel=1e-4)
     assert 0 < s["replacement"] < 1 and 0 < s["completeness"] < 1
+    again = scores(graph, p.influence)  # as gsp trace calls it, with prune's influence
+    assert again == pytest.approx(s, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------ gsp trace: the JSON and the page
