@@ -20,7 +20,7 @@ from pipeline.attribution import LOGIT_PROBABILITY, MAX_LOGITS, attribute, prune
 from pipeline.config import opt, stage_config
 from pipeline.console import console, info, status
 from pipeline.errors import GspError
-from pipeline.features import logit_lens
+from pipeline.features import TopActivations, logit_lens
 from pipeline.files import atomic_write_text
 from pipeline.models import load_model, model_to_run
 from pipeline.store import ActivationStore
@@ -95,7 +95,7 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
                           logit_probability=cfg.logit_probability)  # fmt: skip
     seconds = time.perf_counter() - t0
     pruned = prune(graph, cfg.node_threshold, cfg.edge_threshold)
-    graph_scores = scores(graph)
+    graph_scores = scores(graph, pruned.influence)
     kept = graph.latents[pruned.nodes[: graph.n_latents]].tolist()
     details = _latent_details(lm, tset, kept, store_paths, cfg.context_tokens)
     doc = trace_page.graph_json(graph, pruned, lm.tokenizer, slug=slug, scan=str(folder.resolve()),
@@ -195,22 +195,15 @@ def _contexts(tset, layer: int, path: str | None, feats: list[int], tokens: int,
     if path is None or tokens == 0:
         return {}
     store = ActivationStore.open(path)
-    idx = torch.tensor(feats)
-    best_v = torch.zeros(k, len(feats))
-    best_r = torch.full((k, len(feats)), -1, dtype=torch.long)
+    device = tset.encoder(layer).device
+    idx, top = torch.tensor(feats, device=device), TopActivations(len(feats), k)  # column j: latent feats[j]
     for x, rows in store.ordinary_rows(tokens, 4096):
-        device = tset.encoder(layer).device
-        f = tset.encode_some(layer, torch.from_numpy(x).to(device), idx.to(device)).float().cpu()
-        vals = torch.cat([best_v, f])
-        where = torch.cat([best_r, torch.from_numpy(rows).long()[:, None].expand(-1, len(feats))])
-        best_v, order = vals.topk(min(k, len(vals)), dim=0)
-        best_r = where.gather(0, order)
+        f = tset.encode_some(layer, torch.from_numpy(x).to(device), idx).float().cpu()
+        top.update(f, torch.from_numpy(rows).long())
     C, out = store.context_size, {}
     for j, f in enumerate(feats):
         items = []
-        for v, r in zip(best_v[:, j].tolist(), best_r[:, j].tolist(), strict=True):
-            if v <= 0 or r < 0:
-                continue
+        for v, r in top.top(j):  # (fired ones only)
             start, stop = max(r - before, r - r % C), min(r + after + 1, r - r % C + C)
             ids = store.read_tokens(start, stop).astype(np.int64).tolist()
             items.append({"act": round(v, 4), "at": r - start, "tokens": ids})
