@@ -134,12 +134,12 @@ def run_gsp(a) -> tuple[dict, dict]:
     import pipeline.attribution
     from pipeline.attribution import attribute
     from pipeline.models import load_model
-    from pipeline.transcoder_set import TranscoderSet
+    from pipeline.transcoder_set import load_transcoders
     from stages.trace import _tokens
 
     t0 = time.perf_counter()
     lm = load_model(str(a.model), device="cpu", dtype="float32")
-    tset = TranscoderSet.load(a.transcoders)
+    tset = load_transcoders(a.transcoders, streamed=True)  # as gsp trace reads a set
     loaded, load_rss = time.perf_counter() - t0, peak_rss_mib()
     ids = _tokens(lm.tokenizer, a.prompt)
     special = [i for i in (lm.tokenizer.bos_token_id, lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id)
@@ -237,14 +237,15 @@ def summary(c: dict) -> str:
     """The comparison in one line."""
     if not (c["same_tokens"] and "latent rows" in c):
         return f"graphs: different prompt tokens (circuit-tracer's and gsp's tokenisations differ): {c}"
-    same = "the same" if c["same_latents_in_order"] else f"{c['latents']['common']} common"
+    n = c["latents"]
+    same = (f"the same latent nodes in the same order (activations within {c['activation_max_rel_diff']:.1g})"
+            if c["same_latents_in_order"] else f"{n['common']} latent nodes in common")  # fmt: skip
     rel = max(c[p]["latent/error columns"] for p in ("latent rows", "logit rows"))
     ratio = c["latent rows"]["token columns ratio gsp/ct (median, min, max)"]
     after = max(c[p]["token columns after ÷ embed scale"] for p in ("latent rows", "logit rows"))
     return (f"graphs: {'the same' if c['same_logits'] else 'DIFFERENT'} logits (probabilities within "
-            f"{c.get('logit_prob_max_abs_diff', float('nan')):.1g}), {same} latent nodes in the same order "
-            f"({c['latents']['circuit-tracer']} / {c['latents']['gsp']}; activations within "
-            f"{c.get('activation_max_rel_diff', float('nan')):.1g}); adjacency on latent and logit rows: "
+            f"{c.get('logit_prob_max_abs_diff', float('nan')):.1g}), {same} (of {n['circuit-tracer']} / "
+            f"{n['gsp']}); adjacency on latent and logit rows: "
             f"latent/error columns within {rel:.1g} (relative, per row); token columns gsp/circuit-tracer "
             f"{ratio[0]:.4f} (min {ratio[1]:.4f}, max {ratio[2]:.4f}; √d_model = {c['sqrt_d_model']:.4f}), within "
             f"{after:.1g} after ÷ Gemma's embed scale")  # fmt: skip

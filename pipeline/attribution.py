@@ -101,11 +101,12 @@ class Capture:
 
 
 @contextlib.contextmanager
-def frozen(model: torch.nn.Module, tset, outputs: torch.Tensor | None = None) -> Iterator[Capture]:
+def frozen(model: torch.nn.Module, skips: dict, outputs: torch.Tensor | None = None) -> Iterator[Capture]:
     """Hooks that make `model` (a Gemma 3 causal LM) the frozen replacement model for the forward passes
-    run under it, capturing where edges are read. Values are the model's own. With `outputs` (L, S, D),
-    the MLP outputs of a pass already made on the same prompt, the MLPs are not run again (their
-    outputs are constants here but for the skip paths, which read the MLP inputs)."""
+    run under it, capturing where edges are read. Values are the model's own. `skips`: layer -> its
+    transcoder's W_skip (D, D), for the layers that have one. With `outputs` (L, S, D), the MLP outputs
+    of a pass already made on the same prompt, the MLPs are not run again (their outputs are constants
+    here but for the skip paths, which read the MLP inputs)."""
     base = model.model
     layers = decoder_layers(model)
     cap = Capture(mlp_in={}, mlp_out={}, held={})
@@ -123,7 +124,7 @@ def frozen(model: torch.nn.Module, tset, outputs: torch.Tensor | None = None) ->
         return hook
 
     def mlp_out(layer):
-        w_skip = tset.skip_matrix(layer)
+        w_skip = skips.get(layer)
 
         def hook(module, args, output):
             if outputs is not None:
@@ -183,6 +184,8 @@ class Setup:
 
     latents: torch.Tensor  # (n, 3) long (layer, pos, latent), sorted
     activations: torch.Tensor  # (n,)
+    reads: torch.Tensor  # (n, D) each latent's encoder column: what it reads at its layer's MLP input
+    skips: dict  # layer -> W_skip (D, D), for the layers whose transcoder has one
     writes: dict  # layer m -> [(position, first, last + 1 index into `latents`, vectors a·W_dec written into m)]
     mlp_out: torch.Tensor  # (L, S, D) the true MLP outputs
     errors: torch.Tensor  # (L, S, D)
@@ -197,23 +200,29 @@ def setup(model, tset, ids: torch.Tensor, special: torch.Tensor, max_logits: int
     """The prompt run once through the model (with the hooks, so the captured tensors are the ones
     edges use): each layer's latents (zero at special positions), its error, the tokens' embeddings,
     and the logit targets (the most likely next tokens, up to `max_logits`, until their probability
-    sums to `logit_probability`)."""
-    with frozen(model, tset) as cap:
+    sums to `logit_probability`). Everything the attribution needs of the transcoders is copied out
+    here, one layer at a time (the active latents' encoder columns and decoder rows, the skips and
+    biases), so a set that reads its layers from disk (`TranscoderSet(streamed=True)`) holds one."""
+    with frozen(model, {}) as cap:  # (the skip paths only reroute gradients: no need of them here)
         hidden = model.model(input_ids=ids[None]).last_hidden_state[0]
     x = {layer: cap.mlp_in[layer][0].float() for layer in tset.layers}
-    # the transcoders' predictions, from the active latents' decoder rows only (a wide decoder is
-    # never read whole), plus each layer's bias and skip path
-    y = {m: tset.decoder_bias(m) + (x[m] @ w if (w := tset.skip_matrix(m)) is not None else torch.zeros_like(x[m]))
-         for m in tset.layers}  # fmt: skip
-    rows, acts, n = [], [], 0
+    # the transcoders' predictions, from the active latents' decoder rows only, plus each layer's bias
+    # and skip path (added at its own layer's turn: a CLT's earlier layers write into it before that)
+    y = {m: torch.zeros_like(x[m]) for m in tset.layers}
+    rows, acts, reads, skips, n = [], [], [], {}, 0
     writes: dict[int, list] = {m: [] for m in tset.layers}  # by the MLP output written into
     for layer in tset.layers:
+        if (w := tset.skip_matrix(layer)) is not None:
+            skips[layer] = w.float()
+            y[layer] += x[layer] @ skips[layer]
+        y[layer] += tset.decoder_bias(layer)
         f = tset.encode_layer(layer, x[layer])
         f[special] = 0
         pos, idx = f.nonzero(as_tuple=True)  # row-major: by position, then latent
         a = f[pos, idx]
         rows.append(torch.stack([torch.full_like(pos, layer), pos, idx], 1))
         acts.append(a)
+        reads.append(tset.encoder(layer)[:, idx].T.float())
         counts = torch.bincount(pos, minlength=len(ids)).tolist()
         starts = [0, *itertools.accumulate(counts)]
         for m, w_dec in tset.decoders(layer, idx).items():  # a CLT's latents write into every later layer
@@ -229,8 +238,8 @@ def setup(model, tset, ids: torch.Tensor, special: torch.Tensor, max_logits: int
     k = min(int(torch.searchsorted(top_p.cumsum(0), torch.tensor(logit_probability))) + 1, max_logits)
     w_u = model.lm_head.weight.float()
     mlp_out = torch.stack([cap.mlp_out[layer][0] for layer in tset.layers])
-    return Setup(torch.cat(rows), torch.cat(acts), writes, mlp_out, torch.stack(errors), cap.embed[0].detach().float(),
-                 top_i[:k], top_p[:k], w_u[top_i[:k]] - w_u.mean(0))  # fmt: skip
+    return Setup(torch.cat(rows), torch.cat(acts), torch.cat(reads), skips, writes, mlp_out, torch.stack(errors),
+                 cap.embed[0].detach().float(), top_i[:k], top_p[:k], w_u[top_i[:k]] - w_u.mean(0))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ the graph
@@ -256,9 +265,10 @@ def attribute(
     L, S, K, n_active = len(tset.layers), len(ids), len(s.logit_ids), len(s.latents)
     n_src = n_active + L * S + S
     cap_n = n_active if max_latents is None else min(max_latents, n_active)
-    with frozen(model, tset, s.mlp_out) as cap, torch.enable_grad():
+    layers = tset.layers
+    with frozen(model, s.skips, s.mlp_out) as cap, torch.enable_grad():  # (the transcoders are done with)
         hidden = model.model(input_ids=ids[None].expand(batch, S)).last_hidden_state  # B copies, one target each
-        rows_of = _Rows(cap, hidden, s, tset, L, S)
+        rows_of = _Rows(cap, hidden, s, layers)
         logit_rows = torch.cat([rows_of(("logit", k) for k in range(i, min(i + batch, K))) for i in range(0, K, batch)])
         latent_rows = torch.zeros(cap_n, n_src)  # in the order visited
         visited = torch.zeros(n_active, dtype=torch.bool)
@@ -288,8 +298,9 @@ def attribute(
 class _Rows:
     """Attribution rows (A[target, every source]) of up to `batch` targets from one backward pass."""
 
-    def __init__(self, cap: Capture, hidden: torch.Tensor, s: Setup, tset, L: int, S: int):
-        self.cap, self.hidden, self.s, self.tset, self.L, self.S = cap, hidden, s, tset, L, S
+    def __init__(self, cap: Capture, hidden: torch.Tensor, s: Setup, layers: list[int]):
+        self.cap, self.hidden, self.s, self.layers = cap, hidden, s, layers
+        self.L, self.S = len(layers), hidden.shape[1]
 
     def __call__(self, targets) -> torch.Tensor:
         targets = list(targets)
@@ -304,10 +315,10 @@ class _Rows:
                 layer, pos, latent = s.latents[j].tolist()
                 if layer not in injected:
                     injected[layer] = torch.zeros_like(cap.mlp_in[layer])
-                injected[layer][b, pos] = self.tset.encoder(layer)[:, latent]
+                injected[layer][b, pos] = s.reads[j]
         outputs = [self.hidden if k == "logit" else cap.mlp_in[k] for k in injected]
         top = self.L if "logit" in injected else max(injected)  # sources below the highest target only
-        below = [layer for layer in self.tset.layers if layer < top]
+        below = [layer for layer in self.layers if layer < top]
         grads = torch.autograd.grad(outputs, [cap.embed, *(cap.held[layer] for layer in below)],
                                     list(injected.values()), retain_graph=True)  # fmt: skip
         g_embed, g_out = grads[0].float(), dict(zip(below, (g.float() for g in grads[1:]), strict=True))

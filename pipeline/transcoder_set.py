@@ -14,6 +14,7 @@ of the store (stages/fit.py: a sweep whose members read different hook points) a
 once all of them are saved, so a set with an index is whole.
 """
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -101,8 +102,9 @@ def write_index(folder: Path, inputs: list, targets: list) -> Path:
     return file
 
 
-def read_index(folder: Path) -> dict[int, Path]:
-    """A gsp set's layers and their transcoder folders, each checked to be there."""
+def read_index(folder: Path, check_files: bool = True) -> dict[int, Path]:
+    """A gsp set's layers and their transcoder folders, each checked to be there (unless not `check_files`:
+    the index of a set on the Hub, read before its members are fetched)."""
     file = Path(folder) / INDEX
     if not file.is_file():
         raise GspError(f"{folder} is not a transcoder set (no {INDEX}); fit one with gsp fit --transcoders "
@@ -113,7 +115,7 @@ def read_index(folder: Path) -> dict[int, Path]:
     out = {}
     for layer, entry in index["layers"].items():
         member = Path(folder) / str(entry.get("folder", ""))
-        if not (member / "params.safetensors").is_file():
+        if check_files and not (member / "params.safetensors").is_file():
             raise GspError(f"{file} names {member} for layer {layer}, which holds no transcoder")
         out[int(layer)] = member
     return dict(sorted(out.items()))
@@ -138,45 +140,72 @@ class TranscoderSet(torch.nn.Module):
     """A set's transcoders run as one, with pipeline.clt.CrossLayerTranscoder's interface (`layers`,
     `encode_layer`, `predict_layer`, `forward`, and what tracing reads: `encoder`, `decoders`,
     `skip_matrix`, `decoder_bias`, `encode_some`), so that gsp evaluate and gsp trace take a set as
-    they take a CLT: each layer's latents decode into its own layer only."""
+    they take a CLT: each layer's latents decode into its own layer only.
 
-    def __init__(self, members: dict[int, "LoadedSAE"]):  # noqa: F821  (pipeline.sae_formats.LoadedSAE)
+    `streamed`: the set holds one layer's transcoder at a time, read from its folder when a layer is
+    asked for (on the device the set was moved to), for work that goes through the layers once or
+    layer by layer (tracing: a set of wide transcoders need not fit in memory at once). `members` then
+    keep what the files say (model, stores) without the weights."""
+
+    def __init__(self, members: dict[int, "LoadedSAE"], streamed: bool = False):  # noqa: F821  (sae_formats)
         super().__init__()
-        self.members = members
+        self._held: tuple[int, torch.nn.Module] | None = None  # a streamed set's one layer in memory: (layer, SAE)
         self.layers = list(members)
         self.n_layers = len(self.layers)
-        self.saes = torch.nn.ModuleDict({str(layer): m.sae for layer, m in members.items()})
         self.d_model = next(iter(members.values())).sae.d_in
         self.widths = [m.sae.width for m in members.values()]
         self.skip = any(m.sae.skip for m in members.values())
+        self.streamed = streamed
+        if streamed:
+            self.members = {layer: dataclasses.replace(m, sae=None) for layer, m in members.items()}
+            self.register_buffer("_device", torch.zeros(0), persistent=False)  # where .to() sends the set
+        else:
+            self.members = members
+            self.saes = torch.nn.ModuleDict({str(layer): m.sae for layer, m in members.items()})
         self.requires_grad_(False).eval()
+
+    def sae(self, layer: int) -> torch.nn.Module:
+        """`layer`'s transcoder (pipeline.sae.SAE)."""
+        if not self.streamed:
+            return self.saes[str(layer)]
+        if self._held is None or self._held[0] != layer:
+            from pipeline.sae_formats import load_sae
+
+            self._held = None  # (the last one freed before the next is read)
+            sae = load_sae(str(self.members[layer].path)).sae.to(self._device.device)
+            self._held = (layer, sae.requires_grad_(False).eval())
+        return self._held[1]
+
+    def _apply(self, fn, recurse=True):  # .to() and the like: a streamed set reads its next layer there
+        self._held = None
+        return super()._apply(fn, recurse)
 
     @property
     def width(self) -> int:
         return sum(self.widths)
 
     def encode_layer(self, layer: int, x_BD: torch.Tensor) -> torch.Tensor:
-        return self.saes[str(layer)].encode(x_BD)[0]
+        return self.sae(layer).encode(x_BD)[0]
 
     def predict_layer(self, layer: int, f_by_layer: dict[int, torch.Tensor], x_BD: torch.Tensor) -> torch.Tensor:
-        return self.saes[str(layer)].decode(f_by_layer[layer], x_BD)
+        return self.sae(layer).decode(f_by_layer[layer], x_BD)
 
     def encoder(self, layer: int) -> torch.Tensor:
-        return self.saes[str(layer)].w_enc
+        return self.sae(layer).w_enc
 
     def decoders(self, layer: int, idx: torch.Tensor) -> dict[int, torch.Tensor]:
-        return {layer: self.saes[str(layer)].w_dec[idx]}
+        return {layer: self.sae(layer).w_dec[idx]}
 
     def skip_matrix(self, layer: int) -> torch.Tensor | None:
-        sae = self.saes[str(layer)]
+        sae = self.sae(layer)
         return sae.w_skip if sae.skip else None
 
     def decoder_bias(self, layer: int) -> torch.Tensor:
-        return self.saes[str(layer)].b_dec
+        return self.sae(layer).b_dec
 
     def encode_some(self, layer: int, x_BD: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The latents `idx` of `layer`: JumpReLU's from their own columns; TopK's need every latent."""
-        sae = self.saes[str(layer)]
+        sae = self.sae(layer)
         if sae.arch == "topk":
             return sae.encode(x_BD)[0][:, idx]
         return jumprelu_inference(x_BD @ sae.w_enc[:, idx] + sae.b_enc[idx], sae.threshold[idx])
@@ -186,14 +215,15 @@ class TranscoderSet(torch.nn.Module):
         return [self.predict_layer(m, f, x) for m, x in zip(self.layers, x_LBD, strict=True)], list(f.values())
 
     @classmethod
-    def load(cls, folder: Path) -> "TranscoderSet":
+    def load(cls, folder: Path, streamed: bool = False) -> "TranscoderSet":
         """Every layer of a set's index, each checked to be a transcoder of that layer's MLP."""
-        return cls.of(read_index(folder), str(folder))
+        return cls.of(read_index(folder), str(folder), streamed)
 
     @classmethod
-    def of(cls, folders: dict[int, Path], what: str) -> "TranscoderSet":
+    def of(cls, folders: dict[int, Path], what: str, streamed: bool = False) -> "TranscoderSet":
         """The transcoders in `folders` (layer -> a transcoder folder gsp reads), each checked to read that
-        layer's MLP input and predict its output, all of one width."""
+        layer's MLP input and predict its output, all of one width (a streamed set reads each once here
+        to check it, and holds none)."""
         from pipeline.sae_formats import load_sae
 
         members = {}
@@ -202,26 +232,45 @@ class TranscoderSet(torch.nn.Module):
             if not loaded.is_transcoder or (loaded.layer, loaded.layer_out) != (layer, layer):
                 raise GspError(f"{member} is not a transcoder of layer {layer}'s MLP (it reads layer {loaded.layer} "
                                f"{loaded.site}, predicts layer {loaded.layer_out} {loaded.site_out})")  # fmt: skip
+            if streamed:  # what the checks below read; the weights are freed now, not at the end
+                sae = loaded.sae
+                loaded.sae = _Shape(sae.d_in, sae.d_out, sae.width, sae.skip)
             members[layer] = loaded
         widths = {(m.sae.d_in, m.sae.d_out) for m in members.values()}
         if len(widths) > 1 or len(set(next(iter(widths)))) > 1:
             raise GspError(f"the transcoders of {what} differ in width (d_in, d_out): {sorted(widths)}")
-        return cls(members)
+        return cls(members, streamed)
+
+
+@dataclasses.dataclass
+class _Shape:
+    """What a streamed set keeps of a transcoder while it checks the set: its shape, not its weights."""
+
+    d_in: int
+    d_out: int
+    width: int
+    skip: bool
 
 
 GEMMA_SCOPE_2_MEMBER = re.compile(r"layer_(\d+)_(width_\w+)")  # layer_12_width_16k_l0_small[_affine]
 
 
-def load_transcoders(folder: Path, variant: str | None = None):
-    """What circuit tracing replaces the MLPs with, from a folder: a gsp transcoder set; a Gemma Scope 2
-    cross-layer transcoder (pipeline/clt.py); or a folder of Gemma Scope 2 per-layer transcoders (its
-    `transcoder_all/`, subfolders layer_<L>_width_<W>_l0_<X>[_affine]), `variant` naming which
-    (`width_16k_l0_small_affine`) when it holds several."""
+def load_transcoders(spec: str | Path, variant: str | None = None, streamed: bool = False, *,
+                     revision: str | None = None, token: str | None = None):  # fmt: skip
+    """What circuit tracing replaces the MLPs with, from a local folder or a Hub path owner/repo/sub/folder
+    (`fetch_transcoders`): a gsp transcoder set; a Gemma Scope 2 cross-layer transcoder (pipeline/clt.py);
+    or a folder of Gemma Scope 2 per-layer transcoders (its `transcoder_all/`, subfolders
+    layer_<L>_width_<W>_l0_<X>[_affine]), `variant` naming which (`width_16k_l0_small_affine`) when it
+    holds several. `streamed`: a set of per-layer transcoders that holds one layer at a time
+    (`TranscoderSet`); a CLT is held whole."""
     from pipeline.clt import CrossLayerTranscoder, is_clt_folder
+    from pipeline.sae_formats import hub_sae_path
 
-    folder = Path(folder)
+    folder = Path(spec).expanduser()
+    if not folder.exists() and (hub := hub_sae_path(str(spec))):
+        folder = fetch_transcoders(*hub, variant, revision=revision, token=token)
     if is_set_folder(folder):
-        return TranscoderSet.load(folder)
+        return TranscoderSet.load(folder, streamed)
     if is_clt_folder(folder):
         return CrossLayerTranscoder.load(folder)
     variants: dict[str, dict[int, Path]] = {}
@@ -239,4 +288,42 @@ def load_transcoders(folder: Path, variant: str | None = None):
     variant = variant or next(iter(variants))
     if variant not in variants:
         raise GspError(f"{folder} has no variant {variant}; it holds {', '.join(sorted(variants))}")
-    return TranscoderSet.of(variants[variant], f"{folder} ({variant})")
+    return TranscoderSet.of(variants[variant], f"{folder} ({variant})", streamed)
+
+
+def fetch_transcoders(repo_id: str, sub: str, variant: str | None = None, *, revision: str | None = None,
+                      token: str | None = None) -> Path:  # fmt: skip
+    """A Hub folder of transcoders fetched into the Hub cache (or found there, offline), only what
+    `load_transcoders` reads of it: a gsp set's index and members, a CLT's layer files, or one variant of
+    a folder of Gemma Scope 2 per-layer transcoders (every variant of every layer is a lot to download).
+    Without `variant`, the folder's small files are fetched first to tell which of them it is."""
+    import huggingface_hub
+
+    from pipeline import clt
+    from pipeline.models import hf_token, hub_errors
+    from pipeline.sae_formats import SAE_FILES
+
+    def fetch(patterns: list[str]) -> Path:
+        with hub_errors(repo_id, sub, revision, token):
+            root = huggingface_hub.snapshot_download(repo_id, revision=revision, token=hf_token(token),
+                                                     allow_patterns=patterns)  # fmt: skip
+        return Path(root) / sub
+
+    if variant is None:
+        folder = fetch([f"{sub}/{INDEX}", f"{sub}/*/config.json"])
+        if is_set_folder(folder):
+            members = [m.relative_to(folder).as_posix() for m in read_index(folder, check_files=False).values()]
+            return fetch([f"{sub}/{INDEX}", *(f"{sub}/{m}/{name}" for m in members for name in SAE_FILES)])
+        names = [c.parent.name for c in folder.glob("*/config.json")]
+        found = {m.group(2) for name in names if (m := GEMMA_SCOPE_2_MEMBER.fullmatch(name))}
+        if len(found) > 1:
+            raise GspError(f"{repo_id}/{sub} holds several transcoder variants ({', '.join(sorted(found))}): choose "
+                           "one with --variant")  # fmt: skip
+        if not found:  # a cross-layer transcoder, or nothing gsp reads (load_transcoders says which)
+            return fetch([f"{sub}/{clt.LAYER_FILES}", f"{sub}/config.json"])
+        variant = found.pop()
+    folder = fetch([f"{sub}/layer_*_{variant}/{name}" for name in SAE_FILES])
+    if not any(folder.glob(f"layer_*_{variant}/params.safetensors")):
+        raise GspError(f"{repo_id}/{sub} has no Gemma Scope 2 transcoders of variant {variant} "
+                       "(layer_<L>_{variant}/params.safetensors)")  # fmt: skip
+    return folder

@@ -23,6 +23,7 @@ from pipeline.errors import GspError
 from pipeline.features import TopActivations, logit_lens
 from pipeline.files import atomic_write_text
 from pipeline.models import load_model, model_to_run
+from pipeline.sae_formats import hub_sae_path
 from pipeline.store import ActivationStore
 from pipeline.transcoder_set import load_transcoders
 
@@ -32,7 +33,9 @@ from pipeline.transcoder_set import load_transcoders
 class TraceConfig:
     transcoders: str | None = opt(
         None, "A transcoder for every layer: a set gsp fit --transcoders wrote, a Gemma Scope 2 cross-layer "
-        "transcoder folder, or a folder of Gemma Scope 2 per-layer transcoders (transcoder_all/).", path=True,
+        "transcoder folder, or a folder of Gemma Scope 2 per-layer transcoders (transcoder_all/); local, or a "
+        "Hub path owner/repo/sub/folder (e.g. google/gemma-scope-2-270m-pt/transcoder_all with --variant).",
+        path=True,
     )  # fmt: skip
     variant: str | None = opt(None, "Of Gemma Scope 2 per-layer transcoders: which, e.g. width_16k_l0_small_affine.")
     prompt: str | None = opt(None, "The text whose next-token prediction is traced (BOS is added).")
@@ -75,10 +78,13 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
     json_path, page_path = Path(cfg.out) / f"{slug}.json", Path(cfg.out) / f"{slug}.html"
     for path in (json_path, page_path):
         _check_ours(path)
-    folder = Path(cfg.transcoders)
-    if not folder.is_dir():
-        raise GspError(f"--transcoders {folder} is not a folder: give a transcoder set (gsp fit --transcoders)")
-    tset = load_transcoders(folder, cfg.variant)
+    folder = Path(cfg.transcoders).expanduser()
+    if not folder.is_dir() and (folder.exists() or not hub_sae_path(cfg.transcoders)):
+        raise GspError(f"--transcoders {folder} is not a folder: give a transcoder set (gsp fit --transcoders) "
+                       "or a Hub path owner/repo/sub/folder")  # fmt: skip
+    # one layer in memory at a time; a Hub path's files fetched into the Hub cache
+    tset = load_transcoders(cfg.transcoders, cfg.variant, streamed=True, token=token)
+    where = str(folder.resolve()) if folder.is_dir() else cfg.transcoders
     first = next(iter(getattr(tset, "members", {}).values()), None)  # a CLT's files name no model or store
     spec, revision = model_to_run(cfg.model, cfg.revision, store_path=first and first.training_store,
                                   named=first and first.model_name)  # fmt: skip
@@ -98,10 +104,10 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
     graph_scores = scores(graph, pruned.influence)
     kept = graph.latents[pruned.nodes[: graph.n_latents]].tolist()
     details = _latent_details(lm, tset, kept, store_paths, cfg.context_tokens)
-    doc = trace_page.graph_json(graph, pruned, lm.tokenizer, slug=slug, scan=str(folder.resolve()),
+    doc = trace_page.graph_json(graph, pruned, lm.tokenizer, slug=slug, scan=where,
                                 node_threshold=cfg.node_threshold)  # fmt: skip
     doc["gsp"] |= {"version": __version__, "model": lm.name, "model_revision": lm.revision,
-                  "transcoders": str(folder.resolve()), "edge_threshold": cfg.edge_threshold,
+                  "transcoders": where, "edge_threshold": cfg.edge_threshold,
                   "max_nodes": cfg.max_nodes, "active_latents": graph.active, "latent_nodes": graph.n_latents,
                   "replacement_score": graph_scores["replacement"],
                   "completeness_score": graph_scores["completeness"], "seconds": seconds,
@@ -145,19 +151,29 @@ def _slug(prompt: str) -> str:
 
 
 def _stores(cfg: TraceConfig, tset) -> dict[int, str]:
-    """Each layer's MLP-input store for the contexts: --store's hook points, or each transcoder's
-    training store; checked now (a missing store fails before the model loads)."""
+    """Each layer's MLP-input store for the contexts: --store's hook points, checked now (a missing store
+    fails before the model loads), or each transcoder's training store where it is still there (a set
+    fetched from the Hub names stores on the machine that fitted it)."""
     if cfg.context_tokens == 0:
         return {}
-    paths = {}
-    members = getattr(tset, "members", {})
-    for layer in tset.layers:
-        trained_on = members[layer].training_store if layer in members else None
-        path = f"{str(cfg.store).rstrip('/')}/L{layer}.mlp_in" if cfg.store else trained_on
-        if path:
+    if cfg.store:
+        paths = {layer: f"{str(cfg.store).rstrip('/')}/L{layer}.mlp_in" for layer in tset.layers}
+        for path in paths.values():
             ActivationStore.open(path)
-            paths[layer] = path
-    if cfg.store is None and not paths:
+        return paths
+    paths, gone = {}, []
+    for layer in tset.layers:
+        member = getattr(tset, "members", {}).get(layer)  # (a CLT's files name no store)
+        if member is None or not member.training_store:
+            continue
+        try:
+            ActivationStore.open(member.training_store)
+            paths[layer] = member.training_store
+        except GspError as e:
+            gone.append(str(e))
+    if gone:
+        info(f"no latents' contexts for {len(gone)} layers (give --store): their training store: {gone[0]}")
+    elif not paths:
         info("the transcoders name no training store: the page shows no latents' contexts (give --store)")
     return paths
 

@@ -3,6 +3,9 @@ residual stream rebuilt layer by layer from the model's weights, with the norm s
 patterns and MLP outputs of a clean pass held, and the transcoders applied from their files in numpy.
 Adding δ·(its written vector) to any one source must move every target by δ × its adjacency entry."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -249,6 +252,23 @@ def test_a_capped_graph_keeps_the_most_influential_latents(traced):
     assert infl[kept].mean() > 1.5 * infl.mean()
 
 
+def test_a_streamed_set_reads_each_layer_once_and_traces_the_same_graph(traced, monkeypatch):
+    """A set that holds one layer's transcoder at a time (what gsp trace reads) holds no weights once
+    loaded, reads each layer from disk once while tracing, and gives the same graph to the bit."""
+    import pipeline.sae_formats
+
+    lm, _, ids, graph = traced
+    if not isinstance(graph_set(traced), TranscoderSet):
+        pytest.skip("a cross-layer transcoder is held whole")
+    streamed = TranscoderSet.load(_SETS[id(graph)][1], streamed=True)
+    assert not list(streamed.parameters()) and all(m.sae is None for m in streamed.members.values())
+    reads, load = [], pipeline.sae_formats.load_sae
+    monkeypatch.setattr(pipeline.sae_formats, "load_sae", lambda path: reads.append(path) or load(path))
+    again = attribute(lm, streamed, ids, [0, 1, 2], batch=16)
+    assert reads == [str(streamed.members[layer].path) for layer in range(4)]
+    assert torch.equal(again.adjacency, graph.adjacency) and torch.equal(again.latents, graph.latents)
+
+
 def _influence_by_inverse(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     """w·(A + A² + …) = w·((I − A)⁻¹ − I), in float64."""
     n = np.abs(a) / np.maximum(np.abs(a).sum(1, keepdims=True), 1e-10)
@@ -381,6 +401,18 @@ def test_bad_traces_are_one_line_errors(gsp, traced, every_mlp, tmp_path):
                 "--context-tokens", 0, "--model", traced[0].config.name_or_path)  # fmt: skip
         assert r.exit_code == 0, r.output
     assert not (tmp_path / "t").exists()
+    if not isinstance(graph_set(traced), TranscoderSet):
+        return
+    # a set whose training store is gone (fitted elsewhere): --model says which model, and no contexts
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    for config in moved.glob("layer_*/config.json"):
+        config.write_text(json.dumps(json.loads(config.read_text()) | {"store": str(tmp_path / "gone")}))
+    one_line_error(trace("--transcoders", moved, "--prompt", "the"), "pass --model")
+    r = trace("--transcoders", moved, "--prompt", "the", "--model", traced[0].config.name_or_path, "--slug", "m")
+    assert r.exit_code == 0 and "no latents' contexts for 4 layers (give --store)" in " ".join(r.output.split())
+    page = (tmp_path / "t" / "m.html").read_text().replace(" ", "")
+    assert '"contexts":[]' in page and '"contexts":[{' not in page
 
 
 @pytest.mark.slow
@@ -450,6 +482,63 @@ def test_gemma_scope_2_per_layer_transcoders_trace_as_the_set(traced, gsp, tmp_p
         load_transcoders(tmp_path / "transcoder_all")
     with pytest.raises(GspError, match="has no variant width_nope"):
         load_transcoders(tmp_path / "transcoder_all", "width_nope")
+
+
+def test_transcoders_from_a_hub_path_fetch_only_what_is_traced(traced, tmp_path, monkeypatch):
+    """A Hub path to a set, a CLT, or a folder of Gemma Scope 2 per-layer transcoders holding two variants
+    fetches only the files read (one variant's; without --variant, only the small files that tell the
+    variants apart), with the token; what is read is the transcoders of the local folder."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from pipeline.errors import GspError
+    from pipeline.transcoder_set import load_transcoders
+
+    local = _SETS[id(traced[-1])][1]
+    repo, fetched = tmp_path / "repo", []  # the Hub repository's files; each fetch's files
+
+    def fake_snapshot_download(repo_id, *, revision, token, allow_patterns):
+        assert (repo_id, revision, token) == ("google/gs2", None, "hf_tok")
+        files = [p.relative_to(repo).as_posix() for p in sorted(repo.rglob("*")) if p.is_file()]
+        fetched.append(list(filter_repo_objects(files, allow_patterns=allow_patterns)))
+        for name in fetched[-1]:
+            (tmp_path / "snap" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, tmp_path / "snap" / name)
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)  # so the specs are no local paths
+
+    def weights(t) -> list:
+        return [v for m in t.modules() for v in m.parameters(recurse=False)]
+
+    def read(spec, variant=None):
+        fetched.clear()
+        return load_transcoders(spec, variant, token="hf_tok")
+
+    want = weights(load_transcoders(local))
+    if not isinstance(graph_set(traced), TranscoderSet):
+        shutil.copytree(local, repo / "clt" / "w")
+        got = read("google/gs2/clt/w")
+        assert fetched[-1] == sorted(f"clt/w/{p.name}" for p in local.glob("params_layer_*.safetensors"))
+        assert all(torch.equal(a, b) for a, b in zip(weights(got), want, strict=True))
+        return
+    shutil.copytree(local, repo / "sets" / "mine")
+    assert all(torch.equal(a, b) for a, b in zip(weights(read("google/gs2/sets/mine")), want, strict=True))
+    members = [f"sets/mine/layer_{i}/{n}" for i in range(4) for n in ("config.json", "params.safetensors")]
+    assert fetched[-1] == sorted(["sets/mine/transcoder_set.json", *members])
+    for i in range(4):  # two variants of every layer
+        for variant in ("width_48_l0_small", "width_48_l0_big"):
+            shutil.copytree(local / f"layer_{i}", repo / "all" / f"layer_{i}_{variant}")
+    with pytest.raises(GspError, match=r"several transcoder variants \(width_48_l0_big, width_48_l0_small\)"):
+        read("google/gs2/all")
+    assert all(name.endswith("/config.json") for name in fetched[-1]) and len(fetched) == 1
+    got = read("google/gs2/all", "width_48_l0_big")
+    assert fetched == [sorted(f"all/layer_{i}_width_48_l0_big/{n}" for i in range(4)
+                              for n in ("config.json", "params.safetensors"))]  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(weights(got), want, strict=True))
+    with pytest.raises(GspError, match="has no Gemma Scope 2 transcoders of variant width_9"):
+        read("google/gs2/all", "width_9")
 
 
 def test_a_page_of_hundreds_of_thousands_of_edges_renders(tmp_path):
