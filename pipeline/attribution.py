@@ -265,10 +265,9 @@ def attribute(
     L, S, K, n_active = len(tset.layers), len(ids), len(s.logit_ids), len(s.latents)
     n_src = n_active + L * S + S
     cap_n = n_active if max_latents is None else min(max_latents, n_active)
-    layers = tset.layers
     with frozen(model, s.skips, s.mlp_out) as cap, torch.enable_grad():  # (the transcoders are done with)
         hidden = model.model(input_ids=ids[None].expand(batch, S)).last_hidden_state  # B copies, one target each
-        rows_of = _Rows(cap, hidden, s, layers)
+        rows_of = _Rows(cap, hidden, s, tset.layers)
         logit_rows = torch.cat([rows_of(("logit", k) for k in range(i, min(i + batch, K))) for i in range(0, K, batch)])
         latent_rows = torch.zeros(cap_n, n_src)  # in the order visited
         visited = torch.zeros(n_active, dtype=torch.bool)

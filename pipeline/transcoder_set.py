@@ -269,12 +269,15 @@ def load_transcoders(spec: str | Path, variant: str | None = None, streamed: boo
     folder = Path(spec).expanduser()
     if not folder.exists() and (hub := hub_sae_path(str(spec))):
         folder = fetch_transcoders(*hub, variant, revision=revision, token=token)
+    elif not folder.is_dir():
+        raise GspError(f"{spec} is not a folder: give a transcoder set (gsp fit --transcoders) or a Hub path "
+                       "owner/repo/sub/folder")  # fmt: skip
     if is_set_folder(folder):
         return TranscoderSet.load(folder, streamed)
     if is_clt_folder(folder):
         return CrossLayerTranscoder.load(folder)
     variants: dict[str, dict[int, Path]] = {}
-    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for sub in sorted(folder.iterdir()) if folder.is_dir() else []:  # (a Hub path may fetch nothing)
         m = GEMMA_SCOPE_2_MEMBER.fullmatch(sub.name)
         if m and (sub / "params.safetensors").is_file():
             variants.setdefault(m.group(2), {})[int(m.group(1))] = sub

@@ -23,7 +23,6 @@ from pipeline.errors import GspError
 from pipeline.features import TopActivations, logit_lens
 from pipeline.files import atomic_write_text
 from pipeline.models import load_model, model_to_run
-from pipeline.sae_formats import hub_sae_path
 from pipeline.store import ActivationStore
 from pipeline.transcoder_set import load_transcoders
 
@@ -78,13 +77,10 @@ def run_trace(cfg: TraceConfig, *, token: str | None = None) -> Path:
     json_path, page_path = Path(cfg.out) / f"{slug}.json", Path(cfg.out) / f"{slug}.html"
     for path in (json_path, page_path):
         _check_ours(path)
-    folder = Path(cfg.transcoders).expanduser()
-    if not folder.is_dir() and (folder.exists() or not hub_sae_path(cfg.transcoders)):
-        raise GspError(f"--transcoders {folder} is not a folder: give a transcoder set (gsp fit --transcoders) "
-                       "or a Hub path owner/repo/sub/folder")  # fmt: skip
     # one layer in memory at a time; a Hub path's files fetched into the Hub cache
     tset = load_transcoders(cfg.transcoders, cfg.variant, streamed=True, token=token)
-    where = str(folder.resolve()) if folder.is_dir() else cfg.transcoders
+    folder = Path(cfg.transcoders).expanduser()
+    where = str(folder.resolve()) if folder.is_dir() else cfg.transcoders  # (else a Hub path)
     first = next(iter(getattr(tset, "members", {}).values()), None)  # a CLT's files name no model or store
     spec, revision = model_to_run(cfg.model, cfg.revision, store_path=first and first.training_store,
                                   named=first and first.model_name)  # fmt: skip

@@ -383,6 +383,7 @@ def test_bad_traces_are_one_line_errors(gsp, traced, every_mlp, tmp_path):
     one_line_error(trace("--prompt", "the"), "--transcoders is required")
     one_line_error(trace("--transcoders", folder), "--prompt is required")
     one_line_error(trace("--transcoders", every_mlp / "store", "--prompt", "the"), "is not a transcoder set")
+    one_line_error(trace("--transcoders", tmp_path / "nowhere", "--prompt", "the"), "nowhere is not a folder")
     one_line_error(trace("--transcoders", folder, "--prompt", "the", "--node-threshold", "0"), "--node-threshold")
     one_line_error(trace("--transcoders", folder, "--prompt", "the", "--max-nodes", "0"), "--max-nodes")
     r = gsp("fit", "--store", every_mlp / "store", "--transcoders", "mlp_in:mlp_out", "--layers", "1,2", "--out",
